@@ -1,0 +1,46 @@
+"""The `p2pcache` command: `node` runs a node, `simulate` runs the capacity planner.
+
+Bad input ends with a one-line message naming the problem and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from p2pcache.config import ConfigError, add_node_flags, settings_from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="p2pcache", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    node = sub.add_parser("node", help="run a node: registry mirror + swarm member")
+    add_node_flags(node)
+    sim = sub.add_parser("simulate", help="simulate a rollout in virtual time")
+    sim.add_argument("scenario", help="scenario TOML file")
+    sim.add_argument("--json", dest="json_out", help="write the results as JSON to this file")
+    sim.add_argument("--plot", help="draw completion and throughput over time to this PNG")
+    sim.add_argument("--seed", type=int, help="override the scenario's seed")
+    sim.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,…",
+                     help="run a grid over a scenario key (repeatable), one row per point")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "node":
+            from p2pcache.node import run_node_blocking
+
+            settings = settings_from_args(args)
+            return run_node_blocking(settings)
+        if args.command == "simulate":
+            from p2pcache.sim.cli import run_simulate
+
+            return run_simulate(args)
+    except ConfigError as e:
+        print(f"p2pcache: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2

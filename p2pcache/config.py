@@ -1,0 +1,226 @@
+"""Every setting and tunable of a node, with its default and the reason for it, in one place.
+
+A setting comes from (highest first): a command-line flag, a `P2PCACHE_<KEY>` environment variable, the TOML
+file given with `--config`, the default below. TOML keys are the flag names with `-` or `_`
+(`max-disk = "20GiB"`). This module parses and validates; it never opens a socket or starts anything. A bad
+value is a `ConfigError` whose message names the setting, so the CLI can print it and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from p2pcache.units import parse_duration, parse_rate, parse_size
+
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use; the message names the setting."""
+
+
+def default_data_dir() -> Path:
+    """Root stores under /var/lib (what a DaemonSet mounts); everyone else under the XDG cache dir."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/p2pcache")
+    return Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "p2pcache"
+
+
+@dataclass
+class Settings:
+    # --- the registry mirror (issue 2) ---
+    listen: str = "0.0.0.0:5000"  # Docker's registry-mirrors convention
+    admin_listen: str = "127.0.0.1:5001"  # admin (DELETE, preheat, status) stays off the network by default
+    data: Path = field(default_factory=default_data_dir)
+    upstreams: dict[str, str] = field(default_factory=dict)  # ns -> base URL; see upstream_url()
+    default_ns: str = DOCKER_HUB  # what Docker's registry-mirrors requests (no ns) mean
+    credentials: Path | None = None  # TOML {registry = {username, password}} or Docker config.json "auths"
+    max_disk: int | None = None  # bytes; None = no quota
+    tag_ttl: float = 30.0  # a tag is re-resolved (one cheap HEAD) at most this often
+    log_level: str = "info"
+    log_format: str = "text"  # or "json"
+    # timeouts and limits of the HTTP side
+    upstream_connect_timeout: float = 10.0  # a dead registry is noticed quickly
+    upstream_read_timeout: float = 30.0  # a stalled upstream body is abandoned (and retried) after this
+    upstream_retries: int = 3  # connection errors and 5xx; 429 is never retried, it is passed through
+    client_header_timeout: float = 20.0  # a client that stalls mid-request is dropped, others unaffected
+    client_send_timeout: float = 120.0  # a client that stops reading for this long is dropped
+    max_header_bytes: int = 16 * 1024  # larger request heads get 431
+    # --- the swarm (issue 3) ---
+    peer_listen: str | None = None  # e.g. "0.0.0.0:5002"; None = this node does not share
+    join: list[str] = field(default_factory=list)
+    join_dns: str | None = None
+    advertise: str | None = None
+    zone: str | None = None
+    cluster_secret_file: Path | None = None
+    upload_limit: float | None = None  # bytes/s, token bucket shared by all peer uploads
+    download_limit: float | None = None  # bytes/s, shared by all peer and upstream downloads
+    piece_size: int | None = None  # None = adaptive (swarm.metainfo.piece_size_for)
+    tracker: str | None = None  # a single tracker address for small setups (instead of rendezvous)
+
+    def upstream_url(self, ns: str) -> str:
+        """Base URL of the registry serving namespace `ns` (no trailing slash)."""
+        if ns in self.upstreams:
+            return self.upstreams[ns].rstrip("/")
+        if ns == DOCKER_HUB:
+            return DOCKER_HUB_URL
+        return f"https://{ns}"
+
+
+_SIZE_KEYS = {"max_disk", "max_header_bytes", "piece_size"}
+_RATE_KEYS = {"upload_limit", "download_limit"}
+_TIME_KEYS = {
+    "tag_ttl", "upstream_connect_timeout", "upstream_read_timeout", "client_header_timeout",
+    "client_send_timeout",
+}
+_PATH_KEYS = {"data", "credentials", "cluster_secret_file"}
+_LIST_KEYS = {"join"}
+_INT_KEYS = {"upstream_retries"}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    try:
+        if value is None:
+            return None
+        if key == "upstreams":
+            return _parse_upstreams(value)
+        if key in _SIZE_KEYS:
+            return parse_size(value)
+        if key in _RATE_KEYS:
+            return parse_rate(value)
+        if key in _TIME_KEYS:
+            return parse_duration(value)
+        if key in _PATH_KEYS:
+            return Path(str(value)).expanduser()
+        if key in _LIST_KEYS:
+            items = value if isinstance(value, list) else str(value).split(",")
+            return [s.strip() for s in items if str(s).strip()]
+        if key in _INT_KEYS:
+            return int(value)
+        if key == "log_level":
+            v = str(value).lower()
+            if v not in {"debug", "info", "warning", "error"}:
+                raise ValueError("use debug, info, warning or error")
+            return v
+        if key == "log_format":
+            v = str(value).lower()
+            if v not in {"text", "json"}:
+                raise ValueError("use text or json")
+            return v
+        if key in {"listen", "admin_listen", "peer_listen", "advertise"}:
+            parse_hostport(str(value))
+            return str(value)
+        return str(value)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{key.replace('_', '-')}: {e}") from None
+
+
+def _parse_upstreams(value: Any) -> dict[str, str]:
+    """`["docker.io=http://…"]`, `"docker.io=…,ghcr.io=…"` or a TOML table `{ "docker.io" = "…" }`."""
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        items = value if isinstance(value, list) else str(value).split(",")
+        pairs = []
+        for item in items:
+            ns, sep, url = str(item).partition("=")
+            if not sep or not ns.strip() or not url.strip():
+                raise ValueError(f"expected NS=URL, got {item!r}")
+            pairs.append((ns.strip(), url.strip()))
+    out: dict[str, str] = {}
+    for ns, url in pairs:
+        if not str(url).startswith(("http://", "https://")):
+            raise ValueError(f"upstream URL for {ns} must start with http:// or https://, got {url!r}")
+        out[str(ns)] = str(url).rstrip("/")
+    return out
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """'0.0.0.0:5000' -> ('0.0.0.0', 5000); '[::1]:5000' -> ('::1', 5000)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Settings:
+    """Merge defaults < TOML file < environment < flags. `flags` holds only the flags the user gave."""
+    env = os.environ if env is None else env
+    known = {f.name for f in fields(Settings)}
+    merged: dict[str, Any] = {}
+    path = config_file or (Path(env["P2PCACHE_CONFIG"]) if env.get("P2PCACHE_CONFIG") else None)
+    if path is not None:
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+        for k, v in doc.items():
+            key = k.replace("-", "_")
+            if key == "upstream":
+                key = "upstreams"
+            if key not in known:
+                raise ConfigError(f"config: unknown setting {k!r} in {path}")
+            merged[key] = v
+    for k, v in env.items():
+        if not k.startswith("P2PCACHE_") or k == "P2PCACHE_CONFIG":
+            continue
+        key = k[len("P2PCACHE_"):].lower()
+        if key == "upstream":
+            key = "upstreams"
+        if key in known:
+            merged[key] = v
+    for k, v in (flags or {}).items():
+        if v is not None:
+            merged[k] = v
+    values = {k: _coerce(k, v) for k, v in merged.items()}
+    return Settings(**values)
+
+
+def add_node_flags(p: argparse.ArgumentParser) -> None:
+    """The `p2pcache node` flags; every dest is a Settings field name."""
+    a = p.add_argument
+    a("--config", type=Path, help="TOML file with the same keys as these flags")
+    a("--listen", help="registry API address (default 0.0.0.0:5000)")
+    a("--admin-listen", dest="admin_listen", help="admin API address (default 127.0.0.1:5001)")
+    a("--data", help="store directory (default /var/lib/p2pcache as root, else ~/.cache/p2pcache)")
+    a("--upstream", dest="upstreams", action="append", metavar="NS=URL",
+      help="upstream registry for namespace NS, repeatable (default docker.io=https://registry-1.docker.io)")
+    a("--default-ns", dest="default_ns", help="namespace of requests that name none (default docker.io)")
+    a("--credentials", help="registry credentials: TOML or Docker config.json (auths)")
+    a("--max-disk", dest="max_disk", help="disk quota for the store, e.g. 20GiB (LRU eviction)")
+    a("--tag-ttl", dest="tag_ttl", help="how long a tag's digest is cached, e.g. 30s")
+    a("--log-level", dest="log_level", help="debug, info, warning or error")
+    a("--log-format", dest="log_format", help="text or json")
+    a("--peer-listen", dest="peer_listen", help="where to serve pieces to peers, e.g. 0.0.0.0:5002")
+    a("--join", help="peer addresses of cluster members, comma-separated")
+    a("--join-dns", dest="join_dns", help="DNS name whose A/AAAA records are cluster members")
+    a("--advertise", help="peer address other nodes should use for this one")
+    a("--zone", help="this node's zone; same-zone peers are preferred")
+    a("--cluster-secret-file", dest="cluster_secret_file", help="shared secret peers must prove")
+    a("--upload-limit", dest="upload_limit", help="peer upload limit, e.g. 50MB/s")
+    a("--download-limit", dest="download_limit", help="download limit, e.g. 50MB/s")
+    a("--piece-size", dest="piece_size", help="piece size override, e.g. 4MiB")
+    a("--tracker", help="a single tracker address (instead of rendezvous over members)")
+
+
+def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    flags = {f.name: getattr(ns, f.name, None) for f in fields(Settings)}
+    return load_settings(flags, env, getattr(ns, "config", None))
+
+
+def split_list(values: Sequence[str] | None) -> list[str]:
+    return [v for item in values or [] for v in item.split(",") if v]

@@ -1,0 +1,68 @@
+"""Human units for sizes, rates and durations, shared by the node's flags and the simulator's scenarios.
+
+Never guesses: an unknown unit is a ValueError naming the text, so a typo in a scenario or flag is caught.
+MB = 10**6 bytes and MiB = 2**20 bytes; rates in bits (Mbit/s, Gbit/s) are converted to bytes per second.
+"""
+
+from __future__ import annotations
+
+import re
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_RATE_UNITS = {
+    "b/s": 1, "kb/s": 10**3, "mb/s": 10**6, "gb/s": 10**9,
+    "kib/s": 2**10, "mib/s": 2**20, "gib/s": 2**30,
+    "bit/s": 1 / 8, "kbit/s": 10**3 / 8, "mbit/s": 10**6 / 8, "gbit/s": 10**9 / 8,
+    "kbps": 10**3 / 8, "mbps": 10**6 / 8, "gbps": 10**9 / 8,
+}
+_TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "min": 60.0, "h": 3600.0}
+_NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z/]*)\s*$")
+
+
+def _split(text: str | int | float, what: str) -> tuple[float, str]:
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return float(text), ""
+    m = _NUMBER.match(str(text))
+    if not m:
+        raise ValueError(f"not a {what}: {text!r}")
+    return float(m.group(1)), m.group(2).lower()
+
+
+def parse_size(text: str | int | float) -> int:
+    """'20GiB' -> 21474836480; a bare number is bytes."""
+    value, unit = _split(text, "size")
+    if unit not in _SIZE_UNITS:
+        raise ValueError(f"unknown size unit in {text!r} (use B, kB, MB, GB, KiB, MiB, GiB)")
+    return int(value * _SIZE_UNITS[unit])
+
+
+def parse_rate(text: str | int | float) -> float:
+    """'1 Gbit/s' -> 125e6 bytes per second; a bare number is bytes per second."""
+    value, unit = _split(text, "rate")
+    if unit == "":
+        return value
+    if unit not in _RATE_UNITS:
+        raise ValueError(f"unknown rate unit in {text!r} (use MB/s, MiB/s, Mbit/s, Gbit/s)")
+    return value * _RATE_UNITS[unit]
+
+
+def parse_duration(text: str | int | float) -> float:
+    """'1 ms' -> 0.001; a bare number is seconds."""
+    value, unit = _split(text, "duration")
+    if unit not in _TIME_UNITS:
+        raise ValueError(f"unknown time unit in {text!r} (use ms, s, min, h)")
+    return value * _TIME_UNITS[unit]
+
+
+def format_size(n: float) -> str:
+    """Bytes as a short human string with binary units (for logs and tables)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
