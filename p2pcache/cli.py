@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "node":
+            settings = settings_from_args(args)
             from p2pcache.node import run_node_blocking
 
-            settings = settings_from_args(args)
             return run_node_blocking(settings)
         if args.command == "simulate":
             from p2pcache.sim.cli import run_simulate

@@ -1,0 +1,84 @@
+"""Settings come from flags > environment > TOML file > defaults, and bad values name the setting."""
+
+from pathlib import Path
+
+import pytest
+
+from p2pcache.cli import main
+from p2pcache.config import ConfigError, load_settings, parse_hostport
+from p2pcache.units import parse_duration, parse_rate, parse_size
+
+
+def test_units() -> None:
+    assert parse_size("20GiB") == 20 * 2**30
+    assert parse_size("400 MB") == 400 * 10**6
+    assert parse_size(1234) == 1234
+    assert parse_rate("1 Gbit/s") == 125e6
+    assert parse_rate("50MB/s") == 50e6
+    assert parse_rate("10 MiB/s") == 10 * 2**20
+    assert parse_duration("1 ms") == pytest.approx(0.001)
+    assert parse_duration("30s") == 30
+    for bad, fn in (("12 parsecs", parse_size), ("fast", parse_rate), ("1 fortnight", parse_duration)):
+        with pytest.raises(ValueError, match=bad.split()[-1]):
+            fn(bad)
+
+
+def test_defaults() -> None:
+    s = load_settings({}, env={})
+    assert s.listen == "0.0.0.0:5000"
+    assert s.default_ns == "docker.io"
+    assert s.upstream_url("docker.io") == "https://registry-1.docker.io"
+    assert s.upstream_url("ghcr.io") == "https://ghcr.io"
+    assert s.max_disk is None
+
+
+def test_precedence(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        'listen = "127.0.0.1:6000"\nmax-disk = "1GiB"\ntag_ttl = "5s"\n'
+        '[upstream]\n"docker.io" = "http://127.0.0.1:9000/"\n'
+    )
+    s = load_settings({}, env={}, config_file=cfg)
+    assert (s.listen, s.max_disk, s.tag_ttl) == ("127.0.0.1:6000", 2**30, 5.0)
+    assert s.upstream_url("docker.io") == "http://127.0.0.1:9000"
+    s = load_settings({}, env={"P2PCACHE_LISTEN": "127.0.0.1:7000"}, config_file=cfg)
+    assert s.listen == "127.0.0.1:7000"
+    s = load_settings({"listen": "127.0.0.1:8000"}, env={"P2PCACHE_LISTEN": "127.0.0.1:7000"}, config_file=cfg)
+    assert s.listen == "127.0.0.1:8000"
+    s = load_settings({"upstreams": ["ghcr.io=http://127.0.0.1:1"]}, env={}, config_file=cfg)
+    assert s.upstreams == {"ghcr.io": "http://127.0.0.1:1"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        ({"max_disk": "lots"}, "max-disk"),
+        ({"listen": "nowhere"}, "listen"),
+        ({"upstreams": ["docker.io"]}, "upstreams"),
+        ({"upstreams": ["docker.io=ftp://x"]}, "http"),
+        ({"log_format": "xml"}, "log-format"),
+    ],
+)
+def test_bad_values_name_the_setting(flags: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_settings(flags, env={})
+
+
+def test_unknown_toml_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("lisen = '127.0.0.1:1'\n")
+    with pytest.raises(ConfigError, match="lisen"):
+        load_settings({}, env={}, config_file=cfg)
+
+
+def test_hostport() -> None:
+    assert parse_hostport("[::1]:5000") == ("::1", 5000)
+    assert parse_hostport(":5000") == ("0.0.0.0", 5000)
+    with pytest.raises(ValueError):
+        parse_hostport("127.0.0.1:99999")
+
+
+def test_cli_reports_bad_flag_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["node", "--max-disk", "lots"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("p2pcache: max-disk") and "Traceback" not in err
