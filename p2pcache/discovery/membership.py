@@ -1,0 +1,142 @@
+"""Who is in the cluster, and who is alive: a gossip-style member table with failure detection.
+
+Sans-IO: the table changes only through the events below, each given the current time (`now`, seconds on any
+monotonic clock). It never opens a socket, reads a clock or sleeps; `discovery/gossip.py` feeds it from trio and the
+simulator could feed it from virtual time.
+
+Theory of operation
+-------------------
+Every node keeps a heartbeat counter that it bumps on each `tick` and spreads in its gossip; it starts at a value
+derived from the wall clock at start-up (given by the driver), so a restarted node's heartbeat is always higher
+than the one the cluster remembers. A member's entry is *refreshed* (`updated = now`) when we hear from it directly
+(`heard`) or when gossip carries a heartbeat higher than the one we hold (`merge`). A member not refreshed for
+`suspect_after` seconds becomes SUSPECT, for `dead_after` seconds DEAD, and is forgotten `forget_after` seconds
+later (kept that long so stale gossip cannot resurrect it). A direct failure to reach a member (`unreachable`)
+makes it SUSPECT at once: the swarm stops routing to it without waiting a full timeout, and a fresher heartbeat
+from anyone brings it back. Only ALIVE members count for rendezvous (`live()`), so tracker ownership moves off
+a failed node within `suspect_after` seconds.
+
+Transitions (the whole state machine):
+
+    any state  --heard / fresher heartbeat-->  ALIVE
+    ALIVE      --unreachable-->                SUSPECT
+    ALIVE      --no refresh for suspect_after--> SUSPECT
+    SUSPECT    --no refresh for dead_after-->  DEAD
+    DEAD       --no refresh for forget_after--> (removed)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+SUSPECT_AFTER = 3.0  # three missed gossip rounds (1 s apart): a slow round is not a death
+DEAD_AFTER = 6.0  # twice that: long enough for a GC pause, short enough that a claim moves on quickly
+FORGET_AFTER = 60.0  # remember the dead a while, so old gossip cannot bring them back
+
+
+class State(Enum):
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+
+
+@dataclass
+class Member:
+    node: str
+    addr: str
+    zone: str | None
+    heartbeat: int
+    state: State
+    updated: float  # `now` of the last refresh
+
+
+class Membership:
+    """The member table of one node (which is itself a member, always ALIVE)."""
+
+    def __init__(self, node: str, addr: str, zone: str | None, heartbeat: int = 0, *,
+                 suspect_after: float = SUSPECT_AFTER, dead_after: float = DEAD_AFTER,
+                 forget_after: float = FORGET_AFTER) -> None:
+        self.me = Member(node, addr, zone, heartbeat, State.ALIVE, 0.0)
+        self.suspect_after = suspect_after
+        self.dead_after = dead_after
+        self.forget_after = forget_after
+        self.members: dict[str, Member] = {}
+
+    # -- events --------------------------------------------------------------------------------------------
+    def tick(self, now: float) -> list[tuple[str, State | None]]:
+        """Bump our heartbeat and age the others. Returns the (node, new state or None if forgotten) changes."""
+        self.me.heartbeat += 1
+        self.me.updated = now
+        changes: list[tuple[str, State | None]] = []
+        for node, m in list(self.members.items()):
+            age = now - m.updated
+            if m.state is State.DEAD:
+                if age >= self.dead_after + self.forget_after:
+                    del self.members[node]
+                    changes.append((node, None))
+            elif age >= self.dead_after:
+                m.state = State.DEAD
+                changes.append((node, State.DEAD))
+            elif age >= self.suspect_after and m.state is State.ALIVE:
+                m.state = State.SUSPECT
+                changes.append((node, State.SUSPECT))
+        return changes
+
+    def heard(self, node: str, addr: str, zone: str | None, now: float) -> bool:
+        """A message came from `node` itself (after a good handshake). Returns True if it is new or revived."""
+        if node == self.me.node:
+            return False
+        m = self.members.get(node)
+        if m is None:
+            self.members[node] = Member(node, addr, zone, 0, State.ALIVE, now)
+            return True
+        revived = m.state is not State.ALIVE
+        m.addr, m.zone, m.state, m.updated = addr, zone, State.ALIVE, now
+        return revived
+
+    def merge(self, entries: Iterable[list[Any] | tuple[Any, ...]], now: float) -> list[str]:
+        """Gossip from a peer: [[node, addr, zone, heartbeat], ...]. Returns nodes that became ALIVE."""
+        became: list[str] = []
+        for node, addr, zone, heartbeat in entries:
+            if node == self.me.node:
+                continue
+            m = self.members.get(node)
+            if m is None:
+                self.members[node] = Member(node, addr, zone, heartbeat, State.ALIVE, now)
+                became.append(node)
+            elif heartbeat > m.heartbeat:
+                if m.state is not State.ALIVE:
+                    became.append(node)
+                m.heartbeat, m.addr, m.zone, m.state, m.updated = heartbeat, addr, zone, State.ALIVE, now
+        return became
+
+    def unreachable(self, node: str, now: float) -> bool:
+        """We failed to reach `node` directly. Returns True if that changed its state."""
+        m = self.members.get(node)
+        if m is None or m.state is not State.ALIVE:
+            return False
+        m.state = State.SUSPECT
+        # Its heartbeat must advance past what we hold to count again; `updated` stays, so it still ages out.
+        return True
+
+    # -- queries -------------------------------------------------------------------------------------------
+    def live(self) -> list[Member]:
+        """ALIVE members, this node included, sorted by node id (what rendezvous hashing runs over)."""
+        out = [m for m in self.members.values() if m.state is State.ALIVE] + [self.me]
+        return sorted(out, key=lambda m: m.node)
+
+    def get(self, node: str) -> Member | None:
+        return self.me if node == self.me.node else self.members.get(node)
+
+    def is_live(self, node: str) -> bool:
+        m = self.get(node)
+        return m is not None and m.state is State.ALIVE
+
+    def gossip_entries(self) -> list[list[Any]]:
+        """What we tell others: ourselves and everyone not DEAD (the dead age out on their own elsewhere)."""
+        out = [[self.me.node, self.me.addr, self.me.zone, self.me.heartbeat]]
+        out += [[m.node, m.addr, m.zone, m.heartbeat] for m in self.members.values() if m.state is not State.DEAD]
+        return out

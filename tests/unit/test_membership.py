@@ -1,0 +1,37 @@
+"""Member table: gossip spreads members, silence makes them suspect then dead, fresher heartbeats revive."""
+
+from p2pcache.discovery.membership import Membership, State
+
+
+def test_gossip_merge_and_failure_detection():
+    m = Membership("a", "a:1", None, suspect_after=3, dead_after=6, forget_after=10)
+    assert m.merge([["b", "b:1", None, 5], ["c", "c:1", "z", 1], ["a", "x", None, 99]], now=0) == ["b", "c"]
+    assert [x.node for x in m.live()] == ["a", "b", "c"]
+    m.merge([["b", "b:1", None, 6]], now=2.5)  # b's heartbeat moves on, c's does not
+    assert m.tick(3) == [("c", State.SUSPECT)]
+    assert [x.node for x in m.live()] == ["a", "b"]
+    m.merge([["c", "c:1", "z", 1]], now=4)  # stale gossip does not revive
+    assert sorted(m.tick(6)) == [("b", State.SUSPECT), ("c", State.DEAD)]
+    assert m.merge([["c", "c:1", "z", 2]], now=7) == ["c"]  # a fresher heartbeat does
+    assert m.is_live("c")
+
+
+def test_unreachable_is_suspect_at_once_and_heard_revives():
+    m = Membership("a", "a:1", None)
+    m.heard("b", "b:1", None, now=0)
+    assert m.unreachable("b", now=0.1)
+    assert not m.is_live("b")
+    m.heard("b", "b:1", None, now=0.2)
+    assert m.is_live("b")
+
+
+def test_dead_are_forgotten_and_not_gossiped():
+    m = Membership("a", "a:1", None, suspect_after=1, dead_after=2, forget_after=3)
+    m.heard("b", "b:1", None, now=0)
+    m.tick(2)
+    assert m.get("b").state is State.DEAD
+    assert [e[0] for e in m.gossip_entries()] == ["a"]
+    assert m.tick(5) == [("b", None)] and m.get("b") is None
+    hb = m.me.heartbeat
+    m.tick(6)
+    assert m.me.heartbeat == hb + 1

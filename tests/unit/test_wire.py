@@ -1,0 +1,116 @@
+"""The peer protocol's framing: round trips, byte-at-a-time feeding, raw payloads, and garbage refused."""
+
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pcache.swarm.wire import (
+    FRAME_HEAD,
+    MAX_PAYLOAD,
+    NEED_DATA,
+    FrameDecoder,
+    ProtocolError,
+    encode,
+    encode_head,
+)
+
+D = "sha256:" + "ab" * 32
+
+
+def decode_all(data: bytes, step: int | None = None) -> list:
+    dec = FrameDecoder()
+    out = []
+    step = step or len(data) or 1
+    for i in range(0, len(data), step):
+        dec.feed(data[i:i + step])
+        out.extend(dec.events())
+    dec.eof()
+    return out
+
+
+def test_round_trip_header_and_raw_payload():
+    piece = bytes(range(256)) * 100
+    frames = encode("request", digest=D, index=3) + encode("piece", piece, digest=D, index=3) + encode("ping", id=7)
+    for step in (None, 1, 7, 4096):
+        msgs = decode_all(frames, step)
+        assert [m.kind for m in msgs] == ["request", "piece", "ping"]
+        assert msgs[0]["index"] == 3 and msgs[1]["digest"] == D
+        assert bytes(msgs[1].payload) == piece and msgs[2]["id"] == 7
+
+
+def test_payload_follows_header_verbatim():
+    """The payload is not msgpack-encoded: it is the last bytes of the frame, as they are."""
+    frame = encode("piece", b"RAWBYTES", digest=D, index=0)
+    assert frame.endswith(b"RAWBYTES")
+    head = encode_head("piece", 8, digest=D, index=0)
+    assert frame == head + b"RAWBYTES"
+
+
+def test_recv_into_payload_space():
+    piece = b"x" * 100_000
+    frame = encode("piece", piece, digest=D, index=1)
+    dec = FrameDecoder()
+    dec.feed(frame[:200])
+    assert dec.next_event() is NEED_DATA
+    rest = memoryview(frame)[200:]
+    while rest:
+        space = dec.payload_space()
+        assert space is not None
+        n = min(len(space), len(rest), 9999)
+        space[:n] = rest[:n]
+        dec.payload_written(n)
+        rest = rest[n:]
+    msg = dec.next_event()
+    assert msg.kind == "piece" and msg.payload == piece
+
+
+def frame(header_obj, payload=b"", header_len=None, payload_len=None):
+    h = msgpack.packb(header_obj, use_bin_type=True)
+    return FRAME_HEAD.pack(len(h) if header_len is None else header_len,
+                           len(payload) if payload_len is None else payload_len) + h + payload
+
+
+@pytest.mark.parametrize("data", [
+    frame({"t": "nosuch"}),
+    frame({"t": "request", "digest": D}),  # missing field
+    frame({"t": "request", "digest": "sha256:xyz", "index": 1}),
+    frame({"t": "request", "digest": D, "index": -1}),
+    frame({"t": "request", "digest": D, "index": True}),
+    frame({"t": "ping", "id": 1}, b"payload not allowed"),
+    frame([1, 2, 3]),
+    frame({"t": "ping", "id": 1}, header_len=0),
+    struct.pack(">II", 1 << 30, 0),
+    struct.pack(">II", 10, MAX_PAYLOAD + 1),
+    FRAME_HEAD.pack(3, 0) + b"\xc1\xc1\xc1",  # msgpack reserved byte
+    frame({"t": "metainfo", "id": 1, "digest": D, "size": 1, "piece_size": 1, "hashes": [b"short"]}),
+])
+def test_malformed_frames_are_protocol_errors(data):
+    with pytest.raises(ProtocolError):
+        decode_all(data)
+
+
+def test_truncated_frame_at_eof():
+    dec = FrameDecoder()
+    dec.feed(encode("ping", id=1)[:-1])
+    assert list(dec.events()) == []
+    with pytest.raises(ProtocolError):
+        dec.eof()
+
+
+def test_we_never_send_what_we_would_refuse():
+    with pytest.raises(ProtocolError):
+        encode("request", digest="nope", index=1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_garbage_never_crashes_the_decoder(data):
+    dec = FrameDecoder(max_payload=1 << 16)
+    try:
+        dec.feed(data)
+        list(dec.events())
+    except ProtocolError:
+        pass
