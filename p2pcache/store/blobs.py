@@ -1,0 +1,384 @@
+"""The content-addressed blob store on disk: complete verified blobs, downloads in progress, pins and the LRU quota.
+
+Layout under the data root:
+
+    blobs/sha256/<ab>/<hex>        complete blobs whose SHA-256 is <hex> (manifests too: they are blobs)
+    partial/<hex>.data, .state     downloads in progress (see partial.py)
+    tmp/                           small writes (put_bytes) before their rename; emptied at startup
+
+Rules (what this module must never do):
+- Never hold a complete blob whose digest is wrong, nor a half-written file under `blobs/`: bytes reach
+  `blobs/` only by `rename` of a fully written, fsynced file whose SHA-256 matched, on the same filesystem.
+- Never build a path from an unvalidated digest: every public method first checks `sha256:<64 lowercase hex>`
+  and raises `OciError("DIGEST_INVALID")` otherwise, so nothing can escape the store directory.
+- Never evict a pinned blob or a partial download.
+
+Quota: `max_bytes` counts only complete blobs (sizes tracked in memory, computed once at startup by walking
+`blobs/`). LRU order is by last access (open, stat for serving), initialised from file mtimes at startup; `open`
+also bumps the mtime (at most once a minute per blob) so the order survives a restart. `make_room(n)` evicts
+least-recently-used unpinned blobs until `used + n <= max_bytes`. When that is impossible (too much pinned) it
+evicts what it can and returns: the download proceeds anyway, because serving a pull over the quota is better
+than refusing it. `over_quota()` tells whether that happened. `commit` and `put_bytes` apply the quota too.
+
+Threads: every method is synchronous and fast except `commit(partial, None)`, which rehashes the whole file;
+callers run that one with `trio.to_thread.run_sync`. Because commit may run in a worker thread while the event
+loop uses the other methods, the in-memory index is guarded by a `threading.Lock`. One `BlobStore` per data
+root per process (a second one would see the first one's files in tmp/ as crash leftovers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from p2pcache.metrics import Metrics
+from p2pcache.oci.errors import OciError
+from p2pcache.store.partial import PartialBlob
+from p2pcache.store.quota import LruIndex
+
+log = logging.getLogger(__name__)
+
+_DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
+_HEX_RE = re.compile(r"[0-9a-f]{64}")
+_PARTIAL_RE = re.compile(r"([0-9a-f]{64})\.(data|state)")
+MTIME_TOUCH_INTERVAL = 60.0  # seconds; bumping mtime on every open would be a syscall per request for nothing
+
+
+class DigestMismatch(Exception):
+    """The bytes' SHA-256 is not the digest they were stored under; nothing was stored."""
+
+    def __init__(self, digest: str, actual_hex: str) -> None:
+        super().__init__(f"content of {digest} hashes to sha256:{actual_hex}")
+        self.digest = digest
+        self.actual = f"sha256:{actual_hex}"
+
+
+def digest_hex(digest: str) -> str:
+    """The hex part of a valid `sha256:<64 lowercase hex>` digest, else OciError("DIGEST_INVALID")."""
+    m = _DIGEST_RE.fullmatch(digest) if isinstance(digest, str) else None
+    if m is None:
+        shown = repr(digest)[:80]
+        raise OciError("DIGEST_INVALID", f"invalid digest {shown}")
+    return m.group(1)
+
+
+class BlobStore:
+    """Complete blobs by digest, partial downloads, pins and the LRU disk quota under one data root."""
+
+    def __init__(self, root: Path, max_bytes: int | None = None, metrics: Metrics | None = None) -> None:
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+        self.blobs_dir = self.root / "blobs" / "sha256"
+        self.partial_dir = self.root / "partial"
+        self.tmp_dir = self.root / "tmp"
+        self.manifests_dir = self.root / "manifests"  # sidecars removed with their blob; ManifestStore owns them
+        for d in (self.blobs_dir, self.partial_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._index = LruIndex()
+        self._last_mtime_touch: dict[str, float] = {}
+        self._partials: dict[str, PartialBlob] = {}  # live (not committed, not discarded) downloads
+        self._clean_tmp()
+        self._clean_partials()
+        self._scan_blobs()
+        self._publish()
+
+    # --- startup ----------------------------------------------------------------------------------------------
+
+    def _clean_tmp(self) -> None:
+        """Anything in tmp/ is a write that a crash interrupted."""
+        for p in self.tmp_dir.iterdir():
+            _remove(p)
+
+    def _clean_partials(self) -> None:
+        """Drop temp state files and half pairs: a `.state` without `.data` (or vice versa) cannot be resumed."""
+        kinds: dict[str, set[str]] = {}
+        for p in self.partial_dir.iterdir():
+            m = _PARTIAL_RE.fullmatch(p.name)
+            if m is None or not p.is_file():
+                _remove(p)  # e.g. <hex>.state.tmp from a crash in save(), or junk
+                continue
+            kinds.setdefault(m.group(1), set()).add(m.group(2))
+        for hex_, have in kinds.items():
+            if have != {"data", "state"}:
+                for kind in have:
+                    _remove(self.partial_dir / f"{hex_}.{kind}")
+
+    def _scan_blobs(self) -> None:
+        """Index every complete blob, least recently modified first (that is the LRU order we restart with)."""
+        found: list[tuple[float, str, int]] = []
+        for sub in self.blobs_dir.iterdir():
+            if not (len(sub.name) == 2 and sub.is_dir()):
+                _remove(sub)
+                continue
+            for p in sub.iterdir():
+                # Only <ab>/<hex> with matching prefix is ours; anything else cannot have come from a commit.
+                if not (_HEX_RE.fullmatch(p.name) and p.name[:2] == sub.name and p.is_file()):
+                    log.warning("store: removing unexpected file %s", p)
+                    _remove(p)
+                    continue
+                st = p.stat()
+                found.append((st.st_mtime, p.name, st.st_size))
+        found.sort()
+        for _, hex_, size in found:
+            self._index.add(hex_, size)
+
+    # --- paths ------------------------------------------------------------------------------------------------
+
+    def _blob_path(self, hex_: str) -> Path:
+        return self.blobs_dir / hex_[:2] / hex_
+
+    def path(self, digest: str) -> Path:
+        """Where the complete blob `digest` lives (whether or not it is there)."""
+        return self._blob_path(digest_hex(digest))
+
+    def _publish(self) -> None:
+        if self.metrics is not None:
+            self.metrics.store_bytes.set(self._index.used)
+
+    # --- complete blobs ---------------------------------------------------------------------------------------
+
+    def stat(self, digest: str, *, touch: bool = True) -> int | None:
+        """Size of the complete blob, None if absent. Counts as an access for LRU unless touch=False."""
+        hex_ = digest_hex(digest)
+        with self._lock:
+            size = self._index.size(hex_)
+            if size is not None and touch:
+                self._index.touch(hex_)
+        return size
+
+    def open(self, digest: str) -> BinaryIO | None:
+        """An open (rb) file of the complete blob, or None. The caller closes it. Counts as an access for LRU."""
+        hex_ = digest_hex(digest)
+        path = self._blob_path(hex_)
+        try:
+            f = open(path, "rb")  # returned to the caller
+        except FileNotFoundError:
+            # Removed behind our back (an operator, a full-disk cleanup): forget it instead of failing forever.
+            with self._lock:
+                if self._index.remove(hex_) is not None:
+                    self._publish()
+            return None
+        with self._lock:
+            self._index.touch(hex_)  # no-op if an eviction raced this open: the open file is still verified
+            now = time.time()
+            stale = now - self._last_mtime_touch.get(hex_, 0.0) > MTIME_TOUCH_INTERVAL
+            if stale:
+                self._last_mtime_touch[hex_] = now
+        if stale:
+            with contextlib.suppress(OSError):
+                os.utime(f.fileno())
+        return f
+
+    def read_bytes(self, digest: str) -> bytes | None:
+        """The whole content of a small complete blob (a manifest), or None."""
+        f = self.open(digest)
+        if f is None:
+            return None
+        with f:
+            return f.read()
+
+    def put_bytes(self, digest: str, data: bytes) -> None:
+        """Store a small blob (a manifest) after checking sha256(data) == digest; DigestMismatch otherwise."""
+        hex_ = digest_hex(digest)
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != hex_:
+            raise DigestMismatch(digest, actual)
+        with self._lock:
+            if hex_ in self._index and self._blob_path(hex_).exists():
+                self._index.touch(hex_)
+                return
+        tmp = self.tmp_dir / f"{hex_}.{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self._install(tmp, hex_, len(data))
+        finally:
+            _remove(tmp)
+
+    def _install(self, src: Path, hex_: str, size: int) -> None:
+        """Rename a verified, fsynced file into blobs/ and index it; then hold the quota."""
+        final = self._blob_path(hex_)
+        final.parent.mkdir(exist_ok=True)
+        os.replace(src, final)  # same filesystem: atomic, and an existing copy has the same bytes anyway
+        _fsync_dir(final.parent)
+        with self._lock:
+            self._index.add(hex_, size)
+            self._last_mtime_touch[hex_] = time.time()
+        self._enforce(0, exclude=hex_)
+
+    def delete(self, digest: str) -> bool:
+        """Remove a complete blob. False if it is pinned (being served or downloaded) or absent."""
+        hex_ = digest_hex(digest)
+        with self._lock:
+            if self._index.pinned(hex_):
+                return False
+            known = self._index.remove(hex_) is not None
+            existed = self._unlink_blob(hex_)
+            self._publish()
+        return known or existed
+
+    def _unlink_blob(self, hex_: str) -> bool:
+        """Remove a blob file and its manifest sidecar (caller holds the lock)."""
+        self._last_mtime_touch.pop(hex_, None)
+        try:
+            os.unlink(self._blob_path(hex_))
+            existed = True
+        except FileNotFoundError:
+            existed = False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.manifests_dir / f"{hex_}.type")
+        return existed
+
+    def digests(self) -> list[str]:
+        """Digests of every complete blob, least recently used first (for admin status)."""
+        with self._lock:
+            return [f"sha256:{h}" for h in self._index.lru_order()]
+
+    # --- pins and quota ---------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def pin(self, digest: str) -> Iterator[None]:
+        """While held, `digest` is never evicted nor deleted (refcounted; the blob need not exist yet)."""
+        hex_ = digest_hex(digest)
+        with self._lock:
+            self._index.pin(hex_)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._index.unpin(hex_)
+
+    def pinned(self, digest: str) -> bool:
+        hex_ = digest_hex(digest)
+        with self._lock:
+            return self._index.pinned(hex_)
+
+    def used_bytes(self) -> int:
+        """Total size of the complete blobs held (partials not included)."""
+        with self._lock:
+            return self._index.used
+
+    def over_quota(self) -> bool:
+        """True when the store holds more than max_bytes (only possible when what is left is pinned)."""
+        with self._lock:
+            return self.max_bytes is not None and self._index.used > self.max_bytes
+
+    def make_room(self, nbytes: int) -> None:
+        """Evict least-recently-used unpinned blobs until used + nbytes <= max_bytes, or nothing evictable is left.
+
+        Never fails: if pins keep the store above quota the caller proceeds anyway (see over_quota()).
+        """
+        self._enforce(max(0, nbytes), exclude=None)
+
+    def _enforce(self, nbytes: int, exclude: str | None) -> None:
+        if self.max_bytes is None:
+            return
+        with self._lock:
+            victims = self._index.victims(nbytes, self.max_bytes, exclude)
+            for hex_ in victims:
+                # A reader with the file open keeps its inode; unlinking under it is safe.
+                self._unlink_blob(hex_)
+                self._index.remove(hex_)
+                if self.metrics is not None:
+                    self.metrics.evictions.inc()
+            if victims:
+                log.info("store: evicted %d blob(s) for quota, %d bytes used", len(victims), self._index.used)
+            self._publish()
+
+    # --- downloads --------------------------------------------------------------------------------------------
+
+    def partial(self, digest: str, size: int, piece_size: int) -> PartialBlob:
+        """The download in progress for `digest`: the live one, else resumed from disk, else a new one.
+
+        One with another size or piece size is discarded and started over.
+        """
+        hex_ = digest_hex(digest)
+        with self._lock:
+            live = self._partials.get(hex_)
+            if live is not None and not (live.discarded or live.committed):
+                if live.size == size and live.piece_size == piece_size:
+                    return live
+                live.discard()
+            p = PartialBlob(self.partial_dir, f"sha256:{hex_}", size, piece_size)
+            self._partials[hex_] = p
+            return p
+
+    def commit(self, partial: PartialBlob, sha256_hex: str | None = None) -> None:
+        """Move a finished download into blobs/ once its SHA-256 equals its digest.
+
+        `sha256_hex` is the hash the caller computed over the bytes in order; when None the data file is
+        rehashed here, which reads the whole blob: run that with `trio.to_thread.run_sync`. On a mismatch the
+        partial is discarded and DigestMismatch raised; nothing reaches blobs/. The partial's `file` stays open
+        and readable afterwards (rename keeps the inode), so readers mid-sendfile are unaffected.
+        """
+        hex_ = digest_hex(partial.digest)
+        if partial.committed:
+            return
+        if partial.discarded:
+            raise ValueError(f"partial {partial.digest} was discarded")
+        actual = partial.sha256_hex() if sha256_hex is None else str(sha256_hex).lower()
+        if actual != hex_ or os.fstat(partial.file.fileno()).st_size != partial.size:
+            partial.discard()
+            self._forget_partial(partial)
+            raise DigestMismatch(partial.digest, actual)
+        os.fsync(partial.file.fileno())  # the bytes are durable before the name says "complete"
+        partial.committed = True
+        try:
+            self._install(partial.data_path, hex_, partial.size)
+        except BaseException:
+            partial.committed = False
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial.state_path)
+        partial.data_path = self._blob_path(hex_)
+        self._forget_partial(partial)
+
+    def _forget_partial(self, partial: PartialBlob) -> None:
+        with self._lock:
+            hex_ = partial.digest.split(":", 1)[1]
+            if self._partials.get(hex_) is partial:
+                del self._partials[hex_]
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a directory tree left by a crash; ignore what is already gone."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            for child in path.iterdir():
+                _remove(child)
+            path.rmdir()
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("store: cannot remove %s: %s", path, e)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable; not every filesystem allows opening a directory, so failures are ignored."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

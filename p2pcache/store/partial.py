@@ -1,0 +1,315 @@
+"""A blob download in progress on disk: a sparse data file plus a state file with the piece bitfield and hashes.
+
+`<data>/partial/<hex>.data` is created at the blob's full size (sparse, `os.ftruncate`) so pieces can be written
+in any order; `<hex>.state` (msgpack: digest, size, piece_size, bitfield, piece hashes) is replaced atomically
+(temporary file + rename) by `save()`, so a restarted node resumes the download instead of starting over.
+
+Concurrency: the data file is opened once (r+b) and kept open. Everything goes through `os.pwrite`/`os.pread` on
+its descriptor, never seek+read/write, so the event loop, worker threads and `os.sendfile` users may read while
+pieces are being written. Bitfield and hashes are guarded by a `threading.Lock` because `BlobStore.commit` may
+run in a worker thread.
+
+Never:
+- writes outside [0, size) of the data file;
+- claims a piece it was not told about (`mark` is the caller's statement that the piece's SHA-256 matched);
+- deletes anything under `blobs/`: becoming a complete blob is `BlobStore.commit`'s job, after the whole-blob
+  digest matched.
+
+Durability: `save()` does not fsync the data file (that would make a frequent call slow). After a process crash
+the page cache still holds every written byte, so the saved bitfield is right. After a power loss it may claim
+pieces that never reached the disk: `verify_held()` (slow: run it with `trio.to_thread.run_sync`) re-checks held
+pieces against their hashes, and whatever slips through is still caught by the whole-blob check at commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import msgpack
+
+from p2pcache.swarm.metainfo import piece_count, piece_span
+
+STATE_VERSION = 1
+HASH_LEN = 32  # SHA-256
+_READ_CHUNK = 1 << 20  # hashing reads: large enough to amortise syscalls, small enough to keep RSS flat
+
+
+class PartialStateError(ValueError):
+    """A `.state` file that cannot be used (corrupt, another version, or for another blob layout)."""
+
+
+class PartialBlob:
+    """One download in progress. Created (or resumed) by `BlobStore.partial`, never directly by callers."""
+
+    digest: str
+    size: int
+    piece_size: int
+    n_pieces: int
+    file: BinaryIO
+
+    def __init__(
+        self,
+        directory: Path,
+        digest: str,
+        size: int,
+        piece_size: int,
+        *,
+        resume: bool = True,
+    ) -> None:
+        """Open `<directory>/<hex>.data`/`.state`, resuming them when they describe the same layout.
+
+        `digest` must already be validated by the caller (it becomes part of a path).
+        """
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"blob size must be a non-negative integer, got {size!r}")
+        if not isinstance(piece_size, int) or isinstance(piece_size, bool) or piece_size <= 0:
+            raise ValueError(f"piece size must be a positive integer, got {piece_size!r}")
+        self.digest = digest
+        self.hex = digest.split(":", 1)[1]
+        self.size = size
+        self.piece_size = piece_size
+        self.n_pieces = piece_count(size, piece_size)
+        self.data_path = directory / f"{self.hex}.data"
+        self.state_path = directory / f"{self.hex}.state"
+        self._lock = threading.Lock()
+        self._bits = bytearray((self.n_pieces + 7) // 8)
+        self._hashes: list[bytes | None] = [None] * self.n_pieces
+        self._contig = 0  # leading pieces held; only ever grows, so it is advanced in mark()
+        self.discarded = False
+        self.committed = False
+        self.resumed = False  # True when pieces were recovered from a previous run
+
+        state = self._load_state() if resume else None
+        if state is None:
+            # Start over: a stale state must not survive next to fresh data.
+            _unlink(self.state_path)
+            self.file = open(self.data_path, "w+b")  # kept open for the download's lifetime
+        else:
+            self.file = open(self.data_path, "r+b")
+            bits, hashes = state
+            self._bits[:] = bits
+            self._hashes = hashes
+            self._advance_contig()
+            self.resumed = any(self._bits)
+        # Sparse preallocation: every offset of the blob is addressable from the start; no-op when resuming.
+        os.ftruncate(self.file.fileno(), size)
+
+    # --- state file -------------------------------------------------------------------------------------------
+
+    def _load_state(self) -> tuple[bytes, list[bytes | None]] | None:
+        """The saved bitfield and hashes, or None when there is nothing usable to resume."""
+        try:
+            raw = self.state_path.read_bytes()
+            st = os.stat(self.data_path)
+        except FileNotFoundError:
+            return None
+        try:
+            doc: Any = msgpack.unpackb(raw, raw=False)
+        except Exception:  # msgpack raises several types on garbage; a corrupt state just means start over
+            return None
+        try:
+            if not isinstance(doc, dict) or doc.get("v") != STATE_VERSION:
+                raise PartialStateError("unknown state format")
+            if doc.get("digest") != self.digest:
+                raise PartialStateError("state is for another digest")
+            if doc.get("size") != self.size or doc.get("piece_size") != self.piece_size:
+                return None  # another layout: the caller asked for a fresh start
+            bits = doc.get("bitfield")
+            hashes = doc.get("hashes")
+            if not isinstance(bits, bytes) or len(bits) != len(self._bits):
+                raise PartialStateError("bad bitfield")
+            if not isinstance(hashes, list) or len(hashes) != self.n_pieces:
+                raise PartialStateError("bad piece hashes")
+            for h in hashes:
+                if h is not None and not (isinstance(h, bytes) and len(h) == HASH_LEN):
+                    raise PartialStateError("bad piece hash")
+            if st.st_size != self.size:
+                raise PartialStateError("data file has the wrong size")
+        except (PartialStateError, ValueError, TypeError):
+            # A corrupt or foreign state is not worth a crash: the download simply starts over.
+            return None
+        # A bit set without a hash cannot be re-verified; treat that piece as missing.
+        bits = bytearray(bits)
+        for i in range(self.n_pieces):
+            if _bit(bits, i) and hashes[i] is None:
+                bits[i >> 3] &= ~(0x80 >> (i & 7))
+        # Bits past n_pieces must be zero so bitfield() is canonical.
+        for i in range(self.n_pieces, len(bits) * 8):
+            bits[i >> 3] &= ~(0x80 >> (i & 7))
+        return bytes(bits), list(hashes)
+
+    def save(self) -> None:
+        """Persist bitfield and hashes atomically (temporary file + fsync + rename). Cheap: call it every few pieces."""
+        with self._lock:
+            if self.discarded or self.committed:
+                return
+            doc = {
+                "v": STATE_VERSION,
+                "digest": self.digest,
+                "size": self.size,
+                "piece_size": self.piece_size,
+                "bitfield": bytes(self._bits),
+                "hashes": list(self._hashes),
+            }
+            tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+            with open(tmp, "wb") as f:
+                f.write(msgpack.packb(doc, use_bin_type=True))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_path)
+
+    # --- data -------------------------------------------------------------------------------------------------
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write `data` at `offset` (positional, so concurrent readers are unaffected)."""
+        if self.discarded or self.committed:
+            raise ValueError(f"partial {self.digest} is {'discarded' if self.discarded else 'committed'}")
+        n = len(data)
+        if offset < 0 or offset + n > self.size:
+            raise ValueError(f"write of {n} bytes at {offset} is outside the blob (size {self.size})")
+        view = memoryview(data)
+        fd = self.file.fileno()
+        done = 0
+        while done < n:  # pwrite may write less than asked (signals, quotas)
+            done += os.pwrite(fd, view[done:], offset + done)
+
+    def read(self, offset: int, n: int) -> bytes:
+        """Up to `n` bytes at `offset`, clamped to the blob's size."""
+        if offset < 0 or n < 0:
+            raise ValueError(f"bad read: offset {offset}, length {n}")
+        n = max(0, min(n, self.size - offset))
+        fd = self.file.fileno()
+        parts: list[bytes] = []
+        got = 0
+        while got < n:
+            chunk = os.pread(fd, n - got, offset + got)
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
+    # --- pieces -----------------------------------------------------------------------------------------------
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < self.n_pieces:
+            raise IndexError(f"piece {index} out of range (blob has {self.n_pieces})")
+
+    def have(self, index: int) -> bool:
+        self._check_index(index)
+        return _bit(self._bits, index)
+
+    def mark(self, index: int, piece_sha256: bytes) -> None:
+        """Record piece `index` as written and verified, with its SHA-256 (32 raw bytes)."""
+        self._check_index(index)
+        if not isinstance(piece_sha256, bytes | bytearray) or len(piece_sha256) != HASH_LEN:
+            raise ValueError("piece hash must be 32 raw bytes (SHA-256 digest)")
+        with self._lock:
+            if self.discarded:
+                raise ValueError(f"partial {self.digest} is discarded")
+            self._bits[index >> 3] |= 0x80 >> (index & 7)
+            self._hashes[index] = bytes(piece_sha256)
+            self._advance_contig()
+
+    def _advance_contig(self) -> None:
+        while self._contig < self.n_pieces and _bit(self._bits, self._contig):
+            self._contig += 1
+
+    def bitfield(self) -> bytes:
+        """One bit per piece, piece 0 in the most significant bit of byte 0 (BitTorrent order)."""
+        with self._lock:
+            return bytes(self._bits)
+
+    def piece_hashes(self) -> list[bytes | None]:
+        with self._lock:
+            return list(self._hashes)
+
+    def held(self) -> int:
+        """Number of pieces held."""
+        with self._lock:
+            return sum(bin(b).count("1") for b in self._bits)
+
+    def complete(self) -> bool:
+        return self.held() == self.n_pieces
+
+    def contiguous_pieces(self) -> int:
+        """Number of leading pieces held: bytes [0, piece_span(k)) are final once piece k-1 is."""
+        return self._contig
+
+    def contiguous_bytes(self) -> int:
+        """Length of the held prefix in bytes."""
+        k = self._contig
+        if k == 0:
+            return 0
+        start, length = piece_span(k - 1, self.size, self.piece_size)
+        return start + length
+
+    def verify_held(self) -> list[int]:
+        """Re-hash every held piece; clear (and return) those whose bytes do not match. Slow: run in a thread."""
+        bad: list[int] = []
+        for i in range(self.n_pieces):
+            with self._lock:
+                want = self._hashes[i] if _bit(self._bits, i) else None
+            if want is None:
+                continue
+            start, length = piece_span(i, self.size, self.piece_size)
+            if hashlib.sha256(self.read(start, length)).digest() != want:
+                bad.append(i)
+        if bad:
+            with self._lock:
+                for i in bad:
+                    self._bits[i >> 3] &= ~(0x80 >> (i & 7))
+                    self._hashes[i] = None
+                self._contig = 0
+                self._advance_contig()
+        return bad
+
+    def sha256_hex(self) -> str:
+        """SHA-256 of the whole data file, read with pread in 1 MiB chunks. CPU/disk heavy: run in a thread."""
+        h = hashlib.sha256()
+        fd = self.file.fileno()
+        offset = 0
+        while offset < self.size:
+            chunk = os.pread(fd, min(_READ_CHUNK, self.size - offset), offset)
+            if not chunk:
+                break  # shorter than expected: the digest will not match
+            h.update(chunk)
+            offset += len(chunk)
+        return h.hexdigest()
+
+    # --- end of life ------------------------------------------------------------------------------------------
+
+    def discard(self) -> None:
+        """Forget this download: remove its files. The descriptor stays open for readers still holding it (the
+        inode lives on until `close()`); writes are refused from now on."""
+        with self._lock:
+            if self.committed:
+                return
+            self.discarded = True
+        _unlink(self.data_path)
+        _unlink(self.state_path)
+        _unlink(self.state_path.with_name(self.state_path.name + ".tmp"))
+
+    def close(self) -> None:
+        """Close the data file. Only once nobody reads from `file` any more (a reused descriptor number would
+        otherwise be read by them)."""
+        self.file.close()
+
+    def __repr__(self) -> str:
+        return (f"PartialBlob({self.digest}, size={self.size}, piece_size={self.piece_size}, "
+                f"held={self.held()}/{self.n_pieces})")
+
+
+def _bit(bits: bytes | bytearray, i: int) -> bool:
+    return bool(bits[i >> 3] & (0x80 >> (i & 7)))
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
