@@ -1,0 +1,422 @@
+"""Mirror benchmark (issue 2): the p2pcache node against the real docker-registry, on loopback, with curl.
+
+In one run, on one random blob (1 GiB unless --size says otherwise):
+  (a) push the blob to a real docker-registry (the "origin"), which is also the upstream of everything below;
+  (b) warm: throughput of the origin serving the blob from its disk vs a primed node serving it from its store;
+  (c) cold: docker-registry in proxy mode (`proxy: {remoteurl: origin}`) vs the node pulling through, each with a
+      fresh store every run; plus the origin's GETs and bytes per cold pull, read from its access log;
+  (d) peak RSS of the node process while N clients (4) download the blob at once, cold and warm, for two blob sizes
+      (flat in blob size is the goal), next to the registry's for context.
+Measurements alternate registry / node run by run and report the median. This prints figures; it asserts only
+that every download got the right number of bytes (and, once per side, the right digest).
+
+    /opt/p2pvenv/bin/python bench/mirror_bench.py                 # 1 GiB, 3 runs (several minutes)
+    /opt/p2pvenv/bin/python bench/mirror_bench.py --size 64MiB --runs 1   # a quick check
+
+It never listens beyond 127.0.0.1, works in a scratch directory, and stops only the processes it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    AccessLog,
+    GiB,
+    Proc,
+    Pull,
+    RssSampler,
+    UpstreamUse,
+    curl_get,
+    curl_many,
+    curl_sha256,
+    fmt_rate,
+    fmt_size,
+    free_port,
+    make_blob,
+    median,
+    parse_size,
+    proc_status_kib,
+    push_blob,
+    reset_peak_rss,
+    spawn,
+    start_registry,
+)
+
+DEFAULT_NODE_CMD = (
+    "{python} -m p2pcache node --listen {listen} --admin-listen {admin} --data {data} "
+    "--upstream docker.io={upstream} --log-level warning"
+)
+
+
+@dataclass
+class Blob:
+    size: int
+    path: Path
+    digest: str
+
+
+@dataclass
+class RssResult:
+    size: int
+    idle_kib: int | None = None
+    cold_kib: int | None = None  # node: peak while N clients pull a cold blob through it
+    warm_kib: int | None = None  # node: peak while N clients pull it from the store
+    cold_upstream: UpstreamUse | None = None
+    cold_wall: float | None = None
+    warm_wall: float | None = None
+    reg_cold_kib: int | None = None  # docker-registry proxy mode, same N cold clients
+    reg_warm_kib: int | None = None  # docker-registry (origin) serving from disk to N clients
+    reg_cold_upstream: UpstreamUse | None = None
+    reg_cold_wall: float | None = None
+    reg_warm_wall: float | None = None
+
+
+@dataclass
+class Results:
+    warm_reg: list[float] = field(default_factory=list)
+    warm_node: list[float] = field(default_factory=list)
+    cold_reg: list[float] = field(default_factory=list)
+    cold_node: list[float] = field(default_factory=list)
+    cold_reg_use: list[UpstreamUse] = field(default_factory=list)
+    cold_node_use: list[UpstreamUse] = field(default_factory=list)
+    rss: list[RssResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path):
+        self.args = args
+        self.workdir = workdir
+        self.repo = args.repo
+        self.origin: Proc | None = None
+        self.access: AccessLog | None = None
+        self.results = Results()
+        self._n = 0
+
+    # ------------------------------------------------------------------------------------------- plumbing
+
+    def log(self, msg: str) -> None:
+        if not self.args.quiet:
+            print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    def blob_path(self, digest: str) -> str:
+        return f"/v2/{self.repo}/blobs/{digest}"
+
+    def start_node(self) -> tuple[Proc, Path]:
+        assert self.origin is not None
+        self._n += 1
+        name = f"node{self._n}"
+        data = self.workdir / name
+        shutil.rmtree(data, ignore_errors=True)
+        port, admin = free_port(), free_port()
+        cmd = self.args.node_cmd.format(
+            python=shlex.quote(sys.executable), listen=f"127.0.0.1:{port}", admin=f"127.0.0.1:{admin}",
+            data=shlex.quote(str(data)), upstream=self.origin.url)
+        proc = spawn(name, shlex.split(cmd), self.workdir / f"{name}.log", port, ready_path="/healthz")
+        return proc, data
+
+    def drop(self, proc: Proc, root: Path) -> None:
+        proc.stop()
+        if not self.args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def wait_stored(self, root: Path, blob: Blob, timeout: float) -> bool:
+        """Wait until a file of the blob's size named by its hex digest (or in a dir so named) is under root:
+        the proxy's background fetch and the node's commit are then done, so the access log is complete."""
+        hexd = blob.digest.split(":", 1)[1]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for p in root.rglob("*"):
+                if (p.name == hexd or p.parent.name == hexd) and p.is_file():
+                    try:
+                        if p.stat().st_size == blob.size:
+                            time.sleep(0.3)  # let the access log line land
+                            return True
+                    except OSError:
+                        pass
+            time.sleep(0.2)
+        return False
+
+    def check(self, pull: Pull, blob: Blob, what: str) -> float:
+        if not pull.ok(blob.size):
+            raise RuntimeError(f"{what}: HTTP {pull.status}, {pull.size} of {blob.size} bytes")
+        return pull.speed
+
+    # ------------------------------------------------------------------------------------------- steps
+
+    def setup(self) -> list[Blob]:
+        self.log("starting docker-registry (origin)")
+        self.origin = start_registry(self.workdir, "origin")
+        self.access = AccessLog(self.origin.log)
+        sizes = sorted({self.args.size, *self.args.rss_sizes})
+        blobs = []
+        for size in sizes:
+            t0 = time.monotonic()
+            path = self.workdir / f"blob-{size}"
+            digest = make_blob(path, size)
+            t1 = time.monotonic()
+            push_blob(self.origin.url, self.repo, path, digest)
+            t2 = time.monotonic()
+            self.log(f"blob {fmt_size(size)} {digest[:19]}…: made in {t1 - t0:.1f}s, pushed in {t2 - t1:.1f}s")
+            blobs.append(Blob(size, path, digest))
+            if not self.args.keep:
+                path.unlink()  # the origin holds it now
+        return blobs
+
+    def warm(self, blob: Blob) -> None:
+        assert self.origin is not None
+        origin_url = self.origin.url + self.blob_path(blob.digest)
+        got = curl_sha256(origin_url)
+        if got != blob.digest:
+            raise RuntimeError(f"origin serves a wrong blob: {got}")
+        node, data = self.start_node()
+        try:
+            node_url = node.url + self.blob_path(blob.digest)
+            self.log("warm: priming the node")
+            self.check(curl_get(node_url), blob, "node prime")
+            if not self.wait_stored(data, blob, 120):
+                self.results.notes.append("warm: the primed blob did not appear in the node's store")
+            got = curl_sha256(node_url)
+            if got != blob.digest:
+                raise RuntimeError(f"node serves a wrong blob: {got}")
+            curl_get(origin_url)  # one unmeasured run each, so both read from the page cache
+            curl_get(node_url)
+            for i in range(self.args.runs):
+                r = self.check(curl_get(origin_url), blob, "registry warm")
+                n = self.check(curl_get(node_url), blob, "node warm")
+                self.results.warm_reg.append(r)
+                self.results.warm_node.append(n)
+                self.log(f"warm run {i + 1}: registry {fmt_rate(r)}, node {fmt_rate(n)}")
+        finally:
+            self.drop(node, data)
+
+    def cold_registry(self, blob: Blob) -> None:
+        assert self.origin is not None and self.access is not None
+        proxy = start_registry(self.workdir, "proxy", remoteurl=self.origin.url)
+        root = self.workdir / "proxy"
+        try:
+            self.access.mark()
+            speed = self.check(curl_get(proxy.url + self.blob_path(blob.digest)), blob, "registry cold")
+            if not self.wait_stored(root, blob, 120):
+                self.results.notes.append("cold: the proxy's background fetch did not finish within 120s")
+            use = self.access.since_mark(self.blob_path(blob.digest))
+        finally:
+            self.drop(proxy, root)
+        self.results.cold_reg.append(speed)
+        self.results.cold_reg_use.append(use)
+        self.log(f"cold registry (proxy mode): {fmt_rate(speed)}, upstream {use.gets} GET "
+                 f"{use.heads} HEAD {fmt_size(use.bytes)}")
+
+    def cold_node(self, blob: Blob) -> None:
+        assert self.access is not None
+        node, data = self.start_node()
+        try:
+            self.access.mark()
+            speed = self.check(curl_get(node.url + self.blob_path(blob.digest)), blob, "node cold")
+            if not self.wait_stored(data, blob, 60):
+                self.results.notes.append("cold: the node's store did not show the blob within 60s")
+            use = self.access.since_mark(self.blob_path(blob.digest))
+        finally:
+            self.drop(node, data)
+        self.results.cold_node.append(speed)
+        self.results.cold_node_use.append(use)
+        self.log(f"cold node: {fmt_rate(speed)}, upstream {use.gets} GET {use.heads} HEAD {fmt_size(use.bytes)}")
+
+    def many(self, proc: Proc, blob: Blob, what: str) -> tuple[int | None, float]:
+        """N clients at once against proc; returns (peak RSS in KiB, wall seconds)."""
+        reset = reset_peak_rss(proc.pid)
+        with RssSampler(proc.pid) as sampler:
+            pulls, wall = curl_many(proc.url + self.blob_path(blob.digest), self.args.clients)
+        for p in pulls:
+            self.check(p, blob, what)
+        hwm = proc_status_kib(proc.pid, "VmHWM") if reset else None
+        peak = max(hwm or 0, sampler.max_kib) or None
+        return peak, wall
+
+    def rss(self, blob: Blob) -> None:
+        assert self.origin is not None and self.access is not None
+        res = RssResult(blob.size)
+        self.results.rss.append(res)
+        node, data = self.start_node()
+        try:
+            time.sleep(0.5)
+            res.idle_kib = proc_status_kib(node.pid, "VmRSS")
+            self.access.mark()
+            res.cold_kib, res.cold_wall = self.many(node, blob, "node cold (N clients)")
+            self.wait_stored(data, blob, 60)
+            res.cold_upstream = self.access.since_mark(self.blob_path(blob.digest))
+            res.warm_kib, res.warm_wall = self.many(node, blob, "node warm (N clients)")
+        finally:
+            self.drop(node, data)
+        self.log(f"RSS {fmt_size(blob.size)}: node idle {res.idle_kib} KiB, cold {res.cold_kib} KiB, "
+                 f"warm {res.warm_kib} KiB")
+        if self.args.no_registry_rss:
+            return
+        res.reg_warm_kib, res.reg_warm_wall = self.many(self.origin, blob, "registry warm (N clients)")
+        proxy = start_registry(self.workdir, "proxy", remoteurl=self.origin.url)
+        root = self.workdir / "proxy"
+        try:
+            self.access.mark()
+            res.reg_cold_kib, res.reg_cold_wall = self.many(proxy, blob, "registry cold (N clients)")
+            self.wait_stored(root, blob, 120)
+            time.sleep(1.0)  # concurrent background fetches may end after the first one
+            res.reg_cold_upstream = self.access.since_mark(self.blob_path(blob.digest))
+        finally:
+            self.drop(proxy, root)
+        self.log(f"RSS {fmt_size(blob.size)}: registry cold {res.reg_cold_kib} KiB, warm {res.reg_warm_kib} KiB")
+
+    # ------------------------------------------------------------------------------------------- run
+
+    def run(self) -> Results:
+        blobs = self.setup()
+        main_blob = next(b for b in blobs if b.size == self.args.size)
+        parts = self.args.only or ["warm", "cold", "rss"]
+        if "warm" in parts:
+            self.guard("warm", lambda: self.warm(main_blob))
+        if "cold" in parts:
+            for _ in range(self.args.runs):
+                self.guard("cold (registry)", lambda: self.cold_registry(main_blob))
+                self.guard("cold (node)", lambda: self.cold_node(main_blob))
+        if "rss" in parts:
+            for b in blobs:
+                if b.size in self.args.rss_sizes:
+                    self.guard(f"rss {fmt_size(b.size)}", lambda b=b: self.rss(b))
+        return self.results
+
+    def guard(self, what: str, fn) -> None:
+        try:
+            fn()
+        except RuntimeError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            self.results.notes.append(f"{what} failed: {first}")
+            self.log(f"{what} FAILED: {e}")
+
+    def close(self) -> None:
+        if self.origin is not None:
+            self.origin.stop()
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}×"
+
+
+def use_str(uses: list[UpstreamUse]) -> str:
+    if not uses:
+        return "n/a"
+    gets = sorted(u.gets for u in uses)
+    heads = sorted(u.heads for u in uses)
+    byts = median([u.bytes for u in uses]) or 0
+    g = str(gets[0]) if gets[0] == gets[-1] else f"{gets[0]}–{gets[-1]}"
+    h = str(heads[0]) if heads[0] == heads[-1] else f"{heads[0]}–{heads[-1]}"
+    return f"{g} GET + {h} HEAD, {fmt_size(byts)}"
+
+
+def mib(kib: int | None) -> str:
+    return "n/a" if kib is None else f"{kib / 1024:.0f} MiB"
+
+
+def spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return ""
+    return f"  (runs {min(values) / 1e9:.2f}–{max(values) / 1e9:.2f})"
+
+
+def report(args: argparse.Namespace, res: Results) -> str:
+    rows: list[tuple[str, str, str, str, str]] = []
+    wr, wn = median(res.warm_reg), median(res.warm_node)
+    cr, cn = median(res.cold_reg), median(res.cold_node)
+    rows.append(("warm: served from its disk/store", fmt_rate(wr), fmt_rate(wn), ratio(wn, wr), "≥ 1.00×"))
+    rows.append(("cold: pull-through, fresh store", fmt_rate(cr), fmt_rate(cn), ratio(cn, cr), "≥ 1.00×"))
+    rows.append(("cold: upstream use per pull", use_str(res.cold_reg_use), use_str(res.cold_node_use), "",
+                 "1 GET"))
+    n = args.clients
+    for r in res.rss:
+        s = fmt_size(r.size)
+        rows.append((f"peak RSS, {n} clients cold, {s}", mib(r.reg_cold_kib), mib(r.cold_kib), "", "≤ 150 MiB"))
+        rows.append((f"peak RSS, {n} clients warm, {s}", mib(r.reg_warm_kib), mib(r.warm_kib), "", "≤ 150 MiB"))
+        if r.cold_upstream is not None:
+            rows.append((f"  upstream use, {n} cold clients, {s}",
+                         use_str([r.reg_cold_upstream]) if r.reg_cold_upstream else "n/a",
+                         use_str([r.cold_upstream]), "", "1 GET"))
+        if r.cold_wall and r.warm_wall:
+            agg = lambda wall, size=r.size: f"{n * size / wall / 1e9:.2f} GB/s" if wall else "n/a"  # noqa: E731
+            rows.append((f"  aggregate, {n} clients cold / warm, {s}",
+                         f"{agg(r.reg_cold_wall)} / {agg(r.reg_warm_wall)}",
+                         f"{agg(r.cold_wall)} / {agg(r.warm_wall)}", "", ""))
+    if len(res.rss) >= 2 and all(r.warm_kib and r.cold_kib for r in res.rss):
+        small, big = res.rss[0], res.rss[-1]
+        d = max(big.cold_kib, big.warm_kib) - max(small.cold_kib, small.warm_kib)  # type: ignore[type-var]
+        label = f"  node peak RSS growth {fmt_size(small.size)} → {fmt_size(big.size)}"
+        rows.append((label, "", f"{d / 1024:+.0f} MiB", "", "≈ 0 (flat)"))
+    head = ("", "docker-registry", "p2pcache node", "node÷registry", "goal")
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(5)]
+    line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()  # noqa: E731
+    out = [
+        f"p2pcache mirror benchmark — blob {fmt_size(args.size)} (random), client: curl -o /dev/null, "
+        f"median of {args.runs} run(s), 1 GB/s = 1e9 B/s",
+        "registry columns: warm = docker-registry from its disk; cold = docker-registry proxy mode "
+        "(remoteurl = the origin)",
+        line(head),
+        "  ".join("-" * w for w in widths),
+        *[line(r) for r in rows],
+    ]
+    if args.runs > 1:
+        out.append("")
+        out.append("per-run GB/s: " + "; ".join(
+            f"{k} {' '.join(f'{v / 1e9:.2f}' for v in vals)}" for k, vals in (
+                ("warm registry", res.warm_reg), ("warm node", res.warm_node),
+                ("cold registry", res.cold_reg), ("cold node", res.cold_node)) if vals))
+    for note in res.notes:
+        out.append(f"note: {note}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=parse_size, default=GiB, help="blob size for warm/cold (default 1GiB)")
+    p.add_argument("--rss-sizes", type=lambda s: [parse_size(x) for x in s.split(",")], default=None,
+                   help="blob sizes for the RSS figure, comma-separated (default SIZE/4,SIZE)")
+    p.add_argument("--runs", type=int, default=3, help="measured runs per figure; the median is printed")
+    p.add_argument("--clients", type=int, default=4, help="concurrent clients for the RSS figure")
+    p.add_argument("--only", action="append", choices=["warm", "cold", "rss"], help="run only these parts")
+    p.add_argument("--no-registry-rss", action="store_true", help="skip the registry's RSS (context only)")
+    p.add_argument("--repo", default="library/bench", help="repository the blob is pushed to")
+    p.add_argument("--node-cmd", default=DEFAULT_NODE_CMD,
+                   help="command that runs a node; {python} {listen} {admin} {data} {upstream} are filled in")
+    p.add_argument("--workdir", type=Path, default=None, help="scratch directory parent (default $TMPDIR)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory and stores")
+    p.add_argument("--quiet", action="store_true", help="print only the table")
+    args = p.parse_args(argv)
+    if args.rss_sizes is None:
+        args.rss_sizes = sorted({max(args.size // 4, 1), args.size})
+    workdir = Path(tempfile.mkdtemp(prefix="p2pcache-bench-", dir=args.workdir))
+    bench = Bench(args, workdir)
+    try:
+        res = bench.run()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        bench.close()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"kept {workdir}", file=sys.stderr)
+    print(report(args, res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
