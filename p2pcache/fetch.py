@@ -1,0 +1,668 @@
+"""Single-flight blob downloads that many clients stream from while the bytes arrive.
+
+What this module is for: a client asks for a blob; if the store holds it whole the client gets a handle over the
+stored file, otherwise it joins the one `Download` for that digest (or starts it). A `Download` fills a
+`PartialBlob` on disk (from upstream, or from the swarm once issue 3 plugs in), computes the whole-blob SHA-256
+and the per-piece SHA-256s as bytes arrive, and wakes every attached client so it can send the bytes already on
+disk. Clients never wait for the whole blob (time to first byte stays low).
+
+What it must never do:
+- never let a client read the blob's last piece before the whole-blob SHA-256 equals the digest and the store
+  committed it: a client can never receive a complete wrong blob, and the store never holds one;
+- never run a download in a client's request task: downloads live in `Fetcher.run`'s nursery, so a client that
+  disconnects cancels nothing that others wait on, and stopping the node cancels every download;
+- never start two downloads of one digest in one node (single-flight, decided without an await in between);
+- never buffer a blob in memory: chunks go through bounded channels to disk (memory stays flat in blob size);
+- never hash on the event loop: hashing (~1.5 GB/s/core) is the CPU bottleneck, so both hashes run in worker
+  threads (hashlib releases the GIL on large buffers) while the loop keeps receiving and serving.
+
+Theory of operation
+-------------------
+A `Download` is one attempt to get one digest into the store. It learns the blob's size (from upstream's first
+response, or from the swarm's metainfo via `Download.start`), asks the store for room and for a `PartialBlob`
+(which may be resumed from an earlier run: its contiguous prefix is re-hashed from disk to rebuild the running
+whole-blob hash, and upstream is asked with `Range` from there). While streaming from upstream a producer task
+reads chunks and hands each to two consumers through bounded channels: a writer (pwrite + per-piece hash, in a
+worker thread; marks completed pieces and wakes clients) and the whole-blob hasher (in another worker thread), so
+both cores work. A body that ends early or a dropped connection resumes with `Range` from the last written byte
+(bounded retries). When every piece is held the whole hash is compared with the digest: equal -> `store.commit`,
+and the last piece becomes readable; different -> the partial is discarded, `digest_mismatches` counted, every
+attached client's `readable()` raises `FetchFailed` (the proxy aborts the response before its last byte), and the
+`Fetcher` starts one fresh download straight from upstream for later requests (a second mismatch just fails).
+
+Swarm seam (issue 3)
+--------------------
+When `Fetcher.swarm` is set, a download calls `await swarm.fill(download, repo)` instead of streaming upstream
+itself, then `download.finish()` (whole-hash check + commit) if `fill` did not call it. The swarm uses:
+- `await download.start(size, piece_size)`: size and piece size known (from metainfo); opens/resumes the partial
+  and releases the clients waiting for the size. Idempotent; a different size raises `FetchFailed`.
+- `await download.write_piece(index, data, sha256)`: a piece the swarm already verified against the metainfo:
+  pwrite, mark, advance the whole-blob hash over the contiguous prefix, wake clients. Clients then read the
+  contiguous verified prefix, still minus the last piece until `finish()` verified the whole blob.
+- `await download.fetch_from_upstream(upstream, repo)`: while holding the cluster's claim: stream from upstream
+  from the first byte not held contiguously to the end (pieces are hashed and marked as they stream in, and
+  `add_piece_listener` callbacks fire so the swarm can publish them at once). Starts the download if needed.
+- `await download.finish()`: whole-hash check and commit; raises `BlobDigestMismatch` (a `FetchFailed`) when the
+  bytes are wrong, after discarding the partial, so the swarm can blame its sources.
+- `download.add_piece_listener(cb)`: `cb(index, sha256)` after each piece is marked (publish "have").
+- read-only state: `digest`, `size`, `piece_size`, `n_pieces`, `partial`, `have(index)`, `piece_hashes()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import ExitStack, asynccontextmanager
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+import httpx
+import trio
+
+from p2pcache.oci.errors import OciError, UpstreamUnavailable
+from p2pcache.oci.reference import parse_digest
+from p2pcache.swarm.metainfo import piece_count, piece_size_for, piece_span
+
+if TYPE_CHECKING:
+    from p2pcache.config import Settings
+    from p2pcache.metrics import Metrics
+    from p2pcache.oci.reference import Repo
+    from p2pcache.oci.upstream import Upstream
+    from p2pcache.store.blobs import BlobStore
+    from p2pcache.store.partial import PartialBlob
+
+log = logging.getLogger(__name__)
+
+# Chunks queued between the upstream reader and each consumer: with ~1 MiB chunks this bounds a download's
+# memory to a few MiB while letting the reader run ahead of a hashing thread.
+CHANNEL_DEPTH = 8
+# Chunks handed to one worker-thread call: fewer thread round trips when a consumer falls behind.
+BATCH_CHUNKS = 8
+# Persist the partial's state (bitfield + piece hashes) at least this often, so a restart loses little.
+SAVE_EVERY_PIECES = 4
+# Resume attempts after an upstream body ended early without making any progress in between.
+MAX_IDLE_RESUMES = 3
+# Hard cap on resume attempts per download, progress or not, so a flapping upstream cannot loop forever.
+MAX_RESUMES = 20
+# Reads when re-hashing a resumed prefix from disk.
+REHASH_READ = 4 << 20
+
+# Errors of the connection to upstream after the response started: worth a resume with Range.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    UpstreamUnavailable, httpx.TransportError, OSError, trio.BrokenResourceError,
+)
+
+
+class FetchFailed(Exception):
+    """The download failed after the client got its size: its response must be aborted, not completed."""
+
+
+class BlobDigestMismatch(FetchFailed):
+    """The blob's bytes do not hash to its digest; nothing was stored."""
+
+
+class BlobSwarm(Protocol):
+    """What issue 3 provides: completes `download` from peers and/or (with the claim) upstream."""
+
+    async def fill(self, download: Download, repo: Repo) -> None: ...
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def _single(group: BaseExceptionGroup) -> BaseException:
+    """The one real error of a nursery's exception group (trio groups strictly), else the group itself."""
+    real = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+    if len(real) == 1:
+        inner = real[0]
+        return _single(inner) if isinstance(inner, BaseExceptionGroup) else inner
+    return group
+
+
+def _client_error(exc: BaseException | None) -> OciError:
+    """What a client waiting for a download's size sees when it failed before that."""
+    if isinstance(exc, OciError):
+        return exc
+    if isinstance(exc, UpstreamUnavailable | httpx.TransportError):
+        return OciError("UNAVAILABLE", "upstream registry unreachable")
+    return OciError("UNAVAILABLE", "blob download failed")
+
+
+class Download:
+    """One attempt to get one digest into the store; owned by `Fetcher`'s nursery, never by a client.
+
+    `attempt` is 1 for a normal download and 2 for the refetch after a digest mismatch; `upstream_only` makes the
+    download skip the swarm (the refetch does not trust the peers that just lied).
+    """
+
+    def __init__(self, fetcher: Fetcher, repo: Repo, digest: str, *, attempt: int = 1,
+                 upstream_only: bool = False) -> None:
+        self.fetcher = fetcher
+        self.repo = repo
+        self.digest = digest
+        self.attempt = attempt
+        self.upstream_only = upstream_only
+        self.size: int | None = None
+        self.piece_size: int | None = None
+        self.n_pieces = 0
+        self.partial: PartialBlob | None = None
+        self.committed = False
+        self.error: BaseException | None = None
+        self._sized = trio.Event()  # set when the size is known, or when the download failed before that
+        self._progress = trio.Event()  # replaced on every change: a broadcast to waiting clients
+        self._listeners: list[Callable[[int, bytes], None]] = []
+        self._fd = -1
+        # The contiguous prefix on disk: max of what the upstream stream wrote and the leading marked pieces.
+        self._stream_end = 0
+        self._pieces_end = 0
+        # Running whole-blob hash over bytes [0, _whole_pos); one feeder at a time (_whole_lock).
+        self._whole = hashlib.sha256()
+        self._whole_pos = 0
+        self._whole_lock = trio.Lock()
+        self._streaming = False
+        # Per-piece hash of the piece the stream is in, over bytes [start of piece, _piece_pos).
+        self._piece_hasher = hashlib.sha256()
+        self._piece_index = 0
+        self._piece_pos = 0
+        self._marked_since_save = 0
+        self._source = "upstream" if upstream_only else "swarm"
+        self._too_long = False  # upstream sent more bytes than the size it announced
+
+    def __repr__(self) -> str:
+        return f"<Download {self.digest[:19]} size={self.size} attempt={self.attempt}>"
+
+    # ---- what clients (through BlobHandle) use ----
+
+    async def wait_size(self) -> int:
+        """The blob's size once known; an OciError (for the client) if the download failed before that."""
+        await self._sized.wait()
+        if self.size is None:
+            raise _client_error(self.error)
+        return self.size
+
+    def readable_end(self) -> int:
+        """End of the bytes clients may read now: the contiguous prefix, minus the last piece until committed."""
+        assert self.size is not None
+        if self.committed:
+            return self.size
+        last_start, _ = piece_span(self.n_pieces - 1, self.size, self.piece_size or 1)
+        return min(self._stream_end if self._stream_end > self._pieces_end else self._pieces_end, last_start)
+
+    async def readable(self, offset: int) -> int:
+        """Wait until the readable end is > offset (or the blob is complete); FetchFailed if the download failed."""
+        while True:
+            if self.error is not None:
+                raise FetchFailed(f"download of {self.digest} failed") from self.error
+            if self.size is None:
+                raise FetchFailed("download has no size yet")
+            end = self.readable_end()
+            if end > offset or self.committed:
+                return end
+            await self._progress.wait()
+
+    def open_reader(self) -> BinaryIO:
+        """A file object of its own (own offset) over the bytes on disk, for one client's handle."""
+        if self.committed:
+            f = self.fetcher.store.open(self.digest)
+            if f is not None:
+                return f
+        if self.error is not None or self.partial is None:
+            raise _client_error(self.error)
+        fd = self.partial.file.fileno()
+        try:
+            # A new open file description of the same inode: survives the store's rename on commit, and has
+            # its own file offset, unlike a dup().
+            return open(f"/proc/self/fd/{fd}", "rb")
+        except OSError:
+            return os.fdopen(os.dup(fd), "rb")
+
+    # ---- what the swarm (issue 3) uses; see the module docstring ----
+
+    def add_piece_listener(self, cb: Callable[[int, bytes], None]) -> None:
+        """`cb(index, sha256)` is called on the event loop after each piece is marked."""
+        self._listeners.append(cb)
+
+    def have(self, index: int) -> bool:
+        return self.partial is not None and self.partial.have(index)
+
+    def piece_hashes(self) -> list[bytes | None]:
+        return self.partial.piece_hashes() if self.partial is not None else []
+
+    async def start(self, size: int, piece_size: int | None = None) -> None:
+        """Size known: make room, open or resume the partial, release clients waiting for the size."""
+        if self.size is not None:
+            if size != self.size:
+                raise FetchFailed(f"{self.digest}: size {size} disagrees with {self.size}")
+            return
+        if not isinstance(size, int) or size < 0:
+            raise FetchFailed(f"{self.digest}: invalid size {size!r}")
+        settings = self.fetcher.settings
+        piece_size = piece_size or settings.piece_size or piece_size_for(size)
+        store = self.fetcher.store
+        store.make_room(size)
+        partial = store.partial(self.digest, size, piece_size)
+        self.partial = partial
+        self.size = partial.size
+        self.piece_size = partial.piece_size
+        self.n_pieces = piece_count(self.size, self.piece_size)
+        self._fd = partial.file.fileno()
+        self._refresh_pieces_end()
+        self._stream_end = 0
+        self._sized.set()
+        self._wake()
+        if self._pieces_end:
+            log.info("resuming %s at %d of %d bytes", self.digest, self._pieces_end, self.size)
+            await self._advance_whole_hash()
+
+    async def write_piece(self, index: int, data: bytes, sha256: bytes) -> None:
+        """Store piece `index`, which the caller verified against `sha256`; wake clients."""
+        partial = self._require_started()
+        assert self.size is not None and self.piece_size is not None
+        if not 0 <= index < self.n_pieces:
+            raise ValueError(f"piece {index} out of range 0..{self.n_pieces - 1}")
+        start, length = piece_span(index, self.size, self.piece_size)
+        if len(data) != length:
+            raise ValueError(f"piece {index} has {len(data)} bytes, expected {length}")
+        if partial.have(index):
+            return
+        await trio.to_thread.run_sync(_pwrite_all, self._fd, memoryview(data), start)
+        self._mark(index, sha256)
+        self._wake()
+        if not self._streaming:
+            await self._advance_whole_hash(index, data)
+
+    async def fetch_from_upstream(self, upstream: Upstream, repo: Repo) -> None:
+        """Stream the rest of the blob from upstream; resume with Range on a short body (bounded)."""
+        idle = total = 0
+        while True:
+            offset = self._resume_offset()
+            if self.size is not None and offset >= self.size:
+                return
+            err: BaseException | None = None
+            try:
+                async with upstream.open_blob(repo, self.digest, offset) as resp:
+                    if self.size is None:
+                        await self.start(resp.size)
+                        if self._resume_offset() > offset:
+                            # A partial from an earlier run: ask again for just the missing part.
+                            continue
+                    elif resp.size != self.size:
+                        raise FetchFailed(f"upstream size of {self.digest} changed to {resp.size}")
+                    if resp.offset != offset:
+                        raise FetchFailed(f"upstream answered from offset {resp.offset}, asked {offset}")
+                    err = await self._stream(resp, offset)
+            except OciError as e:
+                if self.size is None:
+                    raise
+                raise FetchFailed(f"upstream refused the rest of {self.digest}: {e}") from e
+            except _TRANSIENT as e:
+                if self.size is None:
+                    raise
+                err = e
+            assert self.size is not None
+            pos = self._resume_offset()
+            if pos >= self.size:
+                return
+            total += 1
+            idle = 0 if pos > offset else idle + 1
+            if idle > MAX_IDLE_RESUMES or total > MAX_RESUMES:
+                raise FetchFailed(f"upstream body of {self.digest} ended at {pos} of {self.size} bytes "
+                                  f"after {total} attempts") from err
+            log.warning("upstream body of %s ended at %d of %d (%r); resuming", self.digest, pos, self.size, err)
+            if idle:
+                await trio.sleep(min(0.05 * 2**idle, 1.0))
+
+    async def finish(self) -> None:
+        """Check the whole-blob hash and commit; BlobDigestMismatch (partial discarded) when it is wrong."""
+        if self.committed:
+            return
+        partial = self._require_started()
+        assert self.size is not None
+        if self.size == 0 and not partial.have(0):
+            self._mark(0, hashlib.sha256(b"").digest())
+        if self._pieces_end < self.size and self._stream_end < self.size:
+            raise FetchFailed(f"{self.digest} is incomplete ({max(self._pieces_end, self._stream_end)} "
+                              f"of {self.size} bytes)")
+        await self._advance_whole_hash()
+        got = self._whole.hexdigest()
+        if self._too_long or self._whole_pos != self.size or "sha256:" + got != self.digest:
+            self.fetcher.metrics.digest_mismatches.labels(source=self._source).inc()
+            partial.discard()
+            self.partial = None
+            raise BlobDigestMismatch(f"bytes of {self.digest} hash to sha256:{got}; discarded")
+        from p2pcache.store.blobs import DigestMismatch
+
+        try:
+            self.fetcher.store.commit(partial, got)
+        except DigestMismatch as e:
+            self.fetcher.metrics.digest_mismatches.labels(source=self._source).inc()
+            self.partial = None
+            raise BlobDigestMismatch(str(e)) from e
+        self.committed = True
+        self._wake()
+
+    # ---- internals ----
+
+    async def _run(self) -> None:
+        swarm = self.fetcher.swarm
+        if swarm is not None and not self.upstream_only:
+            await swarm.fill(self, self.repo)
+        else:
+            self._source = "upstream"
+            await self.fetch_from_upstream(self.fetcher.upstream, self.repo)
+        await self.finish()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None and not self.committed:
+            self.error = exc
+        self._sized.set()
+        self._wake()
+
+    def _close(self) -> None:
+        """Save what we have for a later resume, and release the partial's file."""
+        partial, self.partial = self.partial, None
+        if partial is None or self.committed:
+            return
+        try:
+            partial.save()
+        except OSError as e:
+            log.warning("cannot save partial state of %s: %s", self.digest, e)
+        close = getattr(partial, "close", None)
+        if callable(close):
+            close()
+        else:
+            partial.file.close()
+
+    def _require_started(self) -> PartialBlob:
+        if self.partial is None:
+            raise FetchFailed(f"{self.digest}: download not started (or already discarded)")
+        return self.partial
+
+    def _wake(self) -> None:
+        ev, self._progress = self._progress, trio.Event()
+        ev.set()
+
+    def _resume_offset(self) -> int:
+        return max(self._stream_end, self._pieces_end)
+
+    def _refresh_pieces_end(self) -> None:
+        assert self.partial is not None and self.size is not None and self.piece_size is not None
+        self._pieces_end = min(self.partial.contiguous_pieces() * self.piece_size, self.size)
+
+    def _mark(self, index: int, sha256: bytes) -> None:
+        partial = self._require_started()
+        if partial.have(index):
+            return
+        partial.mark(index, sha256)
+        self._refresh_pieces_end()
+        self._marked_since_save += 1
+        if self._marked_since_save >= SAVE_EVERY_PIECES:
+            self._marked_since_save = 0
+            partial.save()
+        for cb in self._listeners:
+            cb(index, sha256)
+
+    async def _advance_whole_hash(self, index: int | None = None, data: bytes | None = None) -> None:
+        """Feed the whole-blob hash up to the contiguous prefix, from `data` (piece `index`) or from disk."""
+        async with self._whole_lock:
+            end = self._resume_offset()
+            if self._whole_pos >= end:
+                return
+            assert self.piece_size is not None
+            if index is not None and data is not None and index * self.piece_size == self._whole_pos:
+                await trio.to_thread.run_sync(self._whole.update, data)
+                self._whole_pos += len(data)
+            if self._whole_pos < end:
+                await trio.to_thread.run_sync(self._hash_from_disk, self._whole_pos, end)
+                self._whole_pos = end
+
+    def _hash_from_disk(self, start: int, end: int) -> None:
+        # Worker thread: only this function touches self._whole while _whole_lock is held by its caller.
+        buf = bytearray(REHASH_READ)
+        view = memoryview(buf)
+        pos = start
+        while pos < end:
+            n = os.preadv(self._fd, [view[: min(REHASH_READ, end - pos)]], pos)
+            if n <= 0:
+                raise FetchFailed(f"{self.digest}: partial file shorter than its marked pieces")
+            self._whole.update(view[:n])
+            pos += n
+
+    async def _stream(self, chunks: AsyncIterator[bytes], offset: int) -> BaseException | None:
+        """Write and hash chunks from `offset` on; returns the error that ended the body early, if any."""
+        assert self.size is not None and self.piece_size is not None
+        async with self._whole_lock:
+            if self._whole_pos < offset:
+                await trio.to_thread.run_sync(self._hash_from_disk, self._whole_pos, offset)
+                self._whole_pos = offset
+        if self._whole_pos != offset:
+            raise FetchFailed(f"{self.digest}: whole hash at {self._whole_pos}, stream at {offset}")
+        if self._piece_pos != offset:
+            # Starting at a piece boundary (a resumed or swarm-filled prefix): a fresh piece hash.
+            if offset % self.piece_size:
+                raise FetchFailed(f"{self.digest}: cannot resume mid-piece at {offset}")
+            self._piece_hasher = hashlib.sha256()
+            self._piece_index = offset // self.piece_size
+            self._piece_pos = offset
+        self._stream_end = offset
+        err: BaseException | None = None
+        too_long = False
+        pos = offset
+        self._streaming = True
+        try:
+            async with trio.open_nursery() as nursery:
+                to_writer, writer_rx = trio.open_memory_channel[tuple[int, bytes]](CHANNEL_DEPTH)
+                to_hasher, hasher_rx = trio.open_memory_channel[bytes](CHANNEL_DEPTH)
+                nursery.start_soon(self._writer, writer_rx)
+                nursery.start_soon(self._whole_hasher, hasher_rx)
+                async with to_writer, to_hasher:
+                    try:
+                        async for chunk in chunks:
+                            if not chunk:
+                                continue
+                            if pos + len(chunk) > self.size:
+                                too_long = True
+                                chunk = chunk[: self.size - pos]
+                            if chunk:
+                                await to_writer.send((pos, chunk))
+                                await to_hasher.send(chunk)
+                                pos += len(chunk)
+                                if self.fetcher.count_upstream_bytes:
+                                    self.fetcher.metrics.upstream_bytes.inc(len(chunk))
+                            if too_long:
+                                break
+                    except _TRANSIENT as e:
+                        err = e  # consumers still drain what arrived; the caller resumes from there
+        except BaseExceptionGroup as group:
+            inner = _single(group)
+            if inner is group:
+                raise
+            raise inner from None
+        finally:
+            self._streaming = False
+        if too_long:
+            # More bytes than the size upstream announced: these bytes cannot be the blob.
+            self._too_long = True
+        return err
+
+    async def _writer(self, rx: trio.MemoryReceiveChannel[tuple[int, bytes]]) -> None:
+        async with rx:
+            async for first in rx:
+                batch = [first]
+                while len(batch) < BATCH_CHUNKS:
+                    try:
+                        batch.append(rx.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                done = await trio.to_thread.run_sync(self._write_batch, batch)
+                last_pos, last = batch[-1]
+                self._stream_end = last_pos + len(last)
+                for index, digest in done:
+                    self._mark(index, digest)
+                self._wake()
+
+    def _write_batch(self, batch: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        # Worker thread: pwrite and per-piece hashing; the piece-hash state is only touched here while streaming.
+        assert self.size is not None and self.piece_size is not None
+        done: list[tuple[int, bytes]] = []
+        for pos, chunk in batch:
+            view = memoryview(chunk)
+            _pwrite_all(self._fd, view, pos)
+            while view:
+                start, length = piece_span(self._piece_index, self.size, self.piece_size)
+                take = view[: start + length - self._piece_pos]
+                self._piece_hasher.update(take)
+                self._piece_pos += len(take)
+                view = view[len(take):]
+                if self._piece_pos == start + length:
+                    done.append((self._piece_index, self._piece_hasher.digest()))
+                    self._piece_hasher = hashlib.sha256()
+                    self._piece_index += 1
+        return done
+
+    async def _whole_hasher(self, rx: trio.MemoryReceiveChannel[bytes]) -> None:
+        async with rx:
+            async for first in rx:
+                batch = [first]
+                while len(batch) < BATCH_CHUNKS:
+                    try:
+                        batch.append(rx.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await trio.to_thread.run_sync(self._hash_batch, batch)
+                self._whole_pos += sum(len(c) for c in batch)
+
+    def _hash_batch(self, batch: Iterable[bytes]) -> None:
+        for chunk in batch:
+            self._whole.update(chunk)
+
+
+class BlobHandle:
+    """One client's view of a blob: its size, a file to sendfile from, and how far it may read."""
+
+    def __init__(self, size: int, file: BinaryIO, download: Download | None = None) -> None:
+        self.size = size
+        self.file = file
+        self._download = download
+
+    async def readable(self, offset: int) -> int:
+        """Wait until bytes [0, end) with end > offset (or end == size) are final; return end.
+
+        The last piece only becomes readable after the whole-blob SHA-256 matched; raises FetchFailed when the
+        download failed (the response must then be aborted).
+        """
+        if self._download is None:
+            return self.size
+        return await self._download.readable(offset)
+
+
+class Fetcher:
+    """Hands out BlobHandles: from the store, or attached to the one Download of a digest."""
+
+    def __init__(self, settings: Settings, store: BlobStore, upstream: Upstream, metrics: Metrics) -> None:
+        self.settings = settings
+        self.store = store
+        self.upstream = upstream
+        self.metrics = metrics
+        self.swarm: BlobSwarm | None = None
+        self._downloads: dict[str, Download] = {}
+        self._nursery: trio.Nursery | None = None
+        # Upstream counts the bytes it receives itself when it says so; else we count them here.
+        self.count_upstream_bytes = not getattr(upstream, "counts_bytes", False)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the nursery every download runs in; cancelling this cancels them all."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def downloads(self) -> dict[str, Download]:
+        """The downloads in flight, by digest (for status pages and tests)."""
+        return dict(self._downloads)
+
+    @asynccontextmanager
+    async def open_blob(self, repo: Repo, digest: str) -> AsyncIterator[BlobHandle]:
+        """A handle over the blob; OciError (BLOB_UNKNOWN, UNAUTHORIZED, UNAVAILABLE...) before any byte."""
+        parse_digest(digest)
+        with ExitStack() as stack:
+            stack.enter_context(self.store.pin(digest))
+            f = self.store.open(digest)
+            if f is not None:
+                stack.callback(f.close)
+                self.metrics.cache_hits.labels(kind="blob").inc()
+                size = os.fstat(f.fileno()).st_size
+                yield BlobHandle(size, f)
+                return
+            self.metrics.cache_misses.labels(kind="blob").inc()
+            download = self._join(repo, digest)
+            size = await download.wait_size()
+            reader = download.open_reader()
+            stack.callback(reader.close)
+            yield BlobHandle(size, reader, download)
+
+    async def stat_blob(self, repo: Repo, digest: str) -> int:
+        """Size for HEAD: the store's, else an in-flight download's, else upstream's (a HEAD request)."""
+        parse_digest(digest)
+        size = self.store.stat(digest)
+        if size is not None:
+            return size
+        download = self._downloads.get(digest)
+        if download is not None and download.error is None:
+            return await download.wait_size()
+        try:
+            return await self.upstream.head_blob(repo, digest)
+        except UpstreamUnavailable as e:
+            raise _client_error(e) from e
+
+    def _join(self, repo: Repo, digest: str) -> Download:
+        # No await between the lookup and the insert: this is what makes downloads single-flight.
+        download = self._downloads.get(digest)
+        if download is not None:
+            return download
+        if self._nursery is None:
+            raise OciError("UNAVAILABLE", "node is not running")
+        download = Download(self, repo, digest)
+        self._downloads[digest] = download
+        self._nursery.start_soon(self._run_download, download)
+        return download
+
+    async def _run_download(self, download: Download) -> None:
+        self.metrics.downloads_in_flight.inc()
+        try:
+            with self.store.pin(download.digest):
+                await download._run()
+        except BlobDigestMismatch as e:
+            log.error("%s: %s", download.digest, e)
+            download._fail(e)
+            self._refetch_after_mismatch(download)
+        except (OciError, UpstreamUnavailable, FetchFailed) as e:
+            log.warning("download of %s failed: %s", download.digest, e)
+            download._fail(e)
+        except Exception as e:
+            # Bad data from upstream or a bug must fail this download, never the node.
+            log.exception("download of %s crashed", download.digest)
+            download._fail(e)
+        finally:
+            download._fail(FetchFailed("download cancelled"))  # no-op unless it stopped unfinished
+            download._close()
+            if self._downloads.get(download.digest) is download:
+                del self._downloads[download.digest]
+            self.metrics.downloads_in_flight.dec()
+
+    def _refetch_after_mismatch(self, failed: Download) -> None:
+        # Clients attached to the failed download get FetchFailed; later ones attach to one fresh download
+        # straight from upstream. A second mismatch ends there: never loop on a registry that keeps lying.
+        if failed.attempt > 1 or self._nursery is None or self._downloads.get(failed.digest) is not failed:
+            return
+        retry = Download(self, failed.repo, failed.digest, attempt=failed.attempt + 1, upstream_only=True)
+        self._downloads[failed.digest] = retry
+        self._nursery.start_soon(self._run_download, retry)
