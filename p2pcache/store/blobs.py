@@ -91,8 +91,8 @@ class BlobStore:
         self._last_mtime_touch: dict[str, float] = {}
         self._partials: dict[str, PartialBlob] = {}  # live (not committed, not discarded) downloads
         self._clean_tmp()
-        self._clean_partials()
         self._scan_blobs()
+        self._clean_partials()
         self._publish()
 
     # --- startup ----------------------------------------------------------------------------------------------
@@ -103,7 +103,9 @@ class BlobStore:
             _remove(p)
 
     def _clean_partials(self) -> None:
-        """Drop temp state files and half pairs: a `.state` without `.data` (or vice versa) cannot be resumed."""
+        """Drop temp state files and half pairs: a `.state` without `.data` (or vice versa) cannot be resumed.
+
+        Runs after _scan_blobs so that partials of blobs already complete can be dropped too."""
         kinds: dict[str, set[str]] = {}
         for p in self.partial_dir.iterdir():
             m = _PARTIAL_RE.fullmatch(p.name)
@@ -112,7 +114,8 @@ class BlobStore:
                 continue
             kinds.setdefault(m.group(1), set()).add(m.group(2))
         for hex_, have in kinds.items():
-            if have != {"data", "state"}:
+            # A download that finished before the crash (already in blobs/) has nothing left to resume.
+            if have != {"data", "state"} or hex_ in self._index:
                 for kind in have:
                     _remove(self.partial_dir / f"{hex_}.{kind}")
 

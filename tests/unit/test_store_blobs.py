@@ -1,0 +1,299 @@
+"""The blob store keeps only verified blobs, refuses bad digests, and evicts by LRU without touching pins."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2pcache.metrics import Metrics
+from p2pcache.oci.errors import OciError
+from p2pcache.store.blobs import BlobStore, DigestMismatch
+from p2pcache.store.partial import PartialBlob
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def blob(n: int, seed: int = 0) -> bytes:
+    return bytes((i * 7 + seed) % 251 for i in range(n))
+
+
+def files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def fill(p: PartialBlob, data: bytes) -> None:
+    for i in range(p.n_pieces):
+        start = i * p.piece_size
+        chunk = data[start:start + p.piece_size]
+        p.write(start, chunk)
+        p.mark(i, hashlib.sha256(chunk).digest())
+
+
+def test_commit_with_callers_hash_puts_blob_in_place(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    data = blob(1000)
+    d = digest_of(data)
+    p = store.partial(d, len(data), 256)
+    fill(p, data)
+    store.commit(p, hashlib.sha256(data).hexdigest())
+    hex_ = d.split(":")[1]
+    assert (tmp_path / "blobs" / "sha256" / hex_[:2] / hex_).read_bytes() == data
+    assert store.stat(d) == 1000
+    assert store.read_bytes(d) == data
+    f = store.open(d)
+    assert f is not None
+    with f:
+        assert f.read() == data
+    assert list((tmp_path / "partial").iterdir()) == []
+    # The download's descriptor survives the rename: clients still sendfile-ing from it are unaffected.
+    assert os.pread(p.file.fileno(), 10, 0) == data[:10]
+    assert p.read(990, 100) == data[990:]
+    p.close()
+
+
+def test_commit_rehashes_when_no_hash_given(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    data = blob(3000, 1)
+    p = store.partial(digest_of(data), len(data), 1024)
+    fill(p, data)
+    store.commit(p)
+    assert store.read_bytes(digest_of(data)) == data
+
+
+@pytest.mark.parametrize("given_hash", [True, False])
+def test_commit_bad_digest_stores_nothing(tmp_path: Path, given_hash: bool) -> None:
+    store = BlobStore(tmp_path)
+    data = blob(1000)
+    d = digest_of(data)
+    p = store.partial(d, len(data), 256)
+    wrong = bytearray(data)
+    wrong[500] ^= 1  # one flipped bit in the middle
+    fill(p, bytes(wrong))
+    with pytest.raises(DigestMismatch) as exc:
+        store.commit(p, hashlib.sha256(wrong).hexdigest() if given_hash else None)
+    assert exc.value.actual == digest_of(bytes(wrong))
+    assert files_under(tmp_path / "blobs") == []
+    assert files_under(tmp_path / "partial") == []
+    assert store.stat(d) is None
+    assert store.used_bytes() == 0
+    assert p.discarded
+    with pytest.raises(ValueError):
+        p.write(0, b"x")
+    # A new download for the same digest starts from nothing.
+    again = store.partial(d, len(data), 256)
+    assert again is not p and again.contiguous_pieces() == 0
+
+
+def test_put_bytes_verifies(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    data = b'{"schemaVersion": 2}'
+    with pytest.raises(DigestMismatch):
+        store.put_bytes(digest_of(b"other"), data)
+    assert files_under(tmp_path / "blobs") == []
+    store.put_bytes(digest_of(data), data)
+    store.put_bytes(digest_of(data), data)  # idempotent, counted once
+    assert store.read_bytes(digest_of(data)) == data
+    assert store.used_bytes() == len(data)
+    assert files_under(tmp_path / "tmp") == []
+
+
+BAD_DIGESTS = [
+    "sha256:../../../etc/passwd",
+    "sha256:" + "A" * 64,  # upper case
+    "sha256:" + "a" * 63,
+    "sha256:" + "a" * 65,
+    "sha256:" + "a" * 64 + "\n",
+    "sha512:" + "a" * 128,
+    "sha256:" + "a" * 62 + "/.",
+    "../" + "a" * 64,
+    "",
+    "sha256:",
+]
+
+
+@pytest.mark.parametrize("bad", BAD_DIGESTS)
+def test_invalid_digests_rejected_before_any_path(tmp_path: Path, bad: str) -> None:
+    root = tmp_path / "store"
+    store = BlobStore(root)
+    before = sorted(tmp_path.rglob("*"))
+    calls = [
+        lambda: store.stat(bad),
+        lambda: store.open(bad),
+        lambda: store.read_bytes(bad),
+        lambda: store.put_bytes(bad, b""),
+        lambda: store.delete(bad),
+        lambda: store.partial(bad, 10, 4),
+        lambda: store.pin(bad).__enter__(),
+    ]
+    for call in calls:
+        with pytest.raises(OciError) as exc:
+            call()
+        assert exc.value.code == "DIGEST_INVALID"
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_non_string_digest_is_a_clear_error(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    with pytest.raises(OciError):
+        store.stat(None)  # type: ignore[arg-type]
+
+
+def put(store: BlobStore, data: bytes) -> str:
+    d = digest_of(data)
+    store.put_bytes(d, data)
+    return d
+
+
+def test_lru_eviction_order(tmp_path: Path) -> None:
+    metrics = Metrics()
+    store = BlobStore(tmp_path, max_bytes=300, metrics=metrics)
+    a, b, c = (put(store, blob(100, s)) for s in (1, 2, 3))
+    assert store.used_bytes() == 300
+    assert store.open(a) is not None  # a is now the most recently used; b is the oldest
+    store.stat(c)
+    d = put(store, blob(100, 4))
+    assert store.stat(b, touch=False) is None
+    assert [x is not None for x in map(store.stat, (a, c, d))] == [True, True, True]
+    assert store.used_bytes() == 300
+    assert metrics.evictions._value.get() == 1
+    assert metrics.store_bytes._value.get() == 300
+    assert not store.over_quota()
+    # Asking for room for 150 more bytes evicts the two least recently used (a was opened before c was stat'd).
+    store.make_room(150)
+    assert store.stat(a, touch=False) is None and store.stat(c, touch=False) is None
+    assert store.stat(d) == 100
+
+
+def test_pinned_blobs_are_never_evicted(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, max_bytes=200)
+    a = put(store, blob(100, 1))
+    b = put(store, blob(100, 2))
+    with store.pin(a), store.pin(b):
+        store.make_room(100)  # nothing evictable: proceeds anyway, over quota afterwards
+        assert store.stat(a) == 100 and store.stat(b) == 100
+        c = put(store, blob(100, 3))
+        assert store.used_bytes() == 300
+        assert store.over_quota()
+    # Pins gone: the next quota check evicts the oldest.
+    store.make_room(0)
+    assert store.used_bytes() == 200
+    assert store.stat(a, touch=False) is None
+    assert store.stat(c) == 100
+
+
+def test_pin_is_refcounted_and_blocks_delete(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    a = put(store, blob(10))
+    with store.pin(a):
+        with store.pin(a):
+            assert not store.delete(a)
+        assert store.pinned(a)
+        assert not store.delete(a)
+    assert not store.pinned(a)
+    assert store.delete(a)
+    assert store.stat(a) is None
+    assert not store.delete(a)
+    assert files_under(tmp_path / "blobs") == []
+
+
+def test_quota_counts_only_complete_blobs(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, max_bytes=250)
+    a = put(store, blob(100, 1))
+    big = blob(5000, 9)
+    p = store.partial(digest_of(big), len(big), 1024)
+    fill(p, big)
+    assert store.used_bytes() == 100  # the 5000-byte download in progress is not counted
+    store.make_room(100)
+    assert store.stat(a) == 100  # 100 + 100 fits: nothing evicted for the partial's sake
+    assert store.partial(digest_of(big), len(big), 1024) is p  # partials are never evicted
+    store.commit(p)
+    # Committing over quota evicts the older blobs, never the one just committed.
+    assert store.stat(a, touch=False) is None
+    assert store.used_bytes() == 5000
+    assert store.over_quota()
+
+
+def test_restart_recounts_and_keeps_lru_order_from_mtime(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, max_bytes=1000)
+    a, b, c = (put(store, blob(100, s)) for s in (1, 2, 3))
+    for i, d in enumerate((b, c, a)):  # on disk, b is the oldest, then c, then a
+        os.utime(store.path(d), (1000 + i, 1000 + i))
+    store2 = BlobStore(tmp_path, max_bytes=250)
+    assert store2.used_bytes() == 300
+    assert store2.digests() == [b, c, a]
+    store2.make_room(0)
+    assert store2.stat(b) is None and store2.stat(c) == 100 and store2.stat(a) == 100
+
+
+def test_open_bumps_mtime_so_lru_survives_restart(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    a, b = put(store, blob(100, 1)), put(store, blob(100, 2))
+    os.utime(store.path(a), (1000, 1000))
+    os.utime(store.path(b), (2000, 2000))
+    store2 = BlobStore(tmp_path)
+    f = store2.open(a)
+    assert f is not None
+    f.close()
+    assert BlobStore(tmp_path).digests() == [b, a]
+
+
+def test_crash_leftovers_are_cleaned(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    good = put(store, blob(100))
+    hex_ = good.split(":")[1]
+    (tmp_path / "tmp" / "half-written").write_bytes(b"x" * 10)
+    part = tmp_path / "partial"
+    orphan_state, orphan_data = "1" * 64, "2" * 64
+    (part / f"{orphan_state}.state").write_bytes(b"\x80")
+    (part / f"{orphan_data}.data").write_bytes(b"\0" * 10)
+    (part / f"{'3' * 64}.state.tmp").write_bytes(b"junk")
+    (part / f"{hex_}.data").write_bytes(b"x")  # a partial of a blob that is already complete
+    (part / f"{hex_}.state").write_bytes(b"x")
+    junk = tmp_path / "blobs" / "sha256" / hex_[:2] / (hex_ + ".tmp")
+    junk.write_bytes(b"half")
+    misplaced = tmp_path / "blobs" / "sha256" / "ff" / ("00" + "a" * 62)
+    misplaced.parent.mkdir()
+    misplaced.write_bytes(b"wrong prefix")
+    store2 = BlobStore(tmp_path)
+    assert files_under(tmp_path / "tmp") == []
+    assert files_under(part) == []
+    assert not junk.exists() and not misplaced.exists()
+    assert store2.digests() == [good]
+    assert store2.used_bytes() == 100
+
+
+def test_delete_on_disk_behind_our_back_is_forgotten(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    a = put(store, blob(100))
+    store.path(a).unlink()
+    assert store.open(a) is None
+    assert store.stat(a) is None
+    assert store.used_bytes() == 0
+
+
+async def test_commit_in_worker_thread_while_loop_uses_store(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, max_bytes=10_000_000)
+    data = os.urandom(2 << 20)
+    p = store.partial(digest_of(data), len(data), 1 << 20)
+    fill(p, data)
+    others = [put(store, blob(50, s)) for s in range(20)]
+    done = False
+
+    async def poke() -> None:
+        while not done:
+            for d in others:
+                assert store.stat(d) == 50
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(poke)
+        await trio.to_thread.run_sync(store.commit, p)
+        done = True
+    assert store.stat(digest_of(data)) == len(data)
+    assert store.used_bytes() == len(data) + 20 * 50
