@@ -1,0 +1,174 @@
+"""The read-only OCI distribution API (`/v2/…`) of the registry port, plus `/metrics` and `/healthz`.
+
+Routes every request to the Fetcher (blobs) or the ManifestResolver (manifests) after validating the name, tag
+and digest with `oci.reference`, so nothing unchecked ever reaches a path or an upstream URL. Every error is an
+OCI JSON body. Answers:
+- `GET /v2/` → 200 `{}` with `Docker-Distribution-API-Version: registry/2.0`;
+- `GET|HEAD /v2/<name>/manifests/<tag|digest>` → the manifest bytes verbatim, their media type and digest;
+- `GET|HEAD /v2/<name>/blobs/<digest>` → the blob (Range → 206, unsatisfiable → 416), streamed by the server's
+  sendfile path while the Fetcher's download is still running;
+- every push method (POST, PUT, PATCH, DELETE) → 405 UNSUPPORTED; `/v2/_catalog` and `/v2/<name>/tags/list`
+  → 405 UNSUPPORTED too (a pull-through cache only knows what has been pulled through it, so a list would lie);
+- anything else → 404 with an OCI body.
+The namespace is `?ns=` (containerd), else a host-like first name segment, else `settings.default_ns`.
+
+This module must never write: no route here changes the store except by fetching what a client asked for. Admin
+operations live in `proxy/admin.py` on another listener.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from p2pcache.config import Settings
+from p2pcache.metrics import Metrics
+from p2pcache.oci.errors import OciError, UpstreamUnavailable
+from p2pcache.oci.reference import Repo, check_tag, is_digest, parse_digest, resolve_repo
+from p2pcache.proxy.ranges import RangeNotSatisfiable, content_range, parse_range
+from p2pcache.proxy.server import BlobBody, Request, Response, oci_error_response
+
+if TYPE_CHECKING:
+    from p2pcache.fetch import Fetcher
+    from p2pcache.tags import ManifestResolver
+
+log = logging.getLogger(__name__)
+
+API_VERSION_HEADER = ("docker-distribution-api-version", "registry/2.0")
+READ_METHODS = ("GET", "HEAD")
+
+
+def accept_types(req: Request) -> list[str]:
+    """The media types of every Accept header (clients send one line or several), in order, de-duplicated."""
+    out: list[str] = []
+    for value in req.header_values("accept"):
+        for item in value.split(","):
+            media = item.split(";", 1)[0].strip()
+            if media and media not in out:
+                out.append(media)
+    return out
+
+
+def split_v2_path(rest: str) -> tuple[str, str, str] | None:
+    """'library/x/manifests/1' -> ('manifests', 'library/x', '1'); None if it is neither route.
+
+    Names may contain slashes (and even a 'blobs' or 'manifests' component), references never do, so the
+    route is the last '/manifests/' or '/blobs/' in the path.
+    """
+    best: tuple[int, str] | None = None
+    for kind in ("manifests", "blobs"):
+        i = rest.rfind(f"/{kind}/")
+        if i > 0 and (best is None or i > best[0]):
+            best = (i, kind)
+    if best is None:
+        return None
+    i, kind = best
+    ref = rest[i + len(kind) + 2:]
+    if not ref or "/" in ref:
+        return None
+    return kind, rest[:i], ref
+
+
+class Registry:
+    """The request handler of the registry port."""
+
+    def __init__(self, settings: Settings, fetcher: Fetcher, resolver: ManifestResolver, metrics: Metrics) -> None:
+        self.settings = settings
+        self.fetcher = fetcher
+        self.resolver = resolver
+        self.metrics = metrics
+
+    async def __call__(self, req: Request) -> Response:
+        started = time.monotonic()
+        route = "unknown"
+        try:
+            route, resp = await self._route(req)
+        except OciError as e:
+            resp = oci_error_response(e)
+        except UpstreamUnavailable as e:
+            log.warning("upstream unavailable for %s: %s", req.path, e)
+            resp = oci_error_response(OciError("UNAVAILABLE", "upstream registry unreachable"))
+        resp.headers.append(API_VERSION_HEADER)
+        counts_bytes = route in ("blobs", "manifests") and resp.status < 300
+
+        def on_sent(nbytes: int, complete: bool) -> None:
+            # Counted when the body is done, so a 1 GiB blob's time is its transfer, not its first byte.
+            self.metrics.requests.labels(route=route, method=req.method, status=str(resp.status)).inc()
+            self.metrics.request_seconds.labels(route=route).observe(time.monotonic() - started)
+            if counts_bytes:
+                self.metrics.served_bytes.inc(nbytes)
+
+        resp.on_sent = on_sent
+        return resp
+
+    async def _route(self, req: Request) -> tuple[str, Response]:
+        path = req.path
+        if path == "/healthz":
+            return "healthz", self._read_only(req) or Response(200, [("content-type", "text/plain")], b"ok\n")
+        if path == "/metrics":
+            return "metrics", self._read_only(req) or Response(
+                200, [("content-type", CONTENT_TYPE_LATEST)], generate_latest(self.metrics.registry))
+        if path in ("/v2", "/v2/"):
+            return "base", self._read_only(req) or Response(200, [("content-type", "application/json")], b"{}")
+        if not path.startswith("/v2/"):
+            raise OciError("NAME_UNKNOWN", "not found", status=404)
+        if req.method not in READ_METHODS:
+            # Before any parsing: a push attempt gets the one answer that tells docker this is a mirror.
+            raise OciError("UNSUPPORTED", "this registry is a read-only pull-through cache")
+        rest = path[len("/v2/"):]
+        if rest == "_catalog" or rest.endswith("/tags/list"):
+            return "list", oci_error_response(OciError("UNSUPPORTED", "listing is not supported by this cache"))
+        parts = split_v2_path(rest)
+        if parts is None:
+            raise OciError("NAME_UNKNOWN", "not found", status=404)
+        kind, name, ref = parts
+        repo = resolve_repo(name, req.query.get("ns"), self.settings.default_ns)
+        if kind == "manifests":
+            if is_digest(ref):
+                parse_digest(ref)
+            else:
+                check_tag(ref)
+            return "manifests", await self._manifest(req, repo, ref)
+        return "blobs", await self._blob(req, repo, parse_digest(ref))
+
+    def _read_only(self, req: Request) -> Response | None:
+        if req.method in READ_METHODS:
+            return None
+        return oci_error_response(OciError("UNSUPPORTED", f"{req.method} is not supported here"))
+
+    async def _manifest(self, req: Request, repo: Repo, ref: str) -> Response:
+        info, body = await self.resolver.resolve(repo, ref, accept_types(req))
+        return Response(200, [
+            ("content-type", info.media_type),
+            ("docker-content-digest", info.digest),
+            ("content-length", str(len(body))),
+            ("etag", f'"{info.digest}"'),
+        ], body)
+
+    async def _blob(self, req: Request, repo: Repo, digest: str) -> Response:
+        headers = [
+            ("content-type", "application/octet-stream"),
+            ("docker-content-digest", digest),
+            ("accept-ranges", "bytes"),
+            ("etag", f'"{digest}"'),
+        ]
+        if req.method == "HEAD":
+            size = await self.fetcher.stat_blob(repo, digest)
+            return Response(200, headers + [("content-length", str(size))])
+        # The handle stays open (and the blob pinned) until the server has sent the body or given up on it.
+        handle = await req.resources.enter_async_context(self.fetcher.open_blob(repo, digest))
+        size = handle.size
+        try:
+            rng = parse_range(req.header("range"), size)
+        except RangeNotSatisfiable as e:
+            err = OciError("RANGE_INVALID", "requested range not satisfiable",
+                           headers={"Content-Range": e.content_range()})
+            return oci_error_response(err)
+        if rng is None:
+            return Response(200, headers + [("content-length", str(size))], stream=BlobBody(handle, 0, size))
+        start, end = rng
+        headers += [("content-length", str(end - start)), ("content-range", content_range(start, end, size))]
+        return Response(206, headers, stream=BlobBody(handle, start, end))

@@ -1,0 +1,242 @@
+"""The /v2/ API as docker, containerd and skopeo see it, over a real socket, with fake Fetcher and resolver.
+
+The fakes follow the ARCHITECTURE.md contracts (Fetcher.open_blob/stat_blob, ManifestResolver.resolve).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from p2pcache.config import Settings
+from p2pcache.metrics import Metrics
+from p2pcache.oci.errors import OciError, UpstreamUnavailable
+from p2pcache.proxy.registry import Registry, accept_types, split_v2_path
+from p2pcache.proxy.server import Request, serve_http
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+LAYER = os.urandom(200_000)
+LAYER_D = digest_of(LAYER)
+MANIFEST = json.dumps({"schemaVersion": 2, "layers": [{"digest": LAYER_D}]}).encode()
+MANIFEST_D = digest_of(MANIFEST)
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+@dataclass
+class Info:
+    digest: str
+    media_type: str
+    size: int
+
+
+class Handle:
+    def __init__(self, data: bytes) -> None:
+        self.size = len(data)
+        self.file = tempfile.TemporaryFile()
+        self.file.write(data)
+        self.file.flush()
+
+    async def readable(self, offset: int) -> int:
+        return self.size
+
+
+class FakeFetcher:
+    def __init__(self) -> None:
+        self.blobs = {LAYER_D: LAYER}
+        self.asked: list[tuple] = []
+        self.open_count = 0
+
+    @contextlib.asynccontextmanager
+    async def open_blob(self, repo, digest):
+        self.asked.append((repo, digest))
+        if digest not in self.blobs:
+            raise OciError("BLOB_UNKNOWN", "blob unknown")
+        self.open_count += 1
+        try:
+            yield Handle(self.blobs[digest])
+        finally:
+            self.open_count -= 1
+
+    async def stat_blob(self, repo, digest):
+        self.asked.append((repo, digest))
+        if digest not in self.blobs:
+            raise OciError("BLOB_UNKNOWN", "blob unknown")
+        return len(self.blobs[digest])
+
+
+class FakeResolver:
+    def __init__(self) -> None:
+        self.asked: list[tuple] = []
+        self.down = False
+
+    async def resolve(self, repo, ref, accept):
+        self.asked.append((repo, ref, list(accept)))
+        if self.down:
+            raise UpstreamUnavailable("connection refused")
+        if ref in ("1", MANIFEST_D):
+            return Info(MANIFEST_D, OCI_MANIFEST, len(MANIFEST)), MANIFEST
+        raise OciError("MANIFEST_UNKNOWN", "manifest unknown")
+
+
+@pytest.fixture
+async def node(nursery):
+    fetcher, resolver, metrics = FakeFetcher(), FakeResolver(), Metrics()
+    settings = Settings(default_ns="docker.io")
+    reg = Registry(settings, fetcher, resolver, metrics)  # type: ignore[arg-type]
+    _, port = await nursery.start(serve_http, "127.0.0.1:0", reg, settings)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        yield client, fetcher, resolver, metrics
+
+
+def error_code(r: httpx.Response) -> str:
+    assert r.headers["content-type"] == "application/json"
+    return r.json()["errors"][0]["code"]
+
+
+async def test_base(node):
+    client, *_ = node
+    r = await client.get("/v2/")
+    assert r.status_code == 200 and r.json() == {}
+    assert r.headers["docker-distribution-api-version"] == "registry/2.0"
+
+
+async def test_manifest_by_tag_verbatim(node):
+    client, _, resolver, _ = node
+    accept = [OCI_MANIFEST, "application/vnd.docker.distribution.manifest.v2+json;q=0.5"]
+    r = await client.get("/v2/alpine/manifests/1", headers=[("accept", accept[0]), ("accept", accept[1])])
+    assert r.status_code == 200 and r.content == MANIFEST
+    assert r.headers["content-type"] == OCI_MANIFEST
+    assert r.headers["docker-content-digest"] == MANIFEST_D
+    assert r.headers["content-length"] == str(len(MANIFEST))
+    repo, ref, acc = resolver.asked[-1]
+    assert (repo.ns, repo.name, ref) == ("docker.io", "library/alpine", "1")
+    assert acc == [OCI_MANIFEST, "application/vnd.docker.distribution.manifest.v2+json"]
+
+
+async def test_manifest_head_and_namespaces(node):
+    client, _, resolver, _ = node
+    r = await client.head(f"/v2/org/app/manifests/{MANIFEST_D}?ns=ghcr.io")
+    assert r.status_code == 200 and r.content == b"" and r.headers["content-length"] == str(len(MANIFEST))
+    assert (resolver.asked[-1][0].ns, resolver.asked[-1][0].name) == ("ghcr.io", "org/app")
+    r = await client.get("/v2/ghcr.io/org/app/manifests/1")
+    assert (resolver.asked[-1][0].ns, resolver.asked[-1][0].name) == ("ghcr.io", "org/app")
+
+
+async def test_manifest_errors(node):
+    client, _, resolver, _ = node
+    r = await client.get("/v2/alpine/manifests/nope")
+    assert r.status_code == 404 and error_code(r) == "MANIFEST_UNKNOWN"
+    r = await client.get("/v2/alpine/manifests/-bad")
+    assert r.status_code == 400 and error_code(r) == "NAME_INVALID"
+    r = await client.get("/v2/alpine/manifests/sha256:abc")
+    assert r.status_code == 400 and error_code(r) == "DIGEST_INVALID"
+    resolver.down = True
+    r = await client.get("/v2/alpine/manifests/1")
+    assert r.status_code == 503 and error_code(r) == "UNAVAILABLE"
+
+
+async def test_blob_get_head_range(node):
+    client, fetcher, _, metrics = node
+    r = await client.get(f"/v2/library/alpine/blobs/{LAYER_D}")
+    assert r.status_code == 200 and r.content == LAYER
+    assert r.headers["docker-content-digest"] == LAYER_D and r.headers["accept-ranges"] == "bytes"
+    assert r.headers["content-type"] == "application/octet-stream"
+    r = await client.head(f"/v2/library/alpine/blobs/{LAYER_D}")
+    assert r.status_code == 200 and r.content == b"" and r.headers["content-length"] == str(len(LAYER))
+    r = await client.get(f"/v2/library/alpine/blobs/{LAYER_D}", headers={"range": "bytes=100-199"})
+    assert r.status_code == 206 and r.content == LAYER[100:200]
+    assert r.headers["content-range"] == f"bytes 100-199/{len(LAYER)}"
+    r = await client.get(f"/v2/library/alpine/blobs/{LAYER_D}", headers={"range": "bytes=-10"})
+    assert r.status_code == 206 and r.content == LAYER[-10:]
+    r = await client.get(f"/v2/library/alpine/blobs/{LAYER_D}", headers={"range": f"bytes={len(LAYER)}-"})
+    assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(LAYER)}"
+    assert error_code(r) == "RANGE_INVALID"
+    assert fetcher.open_count == 0  # every handle was released after its response
+    served = metrics.registry.get_sample_value("p2pcache_served_bytes_total")
+    assert served == len(LAYER) + 100 + 10
+    assert metrics.registry.get_sample_value(
+        "p2pcache_requests_total", {"route": "blobs", "method": "GET", "status": "206"}) == 2
+
+
+async def test_blob_errors(node):
+    client, fetcher, _, _ = node
+    r = await client.get("/v2/alpine/blobs/sha256:" + "0" * 64)
+    assert r.status_code == 404 and error_code(r) == "BLOB_UNKNOWN"
+    r = await client.get("/v2/alpine/blobs/sha256:" + "A" * 64)
+    assert r.status_code == 400 and error_code(r) == "DIGEST_INVALID"
+    r = await client.get("/v2/alpine/blobs/md5:abc")
+    assert r.status_code == 400 and error_code(r) == "DIGEST_INVALID"
+
+
+@pytest.mark.parametrize("path", [
+    f"/v2/..%2F..%2Fetc/blobs/{LAYER_D}",
+    f"/v2/%2e%2e/%2e%2e/etc/blobs/{LAYER_D}",
+    "/v2/alpine/blobs/..%2F..%2Fetc%2Fpasswd",
+    "/v2/alpine/manifests/..%2Fx",
+    "/v2/Alpine/manifests/1",
+    f"/v2/library%2Fa%00b/blobs/{LAYER_D}",
+    "/v2/alpine/manifests/1?ns=..%2Fevil",
+])
+async def test_traversal_and_bad_names_are_400(node, path):
+    client, fetcher, resolver, _ = node
+    r = await client.get(path)
+    assert r.status_code in (400, 404) and error_code(r) in ("NAME_INVALID", "DIGEST_INVALID", "NAME_UNKNOWN")
+    assert fetcher.asked == [] and resolver.asked == []  # nothing unchecked got past the routes
+
+
+async def test_traversal_gets_400(node):
+    client, *_ = node
+    r = await client.get(f"/v2/%2e%2e/%2e%2e/etc/blobs/{LAYER_D}")
+    assert r.status_code == 400 and error_code(r) == "NAME_INVALID"
+
+
+@pytest.mark.parametrize("method,path", [
+    ("POST", "/v2/alpine/blobs/uploads/"),
+    ("PUT", "/v2/alpine/manifests/1"),
+    ("PATCH", "/v2/alpine/blobs/uploads/x"),
+    ("DELETE", f"/v2/alpine/blobs/{LAYER_D}"),
+    ("DELETE", "/v2/alpine/manifests/1"),
+    ("PUT", "/v2/"),
+])
+async def test_push_is_405_unsupported(node, method, path):
+    client, *_ = node
+    r = await client.request(method, path, content=b"{}")
+    assert r.status_code == 405 and error_code(r) == "UNSUPPORTED"
+
+
+async def test_lists_unknown_paths_metrics_healthz(node):
+    client, *_ = node
+    for path in ("/v2/_catalog", "/v2/alpine/tags/list"):
+        r = await client.get(path)
+        assert r.status_code == 405 and error_code(r) == "UNSUPPORTED"
+    for path in ("/", "/admin/status", "/v2/alpine/nothing/here", "/v2/alpine/blobs/"):
+        r = await client.get(path)
+        assert r.status_code == 404 and r.json()["errors"]
+    assert (await client.get("/healthz")).status_code == 200
+    await client.get("/v2/")
+    r = await client.get("/metrics")
+    assert r.status_code == 200 and b'p2pcache_requests_total{method="GET",route="base",status="200"}' in r.content
+
+
+def test_split_v2_path():
+    assert split_v2_path("library/x/manifests/1") == ("manifests", "library/x", "1")
+    assert split_v2_path("a/blobs/b/manifests/1") == ("manifests", "a/blobs/b", "1")
+    assert split_v2_path("a/manifests/b/blobs/sha256:x") == ("blobs", "a/manifests/b", "sha256:x")
+    assert split_v2_path("a/blobs/uploads/x") is None
+    assert split_v2_path("manifests/1") is None
+
+
+def test_accept_types():
+    req = Request("GET", "/", "/", {}, [("accept", "a/b, c/d;q=0.5"), ("accept", "a/b"), ("accept", "*/*")])
+    assert accept_types(req) == ["a/b", "c/d", "*/*"]
