@@ -334,7 +334,11 @@ class BlobStore:
             return
         if partial.discarded:
             raise ValueError(f"partial {partial.digest} was discarded")
-        actual = partial.sha256_hex() if sha256_hex is None else str(sha256_hex).lower()
+        if sha256_hex is None:
+            actual = partial.sha256_hex()
+        else:
+            # Accept "sha256:<hex>" too: a caller passing the prefixed form must not lose a good download.
+            actual = str(sha256_hex).lower().removeprefix("sha256:")
         if actual != hex_ or os.fstat(partial.file.fileno()).st_size != partial.size:
             partial.discard()
             self._forget_partial(partial)
