@@ -11,7 +11,9 @@ It forwards every request to `target` and records what it was asked (method, tar
 - "wrong_range":   206 with the right Content-Range header but the bytes from offset 0 (a lie)
 - "trickle":       pass through at `rate` bytes/s (to stop a node mid-download)
 
-`only` restricts tampering to one digest; `times` to the first N tampered responses (None = always).
+`only` restricts tampering to one digest; `times` to the first N tampered responses (None = always); `plan`
+is a list of modes used one per matching blob GET before `mode` applies (e.g. ["truncate", "wrong_range"]:
+cut the first response short, lie about the Range of the retry, then `mode`).
 Runs in a thread of the test process (ThreadingHTTPServer), so tests can change `mode` while it runs.
 Also used as a plain recorder in front of a node, to see exactly what a client sent.
 """
@@ -44,13 +46,14 @@ class Seen:
 
 class LyingUpstream:
     def __init__(self, target: str, *, mode: str = "honest", only: str | None = None, times: int | None = None,
-                 rate: float = 1_000_000.0) -> None:
+                 rate: float = 1_000_000.0, plan: list[str] | None = None) -> None:
         u = urlsplit(target)
         self.target_host, self.target_port = u.hostname or "127.0.0.1", u.port or 80
         self.mode = mode
         self.only = only
         self.times = times
         self.rate = rate
+        self.plan = list(plan or [])
         self.seen: list[Seen] = []
         self.blob_bytes_sent: dict[str, int] = {}
         self.tampered = 0
@@ -87,11 +90,15 @@ class LyingUpstream:
         return len(self.ranges_for(path_suffix))
 
     def _tamper_mode(self, path: str) -> str:
-        if "/blobs/sha256:" not in path or self.mode == "honest":
+        if "/blobs/sha256:" not in path:
             return "honest"
         if self.only is not None and not path.endswith(self.only):
             return "honest"
         with self._lock:
+            if self.plan:
+                return self.plan.pop(0)
+            if self.mode == "honest":
+                return "honest"
             if self.times is not None and self.tampered >= self.times:
                 return "honest"
             self.tampered += 1

@@ -1,0 +1,47 @@
+"""Eight clients ask for one cold ~20 MB blob at the same moment: all get it byte-exact, and the node fetched it
+from the upstream exactly once (counted in the registry's access log)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+import trio
+
+from .harness import images as im
+from .harness.fetch import afetch_blob
+
+pytestmark = pytest.mark.integration
+
+
+async def test_eight_clients_one_cold_blob(node, upstream):
+    layer = im.random_layer(20 * 1000 * 1000)  # fresh random bytes: cold everywhere
+    repo = f"library/cold-{layer.digest[7:19]}"
+    im.push(upstream.url, repo, "1", im.make_image([layer]))
+    reg = upstream.registry
+    mark = reg.log_mark()
+    path = f"/v2/{repo}/blobs/{layer.digest}"
+
+    results = [None] * 8
+    t0 = time.monotonic()
+    limits = httpx.Limits(max_connections=16)
+    async with httpx.AsyncClient(base_url=node.url, timeout=60, limits=limits) as client:
+
+        async def one(i: int) -> None:
+            results[i] = await afetch_blob(client, path)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(one, i)
+    elapsed = time.monotonic() - t0
+
+    for i, f in enumerate(results):
+        assert f.complete, f"client {i}: {f}"
+        assert "sha256:" + f.sha256 == layer.digest, f"client {i} got wrong bytes"
+        assert f.nbytes == layer.size
+    gets = reg.count("GET", path, since=mark, settle=0.5)
+    assert gets == 1, f"the registry served {gets} GETs for the blob (want exactly 1)"
+    upstream_bytes = sum(a.size for a in reg.accesses_since(mark) if a.path == path and a.method == "GET")
+    assert upstream_bytes == layer.size
+    print(f"8 clients x {layer.size / 1e6:.1f} MB through the node in {elapsed:.2f}s")
