@@ -36,6 +36,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -89,7 +90,9 @@ class BlobStore:
         self._lock = threading.Lock()
         self._index = LruIndex()
         self._last_mtime_touch: dict[str, float] = {}
-        self._partials: dict[str, PartialBlob] = {}  # live (not committed, not discarded) downloads
+        # Downloads in progress, so two callers asking for one digest share one file. Weak: a partial its
+        # Download dropped (closed after a failure) disappears by itself, and the next call resumes from disk.
+        self._partials: weakref.WeakValueDictionary[str, PartialBlob] = weakref.WeakValueDictionary()
         self._clean_tmp()
         self._scan_blobs()
         self._clean_partials()
@@ -308,12 +311,13 @@ class BlobStore:
     def partial(self, digest: str, size: int, piece_size: int) -> PartialBlob:
         """The download in progress for `digest`: the live one, else resumed from disk, else a new one.
 
-        One with another size or piece size is discarded and started over.
+        One with another size or piece size is discarded and started over. A live one whose file was closed
+        is not handed out again: it is reopened from its saved state instead.
         """
         hex_ = digest_hex(digest)
         with self._lock:
             live = self._partials.get(hex_)
-            if live is not None and not (live.discarded or live.committed):
+            if live is not None and not (live.discarded or live.committed or live.file.closed):
                 if live.size == size and live.piece_size == piece_size:
                     return live
                 live.discard()

@@ -122,6 +122,17 @@ def test_same_store_returns_the_live_partial(tmp_path: Path) -> None:
     assert store.partial(digest_of(DATA), len(DATA), PIECE) is p
 
 
+def test_closed_partial_is_reopened_from_saved_state(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    p = store.partial(digest_of(DATA), len(DATA), PIECE)
+    write_piece(p, 0)
+    p.save()
+    p.close()  # a download that failed and let go of its file
+    q = store.partial(digest_of(DATA), len(DATA), PIECE)
+    assert q is not p and q.resumed and q.have(0)
+    assert q.read(0, 4) == DATA[:4]
+
+
 def test_other_layout_starts_over(tmp_path: Path) -> None:
     store = BlobStore(tmp_path)
     p = store.partial(digest_of(DATA), len(DATA), PIECE)
