@@ -126,12 +126,14 @@ class BlobStore:
         """Index every complete blob, least recently modified first (that is the LRU order we restart with)."""
         found: list[tuple[float, str, int]] = []
         for sub in self.blobs_dir.iterdir():
-            if not (len(sub.name) == 2 and sub.is_dir()):
+            if not (len(sub.name) == 2 and sub.is_dir() and not sub.is_symlink()):
                 _remove(sub)
                 continue
             for p in sub.iterdir():
                 # Only <ab>/<hex> with matching prefix is ours; anything else cannot have come from a commit.
-                if not (_HEX_RE.fullmatch(p.name) and p.name[:2] == sub.name and p.is_file()):
+                # A symlink would let the store serve a file from outside itself.
+                if not (_HEX_RE.fullmatch(p.name) and p.name[:2] == sub.name and p.is_file()
+                        and not p.is_symlink()):
                     log.warning("store: removing unexpected file %s", p)
                     _remove(p)
                     continue

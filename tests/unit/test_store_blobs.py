@@ -260,7 +260,14 @@ def test_crash_leftovers_are_cleaned(tmp_path: Path) -> None:
     misplaced = tmp_path / "blobs" / "sha256" / "ff" / ("00" + "a" * 62)
     misplaced.parent.mkdir()
     misplaced.write_bytes(b"wrong prefix")
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"secret")
+    link_hex = hashlib.sha256(b"secret").hexdigest()
+    (tmp_path / "blobs" / "sha256" / link_hex[:2]).mkdir(exist_ok=True)
+    link = tmp_path / "blobs" / "sha256" / link_hex[:2] / link_hex
+    link.symlink_to(outside)
     store2 = BlobStore(tmp_path)
+    assert not link.is_symlink() and outside.exists()
     assert files_under(tmp_path / "tmp") == []
     assert files_under(part) == []
     assert not junk.exists() and not misplaced.exists()
