@@ -1,0 +1,72 @@
+"""The read-only registry API of the node as clients see it: headers, exact lengths, verbatim manifests,
+Range, HEAD, /healthz and /metrics."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from .harness import images as im
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client(node):
+    with httpx.Client(base_url=node.url, timeout=30) as c:
+        yield c
+
+
+def test_base_and_health(client):
+    r = client.get("/v2/")
+    assert r.status_code == 200
+    assert r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    assert client.get("/healthz").status_code == 200
+    m = client.get("/metrics")
+    assert m.status_code == 200 and "p2pcache_requests" in m.text
+
+
+@pytest.mark.parametrize("ref,accept", [
+    ("library/small:1", im.OCI_MANIFEST),
+    ("library/dsmall:1", im.DOCKER_MANIFEST),
+    ("library/multi:1", ",".join(im.ALL_MANIFEST_TYPES)),
+])
+def test_manifest_by_tag_and_digest_verbatim(client, upstream, ref, accept):
+    thing = upstream.images[ref]
+    name, tag = ref.split(":")
+    for r_ in (tag, thing.digest):
+        h = client.head(f"/v2/{name}/manifests/{r_}", headers={"Accept": accept})
+        assert h.status_code == 200
+        assert h.headers["Docker-Content-Digest"] == thing.digest
+        assert int(h.headers["Content-Length"]) == thing.manifest.size
+        r = client.get(f"/v2/{name}/manifests/{r_}", headers={"Accept": accept})
+        assert r.status_code == 200
+        assert r.content == thing.manifest.data
+        assert r.headers["Content-Type"] == thing.manifest.media_type
+        assert r.headers["Docker-Content-Digest"] == thing.digest
+
+
+def test_blob_head_get_range(client, upstream):
+    layer = upstream.images["library/small:1"].layers[1]
+    path = f"/v2/library/small/blobs/{layer.digest}"
+    h = client.head(path)
+    assert h.status_code == 200 and int(h.headers["Content-Length"]) == layer.size
+    assert h.headers["Docker-Content-Digest"] == layer.digest
+    r = client.get(path)
+    assert r.content == layer.data and r.headers.get("Accept-Ranges") == "bytes"
+    r = client.get(path, headers={"Range": "bytes=10-99"})
+    assert r.status_code == 206 and r.content == layer.data[10:100]
+    assert r.headers["Content-Range"] == f"bytes 10-99/{layer.size}"
+    r = client.get(path, headers={"Range": "bytes=-100"})
+    assert r.status_code == 206 and r.content == layer.data[-100:]
+    r = client.get(path, headers={"Range": f"bytes={layer.size + 10}-"})
+    assert r.status_code == 416
+
+
+def test_range_on_a_cold_blob(client, upstream):
+    layer = im.random_layer(2 * 1024 * 1024 + 7)
+    im.push(upstream.url, "library/coldrange", "1", im.make_image([layer]))
+    r = client.get(f"/v2/library/coldrange/blobs/{layer.digest}", headers={"Range": "bytes=1000000-1000099"})
+    assert r.status_code == 206 and r.content == layer.data[1000000:1000100]
+    r = client.get(f"/v2/library/coldrange/blobs/{layer.digest}")
+    assert r.content == layer.data
