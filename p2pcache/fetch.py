@@ -278,6 +278,13 @@ class Download:
 
     async def fetch_from_upstream(self, upstream: Upstream, repo: Repo) -> None:
         """Stream the rest of the blob from upstream; resume with Range on a short body (bounded)."""
+        if self.size is None and self._resumable_on_disk():
+            # An earlier run left part of this blob: learn the size with a HEAD so the first GET already asks
+            # for just the missing range (a plain GET would start sending bytes we hold).
+            try:
+                await self.start(await upstream.head_blob(repo, self.digest))
+            except _TRANSIENT:
+                pass  # the GET below will tell
         idle = total = 0
         while True:
             offset = self._resume_offset()
@@ -333,14 +340,17 @@ class Download:
         if self._too_long or self._whole_pos != self.size or "sha256:" + got != self.digest:
             self.fetcher.metrics.digest_mismatches.labels(source=self._source).inc()
             partial.discard()
+            partial.close()  # handles read through their own file objects
             self.partial = None
             raise BlobDigestMismatch(f"bytes of {self.digest} hash to sha256:{got}; discarded")
         from p2pcache.store.blobs import DigestMismatch
 
         try:
-            self.fetcher.store.commit(partial, got)
+            # commit fsyncs the blob (seconds for a large one on a slow disk): keep the loop serving meanwhile.
+            await trio.to_thread.run_sync(self.fetcher.store.commit, partial, got)
         except DigestMismatch as e:
             self.fetcher.metrics.digest_mismatches.labels(source=self._source).inc()
+            partial.close()
             self.partial = None
             raise BlobDigestMismatch(str(e)) from e
         self.committed = True
@@ -366,17 +376,24 @@ class Download:
     def _close(self) -> None:
         """Save what we have for a later resume, and release the partial's file."""
         partial, self.partial = self.partial, None
-        if partial is None or self.committed:
+        if partial is None:
             return
-        try:
-            partial.save()
-        except OSError as e:
-            log.warning("cannot save partial state of %s: %s", self.digest, e)
+        if not self.committed:
+            try:
+                partial.save()
+            except OSError as e:
+                log.warning("cannot save partial state of %s: %s", self.digest, e)
+        # Every handle reads through a file object of its own (open_reader), so closing this one is safe.
         close = getattr(partial, "close", None)
         if callable(close):
             close()
         else:
             partial.file.close()
+
+    def _resumable_on_disk(self) -> bool:
+        partial_dir = getattr(self.fetcher.store, "partial_dir", None)
+        hex_ = self.digest.split(":", 1)[1]
+        return partial_dir is not None and os.path.exists(os.path.join(partial_dir, f"{hex_}.state"))
 
     def _require_started(self) -> PartialBlob:
         if self.partial is None:
@@ -472,8 +489,6 @@ class Download:
                                 await to_writer.send((pos, chunk))
                                 await to_hasher.send(chunk)
                                 pos += len(chunk)
-                                if self.fetcher.count_upstream_bytes:
-                                    self.fetcher.metrics.upstream_bytes.inc(len(chunk))
                             if too_long:
                                 break
                     except _TRANSIENT as e:
@@ -572,8 +587,6 @@ class Fetcher:
         self.swarm: BlobSwarm | None = None
         self._downloads: dict[str, Download] = {}
         self._nursery: trio.Nursery | None = None
-        # Upstream counts the bytes it receives itself when it says so; else we count them here.
-        self.count_upstream_bytes = not getattr(upstream, "counts_bytes", False)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery every download runs in; cancelling this cancels them all."""

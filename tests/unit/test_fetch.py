@@ -1,0 +1,436 @@
+"""Single-flight downloads: many clients, one upstream fetch, bytes as they arrive, never a wrong complete blob.
+
+The store is the real one (on tmp_path); the upstream is an in-process fake that follows the Upstream contract
+and can pause, break, truncate or lie, so each test says what a client of the node would see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2pcache.config import Settings
+from p2pcache.fetch import BlobHandle, Download, Fetcher, FetchFailed
+from p2pcache.metrics import Metrics
+from p2pcache.oci.errors import OciError, UpstreamUnavailable
+from p2pcache.oci.reference import Repo
+from p2pcache.store.blobs import BlobStore
+
+PIECE = 64 << 10
+CHUNK = 16 << 10
+REPO = Repo("docker.io", "library/alpine")
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def blob(n: int, seed: int = 1) -> bytes:
+    return hashlib.sha256(bytes([seed])).digest() * (n // 32) + b"x" * (n % 32)
+
+
+class FakeResponse:
+    def __init__(self, up: FakeUpstream, data: bytes, offset: int, cut: int | None, how: str) -> None:
+        self.size = len(data)
+        self.offset = offset
+        self._up, self._data, self._cut, self._how = up, data, cut, how
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        pos = self.offset
+        sent = 0
+        while pos < self.size:
+            if self._up.pause_at is not None and pos >= self._up.pause_at:
+                await self._up.release.wait()
+            if self._cut is not None and sent >= self._cut:
+                if self._how == "raise":
+                    raise UpstreamUnavailable("connection reset mid-body")
+                return  # the body just ends early
+            n = min(CHUNK, self.size - pos)
+            if self._up.pause_at is not None and pos < self._up.pause_at:
+                n = min(n, self._up.pause_at - pos)
+            if self._cut is not None:
+                n = min(n, self._cut - sent)
+            await trio.sleep(0)
+            yield self._data[pos:pos + n]
+            pos += n
+            sent += n
+
+
+class FakeUpstream:
+    """Serves `blobs`; records every open (digest, offset) and HEAD; can pause, cut, fail or lie."""
+
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        self.blobs = blobs
+        self.opens: list[tuple[str, int]] = []
+        self.heads: list[str] = []
+        self.lies: dict[str, bytes] = {}
+        self.cuts: list[int] = []  # successive responses stop after this many bytes
+        self.cut_how = "raise"
+        self.error: BaseException | None = None
+        self.pause_at: int | None = None
+        self.release = trio.Event()
+
+    async def head_blob(self, repo: Repo, digest: str) -> int:
+        self.heads.append(digest)
+        if self.error is not None:
+            raise self.error
+        if digest not in self.blobs:
+            raise OciError("BLOB_UNKNOWN")
+        return len(self.blobs[digest])
+
+    @asynccontextmanager
+    async def open_blob(self, repo: Repo, digest: str, offset: int = 0) -> AsyncIterator[FakeResponse]:
+        self.opens.append((digest, offset))
+        await trio.sleep(0.001)  # the window before the upstream answered
+        if self.error is not None:
+            raise self.error
+        if digest not in self.blobs:
+            raise OciError("BLOB_UNKNOWN", "blob unknown to registry")
+        data = self.lies.get(digest, self.blobs[digest])
+        cut = self.cuts.pop(0) if self.cuts else None
+        yield FakeResponse(self, data, offset, cut, self.cut_how)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data=tmp_path, piece_size=PIECE)
+
+
+@asynccontextmanager
+async def running(settings: Settings, up: FakeUpstream, store: BlobStore | None = None
+                  ) -> AsyncIterator[Fetcher]:
+    metrics = Metrics()
+    store = store or BlobStore(settings.data, metrics=metrics)
+    fetcher = Fetcher(settings, store, up, metrics)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.run)
+        yield fetcher
+        nursery.cancel_scope.cancel()
+
+
+async def read_all(handle: BlobHandle) -> bytes:
+    out = bytearray()
+    while len(out) < handle.size:
+        end = await handle.readable(len(out))
+        out += os.pread(handle.file.fileno(), end - len(out), len(out))
+    return bytes(out)
+
+
+async def fetch(fetcher: Fetcher, digest: str) -> bytes:
+    async with fetcher.open_blob(REPO, digest) as h:
+        return await read_all(h)
+
+
+def sample(fetcher: Fetcher, name: str, **labels: str) -> float:
+    return fetcher.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_eight_clients_on_a_cold_blob_cause_one_upstream_fetch(settings: Settings) -> None:
+    data = blob(1 << 20)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    async with running(settings, up) as fetcher:
+        results: list[bytes] = []
+
+        async def client() -> None:
+            results.append(await fetch(fetcher, d))
+
+        async with trio.open_nursery() as n:
+            for _ in range(8):
+                n.start_soon(client)
+        assert results == [data] * 8
+        assert up.opens == [(d, 0)]
+        assert fetcher.store.stat(d) == len(data)
+        assert sample(fetcher, "p2pcache_cache_misses_total", kind="blob") == 8
+        # Now it is a hit served from the store, without asking upstream again.
+        assert await fetch(fetcher, d) == data
+        assert up.opens == [(d, 0)]
+        assert sample(fetcher, "p2pcache_cache_hits_total", kind="blob") == 1
+        assert sample(fetcher, "p2pcache_downloads_in_flight") == 0
+
+
+async def test_clients_read_before_the_end_but_never_the_last_piece_before_verification(
+        settings: Settings) -> None:
+    data = blob(5 * PIECE + 1000)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    up.pause_at = len(data) - 10  # everything but the last 10 bytes has arrived
+    last_piece = 5 * PIECE
+    async with running(settings, up) as fetcher:
+        async with fetcher.open_blob(REPO, d) as h:
+            assert h.size == len(data)
+            end = await h.readable(0)
+            assert 0 < end <= last_piece
+            while end < last_piece:
+                end = await h.readable(end)
+            assert end == last_piece
+            assert os.pread(h.file.fileno(), end, 0) == data[:end]
+            with trio.move_on_after(0.2) as scope:
+                await h.readable(last_piece)
+            assert scope.cancelled_caught, "the last piece must wait for the whole-blob hash"
+            assert fetcher.store.stat(d) is None
+            up.release.set()
+            assert await h.readable(last_piece) == len(data)
+            assert os.pread(h.file.fileno(), len(data), 0) == data
+        assert fetcher.store.stat(d) == len(data)
+
+
+async def test_a_lying_upstream_fails_every_client_and_stores_nothing(settings: Settings) -> None:
+    data = blob(6 * PIECE)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    up.lies[d] = blob(len(data), seed=2)  # right length, wrong bytes
+    async with running(settings, up) as fetcher:
+        got: list[int] = []
+
+        async def client() -> None:
+            async with fetcher.open_blob(REPO, d) as h:
+                n = 0
+                with pytest.raises(FetchFailed):
+                    while True:
+                        n = await h.readable(n)
+                got.append(n)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(client)
+        assert len(got) == 4 and all(n < len(data) for n in got), "nobody may see the complete wrong blob"
+        # One refetch from upstream for later requests; it lies too, so it fails; no endless loop.
+        with trio.fail_after(5):
+            while fetcher.downloads():
+                await trio.sleep(0.01)
+        assert up.opens == [(d, 0), (d, 0)]
+        assert sample(fetcher, "p2pcache_digest_mismatches_total", source="upstream") == 2
+        assert fetcher.store.stat(d) is None
+        assert os.listdir(fetcher.store.partial_dir) == []
+        # An honest upstream later: the next request fetches anew and succeeds.
+        del up.lies[d]
+        assert await fetch(fetcher, d) == data
+        assert fetcher.store.stat(d) == len(data)
+
+
+async def test_refetch_after_one_mismatch_serves_later_clients(settings: Settings) -> None:
+    data = blob(3 * PIECE)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    up.lies[d] = blob(len(data), seed=3)
+    async with running(settings, up) as fetcher:
+        async with fetcher.open_blob(REPO, d) as h:
+            del up.lies[d]  # the next fetch from upstream is honest
+            with pytest.raises(FetchFailed):
+                await read_all(h)
+        assert await fetch(fetcher, d) == data
+        assert up.opens == [(d, 0), (d, 0)]
+        assert fetcher.store.stat(d) == len(data)
+
+
+@pytest.mark.parametrize("how", ["raise", "end"])
+async def test_a_truncated_body_resumes_with_range(settings: Settings, how: str) -> None:
+    data = blob(4 * PIECE + 123)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    up.cuts = [100_000, 50_000]
+    up.cut_how = how
+    async with running(settings, up) as fetcher:
+        assert await fetch(fetcher, d) == data
+    assert up.opens == [(d, 0), (d, 100_000), (d, 150_000)]
+
+
+async def test_an_upstream_that_keeps_cutting_fails_instead_of_looping(settings: Settings) -> None:
+    data = blob(4 * PIECE)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    up.cuts = [1000] + [0] * 50  # after the first bytes, nothing more ever comes
+    async with running(settings, up) as fetcher:
+        with trio.fail_after(10):
+            async with fetcher.open_blob(REPO, d) as h:
+                with pytest.raises(FetchFailed):
+                    await read_all(h)
+    assert 2 <= len(up.opens) <= 6
+
+
+async def test_a_cancelled_client_does_not_cancel_the_download(settings: Settings) -> None:
+    data = blob(4 * PIECE)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    up.pause_at = PIECE
+    async with running(settings, up) as fetcher:
+        with trio.move_on_after(0.05):
+            async with fetcher.open_blob(REPO, d) as h:
+                await read_all(h)  # gives up (the client disconnects) while the download is paused
+        up.release.set()
+        with trio.fail_after(5):
+            while fetcher.store.stat(d) is None:
+                await trio.sleep(0.01)
+        assert await fetch(fetcher, d) == data
+        assert up.opens == [(d, 0)]
+
+
+async def test_a_restarted_node_resumes_where_the_download_stopped(settings: Settings) -> None:
+    data = blob(8 * PIECE + 7)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    up.pause_at = 3 * PIECE + 5000
+    async with running(settings, up) as fetcher:
+        async with fetcher.open_blob(REPO, d) as h:
+            n = 0
+            while n < 3 * PIECE:
+                n = await h.readable(n)
+        # "node shutdown": leaving `running` cancels the Fetcher's nursery with the download paused.
+    assert up.opens == [(d, 0)]
+
+    up2 = FakeUpstream({d: data})
+    async with running(settings, up2, BlobStore(settings.data)) as fetcher2:
+        assert await fetch(fetcher2, d) == data
+    assert up2.heads == [d]
+    assert up2.opens == [(d, 3 * PIECE)], "the bytes already held must not be asked for again"
+
+
+async def test_errors_before_the_first_byte_reach_every_waiting_client(settings: Settings) -> None:
+    missing = digest_of(b"nope")
+    up = FakeUpstream({})
+    async with running(settings, up) as fetcher:
+        errors: list[OciError] = []
+
+        async def client() -> None:
+            with pytest.raises(OciError) as e:
+                async with fetcher.open_blob(REPO, missing):
+                    pass
+            errors.append(e.value)
+
+        async with trio.open_nursery() as n:
+            for _ in range(3):
+                n.start_soon(client)
+        assert [e.code for e in errors] == ["BLOB_UNKNOWN"] * 3
+        assert up.opens == [(missing, 0)]
+
+        up.error = UpstreamUnavailable("connection refused")
+        with pytest.raises(OciError) as e:
+            async with fetcher.open_blob(REPO, missing):
+                pass
+        assert e.value.code == "UNAVAILABLE" and e.value.status == 503
+        assert len(up.opens) == 2, "a failed download is forgotten, so the next request tries again"
+        with pytest.raises(OciError) as e:
+            async with fetcher.open_blob(REPO, "sha256:../../etc/passwd"):
+                pass
+        assert e.value.code == "DIGEST_INVALID"
+
+
+async def test_stat_blob_asks_upstream_only_when_nothing_local_knows(settings: Settings) -> None:
+    data = blob(2 * PIECE)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    async with running(settings, up) as fetcher:
+        assert await fetcher.stat_blob(REPO, d) == len(data)
+        assert up.heads == [d]
+        await fetch(fetcher, d)
+        assert await fetcher.stat_blob(REPO, d) == len(data)
+        assert up.heads == [d]
+        with pytest.raises(OciError) as e:
+            await fetcher.stat_blob(REPO, digest_of(b"other"))
+        assert e.value.code == "BLOB_UNKNOWN"
+        up.error = UpstreamUnavailable("down")
+        with pytest.raises(OciError) as e:
+            await fetcher.stat_blob(REPO, digest_of(b"other"))
+        assert e.value.code == "UNAVAILABLE"
+
+
+async def test_an_empty_blob(settings: Settings) -> None:
+    d = digest_of(b"")
+    up = FakeUpstream({d: b""})
+    async with running(settings, up) as fetcher:
+        async with fetcher.open_blob(REPO, d) as h:
+            assert h.size == 0
+            assert await h.readable(0) == 0
+        assert fetcher.store.stat(d) == 0
+
+
+async def test_node_shutdown_cancels_downloads_and_leaves_nothing_running(settings: Settings) -> None:
+    data = blob(4 * PIECE)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    up.pause_at = PIECE
+    metrics = Metrics()
+    fetcher = Fetcher(settings, BlobStore(settings.data), up, metrics)  # type: ignore[arg-type]
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fetcher.run)
+            async with fetcher.open_blob(REPO, d) as h:
+                await h.readable(0)
+                nursery.cancel_scope.cancel()
+    assert fetcher.downloads() == {}
+    assert metrics.registry.get_sample_value("p2pcache_downloads_in_flight") == 0
+
+
+class PieceSwarm:
+    """A stand-in for issue 3's swarm: delivers verified pieces in a scrambled order."""
+
+    def __init__(self, data: bytes, order: list[int]) -> None:
+        self.data, self.order = data, order
+        self.fills = 0
+
+    async def fill(self, download: Download, repo: Repo) -> None:
+        self.fills += 1
+        await download.start(len(self.data), PIECE)
+        for i in self.order:
+            piece = self.data[i * PIECE:(i + 1) * PIECE]
+            await download.write_piece(i, piece, hashlib.sha256(piece).digest())
+            await trio.sleep(0)
+
+
+async def test_the_swarm_seam_fills_pieces_out_of_order(settings: Settings) -> None:
+    data = blob(5 * PIECE + 99)
+    d = digest_of(data)
+    up = FakeUpstream({})
+    async with running(settings, up) as fetcher:
+        fetcher.swarm = PieceSwarm(data, [2, 0, 5, 1, 4, 3])
+        published: list[int] = []
+        async with fetcher.open_blob(REPO, d) as h:
+            fetcher.downloads()[d].add_piece_listener(lambda i, h: published.append(i))
+            assert await read_all(h) == data
+        assert fetcher.store.stat(d) == len(data)
+        assert up.opens == []
+
+
+async def test_a_lying_swarm_is_refetched_from_upstream(settings: Settings) -> None:
+    data = blob(3 * PIECE)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    async with running(settings, up) as fetcher:
+        fetcher.swarm = PieceSwarm(blob(3 * PIECE, seed=9), [0, 1, 2])
+        async with fetcher.open_blob(REPO, d) as h:
+            with pytest.raises(FetchFailed):
+                await read_all(h)
+        assert await fetch(fetcher, d) == data
+        assert up.opens == [(d, 0)]
+        assert sample(fetcher, "p2pcache_digest_mismatches_total", source="swarm") == 1
+
+
+class ClaimSwarm:
+    """Holds pieces 0-1 from 'peers', then streams the rest from upstream (it holds the claim)."""
+
+    def __init__(self, data: bytes, up: FakeUpstream) -> None:
+        self.data, self.up = data, up
+
+    async def fill(self, download: Download, repo: Repo) -> None:
+        await download.start(len(self.data), PIECE)
+        for i in (0, 1):
+            piece = self.data[i * PIECE:(i + 1) * PIECE]
+            await download.write_piece(i, piece, hashlib.sha256(piece).digest())
+        await download.fetch_from_upstream(self.up, repo)  # type: ignore[arg-type]
+
+
+async def test_the_swarm_can_stream_the_missing_part_from_upstream(settings: Settings) -> None:
+    data = blob(4 * PIECE + 5)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    async with running(settings, up) as fetcher:
+        fetcher.swarm = ClaimSwarm(data, up)
+        assert await fetch(fetcher, d) == data
+        assert up.opens == [(d, 2 * PIECE)]
