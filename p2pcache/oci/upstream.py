@@ -1,0 +1,615 @@
+"""The client side of the registry API: fetch manifests and blobs from an upstream registry over httpx.
+
+This is the only module that talks to upstream registries. What it guarantees its callers (fetch.py, tags.py):
+
+- Errors come out as `OciError` when the client should see them (404 -> BLOB_UNKNOWN / MANIFEST_UNKNOWN,
+  401 -> UNAUTHORIZED, 403 -> DENIED, 429 -> TOOMANYREQUESTS with the upstream's `Retry-After`) and as
+  `UpstreamUnavailable` when the registry cannot be reached or keeps failing (connection errors, stalls and 5xx
+  after `settings.upstream_retries` retries with backoff). `UpstreamProtocolError`, a kind of
+  UpstreamUnavailable, means the registry answered something inconsistent (a wrong `Content-Range`, a body of
+  the wrong length): callers fall back to peers on both.
+- Bytes are never trusted: a manifest fetched by digest is hashed before it is returned; a ranged blob
+  request is checked against the status and `Content-Range`, and when the upstream ignored Range (200) the
+  prefix is skipped here. The whole-blob digest is the caller's job (it hashes as it stores).
+- `Authorization` is only ever sent to the registry's own origin (scheme, host, port). Redirects are followed
+  by hand so a blob redirected to a CDN, as Docker Hub does, is fetched without the token.
+
+It never retries a 429 (the limit belongs to the user's account, the client decides), never follows more than
+`MAX_REDIRECTS` hops, never reads an unbounded manifest into memory, and never logs a credential or a token.
+
+Throughput: httpcore 1.0 reads the socket in 64 KiB pieces, which caps a stream at ~0.4-1.1 GB/s on loopback;
+`enable_large_reads()` raises that to 1 MiB (~4 GB/s measured), and blob bodies are iterated with
+`aiter_raw(1 MiB)` (no decoding: we ask for `identity` encoding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+import trio
+
+from p2pcache.config import Settings
+from p2pcache.metrics import Metrics
+from p2pcache.oci.auth import (
+    Challenge,
+    CredentialStore,
+    TokenCache,
+    load_credentials,
+    parse_www_authenticate,
+    pick_challenge,
+)
+from p2pcache.oci.errors import STATUS_OF_CODE, OciError, UpstreamUnavailable
+from p2pcache.oci.reference import Repo, check_name, check_tag, is_digest, parse_digest
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1 << 20  # what a BlobResponse yields at most per step, and httpcore's socket read size
+MAX_MANIFEST_BYTES = 4 << 20  # the distribution registry's own limit for a manifest
+MAX_ERROR_BODY = 16 << 10  # we read this much of an error response to learn its OCI code
+MAX_REDIRECTS = 5
+MAX_BACKOFF = 5.0  # seconds; a retry never waits longer than this
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# What we ask for when the client sent no Accept: every manifest kind clients pull today. Without the OCI
+# types the distribution registry answers 404 for OCI manifests.
+DEFAULT_MANIFEST_ACCEPT = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+_HEADER_VALUE = re.compile(r"[\x21-\x7e][\x20-\x7e]*")
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+
+T = TypeVar("T")
+
+
+class UpstreamProtocolError(UpstreamUnavailable):
+    """The upstream answered, but inconsistently (bad Content-Range, wrong length, missing headers)."""
+
+
+def enable_large_reads(read_size: int = CHUNK_SIZE) -> bool:
+    """Make httpcore's HTTP/1.1 connections read up to `read_size` bytes per socket read.
+
+    httpcore 1.0.x reads `AsyncHTTP11Connection.READ_NUM_BYTES` (64 KiB) per `recv`; the attribute is read
+    through `self`, so raising the class default is the one hook that does not fork httpcore. It is a
+    buffer size, not a behaviour: responses parse the same, each read just may return more. The change is
+    process-wide, only ever raises the value, and is idempotent. Returns False (and leaves httpcore alone)
+    if this httpcore has no such attribute, so an upgrade costs speed, never correctness.
+    """
+    try:
+        from httpcore._async.http11 import AsyncHTTP11Connection
+    except ImportError:  # pragma: no cover - a future httpcore layout
+        return False
+    current = getattr(AsyncHTTP11Connection, "READ_NUM_BYTES", None)
+    if not isinstance(current, int):  # pragma: no cover
+        return False
+    if current < read_size:
+        AsyncHTTP11Connection.READ_NUM_BYTES = read_size
+    return True
+
+
+@dataclass
+class ManifestInfo:
+    digest: str
+    media_type: str
+    size: int
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int]:
+    port = url.port if url.port is not None else {"http": 80, "https": 443}.get(url.scheme, 0)
+    return url.scheme, url.host, port
+
+
+def _accept_header(accept: Sequence[str]) -> str:
+    # Header values with control characters would make h11 refuse the whole request; drop such items
+    # rather than fail, since Accept is advisory.
+    items = [a.strip() for a in accept if isinstance(a, str)]
+    items = [a for a in items if _HEADER_VALUE.fullmatch(a)]
+    return ", ".join(items or DEFAULT_MANIFEST_ACCEPT)
+
+
+def _check_ref(ref: str) -> str:
+    return parse_digest(ref) if is_digest(ref) else check_tag(ref)
+
+
+def _content_length(resp: httpx.Response) -> int | None:
+    value = resp.headers.get("content-length")
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
+class _Retry(Exception):
+    """An answer worth retrying (a 5xx from the registry or its token server)."""
+
+
+class Upstream:
+    """All requests to upstream registries, over one httpx.AsyncClient (connection pooling, trio backend).
+
+    `transport`, `credentials` and `retry_backoff` exist for tests; a node passes only settings and metrics.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        credentials: CredentialStore | None = None,
+        token_cache: TokenCache | None = None,
+        retry_backoff: float = 0.25,
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        if credentials is None:
+            credentials = load_credentials(settings.credentials) if settings.credentials else CredentialStore()
+        self._credentials = credentials
+        self._tokens = token_cache if token_cache is not None else TokenCache()
+        self._token_locks: dict[tuple[str, str], trio.Lock] = {}
+        self._basic_registries: set[str] = set()  # registries that answered a Basic challenge
+        self._retries = max(0, int(settings.upstream_retries))
+        self._retry_backoff = retry_backoff
+        enable_large_reads()
+        timeout = httpx.Timeout(
+            connect=settings.upstream_connect_timeout,
+            read=settings.upstream_read_timeout,  # per socket read: this is the stall timeout
+            write=settings.upstream_read_timeout,
+            pool=None,  # waiting for a pooled connection is our own back-pressure, not an upstream fault
+        )
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            timeout=timeout,
+            follow_redirects=False,  # we follow by hand: Authorization must not leak to another host
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+            headers={"User-Agent": "p2pcache/0.1"},
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # --- the contract ---
+
+    async def head_manifest(self, repo: Repo, ref: str, accept: Sequence[str]) -> ManifestInfo:
+        """Digest, media type and size of a manifest with one HEAD (GET only if the HEAD lacks them)."""
+        _check_ref(ref)
+
+        async def read_headers(resp: httpx.Response) -> ManifestInfo | None:
+            digest = resp.headers.get("docker-content-digest", "")
+            media_type = resp.headers.get("content-type", "")
+            size = _content_length(resp)
+            try:
+                parse_digest(digest)
+            except OciError:
+                return None
+            if not media_type or size is None:
+                return None
+            if is_digest(ref) and digest != ref:
+                raise OciError("DIGEST_INVALID", f"upstream answered {digest} for manifest {ref}")
+            return ManifestInfo(digest, media_type, size)
+
+        info = await self._call(
+            "HEAD", repo, f"manifests/{ref}", "manifest", {"Accept": _accept_header(accept)}, read_headers
+        )
+        if info is None:
+            # Some registries omit Docker-Content-Digest on HEAD: the body tells us.
+            info, _ = await self.get_manifest(repo, ref, accept)
+        return info
+
+    async def get_manifest(self, repo: Repo, ref: str, accept: Sequence[str]) -> tuple[ManifestInfo, bytes]:
+        """The manifest's bytes, verbatim, and what they are. By digest, the bytes are verified first."""
+        _check_ref(ref)
+
+        async def read_body(resp: httpx.Response) -> tuple[ManifestInfo, bytes]:
+            declared = _content_length(resp)
+            if declared is not None and declared > MAX_MANIFEST_BYTES:
+                raise OciError("MANIFEST_INVALID", f"upstream manifest {ref} is larger than 4 MiB")
+            body = await self._read_capped(resp, MAX_MANIFEST_BYTES)
+            if body is None:
+                raise OciError("MANIFEST_INVALID", f"upstream manifest {ref} is larger than 4 MiB")
+            if declared is not None and declared != len(body):
+                raise UpstreamProtocolError(f"manifest {ref}: Content-Length {declared}, got {len(body)} bytes")
+            digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            if is_digest(ref) and digest != ref:
+                raise OciError("DIGEST_INVALID", f"upstream sent a manifest for {ref} whose digest is {digest}")
+            claimed = resp.headers.get("docker-content-digest", "")
+            if claimed.startswith("sha256:") and claimed != digest:
+                # By tag nothing else tells us the bytes are right; a registry contradicting itself is lying.
+                raise OciError("DIGEST_INVALID", f"upstream claims {claimed} for {ref} but sent {digest}")
+            media_type = resp.headers.get("content-type", "") or _media_type_of(body)
+            if not media_type:
+                raise OciError("MANIFEST_INVALID", f"upstream manifest {ref} has no media type")
+            return ManifestInfo(digest, media_type, len(body)), body
+
+        return await self._call(
+            "GET", repo, f"manifests/{ref}", "manifest", {"Accept": _accept_header(accept)}, read_body
+        )
+
+    async def head_blob(self, repo: Repo, digest: str) -> int:
+        """Size of a blob, from one HEAD."""
+        parse_digest(digest)
+
+        async def read_size(resp: httpx.Response) -> int:
+            size = _content_length(resp)
+            if size is None:
+                raise UpstreamProtocolError(f"HEAD blob {digest}: no Content-Length")
+            return size
+
+        return await self._call("HEAD", repo, f"blobs/{digest}", "blob", {}, read_size)
+
+    @asynccontextmanager
+    async def open_blob(self, repo: Repo, digest: str, offset: int = 0) -> AsyncIterator[BlobResponse]:
+        """Stream a blob from `offset`; the BlobResponse yields chunks of up to 1 MiB.
+
+        Raises before yielding if the blob cannot be had (OciError / UpstreamUnavailable). While iterating,
+        a broken or stalled body is resumed with a Range request (up to `upstream_retries` times), so callers
+        see either the right bytes in order or UpstreamUnavailable.
+        """
+        parse_digest(digest)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+        resp, size, skip = await self._open_blob_response(repo, digest, offset)
+        blob = BlobResponse(self, repo, digest, offset, size, resp, skip)
+        try:
+            yield blob
+        finally:
+            await blob.aclose()
+
+    # --- blobs ---
+
+    async def _open_blob_response(self, repo: Repo, digest: str, offset: int) -> tuple[httpx.Response, int, int]:
+        """An open response for the blob from `offset`: (response, blob size, prefix bytes to skip)."""
+        # identity: aiter_raw hands us the wire bytes, which must be the blob's bytes.
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+
+        async def check(resp: httpx.Response) -> tuple[httpx.Response, int, int]:
+            encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise UpstreamProtocolError(f"blob {digest}: unexpected Content-Encoding {encoding!r}")
+            length = _content_length(resp)
+            if resp.status_code == 200:
+                if length is None:
+                    raise UpstreamProtocolError(f"blob {digest}: no Content-Length")
+                if offset > length:
+                    raise OciError("RANGE_INVALID", f"offset {offset} beyond blob size {length}",
+                                   headers={"Content-Range": f"bytes */{length}"})
+                # Range ignored (or not asked for): the whole blob comes, we drop the prefix ourselves.
+                return resp, length, offset
+            if resp.status_code == 206:
+                m = _CONTENT_RANGE.fullmatch(resp.headers.get("content-range", "").strip())
+                if m is None or m.group(3) == "*":
+                    raise UpstreamProtocolError(f"blob {digest}: 206 without a usable Content-Range")
+                start, end, total = int(m.group(1)), int(m.group(2)), int(m.group(3))
+                if start != offset or end != total - 1 or end < start:
+                    raise UpstreamProtocolError(
+                        f"blob {digest}: asked for bytes {offset}-, got Content-Range {m.group(0)!r}"
+                    )
+                if length is not None and length != end - start + 1:
+                    raise UpstreamProtocolError(f"blob {digest}: Content-Length {length} != range length")
+                return resp, total, 0
+            raise UpstreamProtocolError(f"blob {digest}: unexpected status {resp.status_code}")
+
+        return await self._call("GET", repo, f"blobs/{digest}", "blob", headers, check, keep_open=True)
+
+    # --- the request machinery: retries > authentication > redirects ---
+
+    async def _call(
+        self,
+        method: str,
+        repo: Repo,
+        path: str,
+        kind: str,
+        headers: dict[str, str],
+        consume: Callable[[httpx.Response], Awaitable[T]],
+        *,
+        keep_open: bool = False,
+    ) -> T:
+        """Send a request with retries; `consume` turns a successful response into the result.
+
+        Connection errors, stalls (also while `consume` reads the body) and 5xx are retried with backoff.
+        Unless `keep_open`, the response is closed after `consume`; with it, the result owns the response.
+        """
+        check_name(repo.name)  # defence in depth: nothing unvalidated goes into a URL
+        base = self._settings.upstream_url(repo.ns)
+        url = f"{base}/v2/{repo.name}/{path}"
+        attempt = 0
+        while True:
+            try:
+                resp = await self._send_authenticated(method, repo, base, url, headers, kind)
+                if resp.status_code >= 500:
+                    await resp.aclose()
+                    raise _Retry(f"HTTP {resp.status_code}")
+                if resp.status_code >= 300:
+                    await self._raise_for_status(resp, kind, path)
+                try:
+                    result = await consume(resp)
+                except BaseException:
+                    await resp.aclose()
+                    raise
+                if not keep_open:
+                    await resp.aclose()
+                return result
+            except (httpx.TransportError, _Retry) as e:
+                problem = e
+            if attempt >= self._retries:
+                raise UpstreamUnavailable(
+                    f"{method} {repo}/{path}: {_describe(problem)} (after {attempt + 1} attempts)"
+                ) from None
+            log.info("upstream %s %s/%s failed (%s), retrying", method, repo, path, _describe(problem))
+            await trio.sleep(self._backoff(attempt))
+            attempt += 1
+
+    def _backoff(self, attempt: int) -> float:
+        # Exponential with jitter, so N nodes that saw the same outage do not retry in lockstep.
+        return min(MAX_BACKOFF, self._retry_backoff * (2**attempt)) * (0.5 + random.random() / 2)
+
+    async def _raise_for_status(self, resp: httpx.Response, kind: str, path: str) -> None:
+        status = resp.status_code
+        headers: dict[str, str] = {}
+        code = await self._error_code(resp)
+        await resp.aclose()
+        what = f"{kind} {path.split('/', 1)[-1]}"
+        if status == 404:
+            raise OciError("MANIFEST_UNKNOWN" if kind == "manifest" else "BLOB_UNKNOWN", f"{what} not found upstream")
+        if status == 401:
+            raise OciError("UNAUTHORIZED", f"upstream refused {what}: authentication required")
+        if status == 403:
+            raise OciError("DENIED", f"upstream denied access to {what}")
+        if status == 429:
+            if "retry-after" in resp.headers:
+                headers["Retry-After"] = resp.headers["retry-after"]
+            raise OciError("TOOMANYREQUESTS", "upstream rate limit reached", headers=headers)
+        if status == 416:
+            if "content-range" in resp.headers:
+                headers["Content-Range"] = resp.headers["content-range"]
+            raise OciError("RANGE_INVALID", f"upstream cannot satisfy the range of {what}", headers=headers)
+        if status in REDIRECT_STATUSES or 300 <= status < 400:
+            raise UpstreamProtocolError(f"{what}: redirect without a usable Location, or too many")
+        # Another 4xx: pass the upstream's OCI code on when it is one we know (NAME_INVALID, ...).
+        raise OciError(code or "UNKNOWN", f"upstream answered {status} for {what}", status=status if code else 502)
+
+    async def _error_code(self, resp: httpx.Response) -> str | None:
+        try:
+            body = await self._read_capped(resp, MAX_ERROR_BODY)
+            doc = json.loads(body or b"")
+            code = doc["errors"][0]["code"]
+        except (httpx.TransportError, ValueError, KeyError, IndexError, TypeError):
+            return None
+        return code if isinstance(code, str) and code in STATUS_OF_CODE else None
+
+    async def _read_capped(self, resp: httpx.Response, limit: int) -> bytes | None:
+        """The body, or None if it is longer than `limit` (then it is not read further)."""
+        parts: list[bytes] = []
+        total = 0
+        async for chunk in resp.aiter_raw():
+            total += len(chunk)
+            if total > limit:
+                return None
+            parts.append(chunk)
+        self._count_bytes(total)
+        return b"".join(parts)
+
+    async def _send_authenticated(
+        self, method: str, repo: Repo, base: str, url: str, headers: dict[str, str], kind: str
+    ) -> httpx.Response:
+        """One request through the auth dance: cached credentials, else the 401 challenge, then once more."""
+        registry = base
+        scope = repo.pull_scope
+        credentials = self._credentials.get(repo.ns, httpx.URL(base).netloc.decode("ascii"))
+        authorization = self._known_authorization(registry, scope, credentials)
+        resp, at_registry = await self._send_following_redirects(method, url, headers, authorization, base, kind)
+        if resp.status_code != 401 or not at_registry:
+            return resp
+        challenge = pick_challenge(parse_www_authenticate(resp.headers.get("www-authenticate", "")))
+        await resp.aclose()
+        if challenge is None:
+            raise OciError("UNAUTHORIZED", "upstream requires an authentication scheme we do not support")
+        if challenge.scheme == "bearer":
+            refused = authorization[len("Bearer "):] if authorization and authorization.startswith("Bearer ") else None
+            token = await self._token(registry, scope, challenge, credentials, refused)
+            authorization = f"Bearer {token}"
+        else:
+            if credentials is None:
+                raise OciError("UNAUTHORIZED", f"upstream {repo.ns} needs credentials and none are configured")
+            if authorization is not None and authorization.startswith("Basic "):
+                raise OciError("UNAUTHORIZED", f"upstream {repo.ns} rejected the configured credentials")
+            self._basic_registries.add(registry)
+            authorization = credentials.basic_header()
+        resp, at_registry = await self._send_following_redirects(method, url, headers, authorization, base, kind)
+        if resp.status_code == 401 and at_registry:
+            await resp.aclose()
+            if challenge.scheme == "basic":
+                self._basic_registries.discard(registry)
+            else:
+                self._tokens.forget(registry, scope)
+            raise OciError("UNAUTHORIZED", f"upstream {repo.ns} rejected our credentials for {repo.name}")
+        return resp
+
+    def _known_authorization(self, registry: str, scope: str, credentials: Any) -> str | None:
+        token = self._tokens.get(registry, scope)
+        if token is not None:
+            return f"Bearer {token}"
+        if credentials is not None and registry in self._basic_registries:
+            return credentials.basic_header()
+        return None
+
+    async def _token(
+        self, registry: str, scope: str, challenge: Challenge, credentials: Any, refused: str | None
+    ) -> str:
+        """A bearer token for (registry, scope): from the cache, else from the challenge's realm.
+
+        One fetch per key at a time: concurrent requests that all got a 401 wait for the first one's token.
+        """
+        lock = self._token_locks.setdefault((registry, scope), trio.Lock())
+        async with lock:
+            cached = self._tokens.get(registry, scope)
+            if cached is not None and cached != refused:
+                return cached
+            if refused is not None:
+                self._tokens.forget(registry, scope)
+            realm = httpx.URL(challenge.params["realm"])
+            if realm.scheme not in ("http", "https") or not realm.host:
+                raise OciError("UNAUTHORIZED", "upstream token realm is not an http(s) URL")
+            params = {"scope": scope}
+            if challenge.params.get("service"):
+                params["service"] = challenge.params["service"]
+            headers = {"Authorization": credentials.basic_header()} if credentials is not None else {}
+            resp = await self._client.get(realm, params=params, headers=headers)
+            self._count_request("GET", "token", resp.status_code)
+            if resp.status_code >= 500:
+                raise _Retry(f"token server answered {resp.status_code}")
+            if resp.status_code == 429:
+                retry = {"Retry-After": resp.headers["retry-after"]} if "retry-after" in resp.headers else {}
+                raise OciError("TOOMANYREQUESTS", "upstream token server rate limit reached", headers=retry)
+            if resp.status_code != 200:
+                who = "the configured credentials" if credentials is not None else "an anonymous token request"
+                raise OciError("UNAUTHORIZED", f"upstream token server refused {who} ({resp.status_code})")
+            try:
+                doc = resp.json()
+            except ValueError:
+                doc = None
+            token = self._tokens.put(registry, scope, doc) if isinstance(doc, dict) else None
+            if token is None:
+                raise OciError("UNAUTHORIZED", "upstream token server answered without a token")
+            return token
+
+    async def _send_following_redirects(
+        self, method: str, url: str, headers: dict[str, str], authorization: str | None, base: str, kind: str
+    ) -> tuple[httpx.Response, bool]:
+        """Send, following redirects; Authorization only to the registry's origin.
+
+        Returns the final response (streaming, open) and whether it came from the registry's origin.
+        """
+        registry_origin = _origin(httpx.URL(base))
+        target = httpx.URL(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            at_registry = _origin(target) == registry_origin
+            h = dict(headers)
+            if authorization is not None and at_registry:
+                h["Authorization"] = authorization
+            request = self._client.build_request(method, target, headers=h)
+            try:
+                resp = await self._client.send(request, stream=True)
+            except httpx.TransportError:
+                self._count_request(method, kind, "error")
+                raise
+            self._count_request(method, kind, resp.status_code)
+            location = resp.headers.get("location")
+            if resp.status_code not in REDIRECT_STATUSES or not location:
+                return resp, at_registry
+            await resp.aclose()
+            try:
+                target = resp.url.join(location)
+            except httpx.InvalidURL:
+                raise UpstreamProtocolError(f"redirect to an invalid URL from {target.host}") from None
+            if target.scheme not in ("http", "https"):
+                raise UpstreamProtocolError(f"redirect to a non-HTTP URL from {resp.url.host}")
+        raise UpstreamProtocolError(f"more than {MAX_REDIRECTS} redirects for {url}")
+
+    # --- metrics ---
+
+    def _count_request(self, method: str, kind: str, status: int | str) -> None:
+        if self._metrics is not None:
+            self._metrics.upstream_requests.labels(method=method, kind=kind, status=str(status)).inc()
+
+    def _count_bytes(self, n: int) -> None:
+        if self._metrics is not None and n:
+            self._metrics.upstream_bytes.inc(n)
+
+
+class BlobResponse:
+    """A blob streaming from upstream, from `offset` to its end, in chunks of up to 1 MiB.
+
+    Yields exactly `size - offset` bytes in order, or raises: a body that breaks, stalls or ends early is
+    resumed from the next byte with a Range request; when the retries are spent, UpstreamUnavailable.
+    """
+
+    def __init__(
+        self, upstream: Upstream, repo: Repo, digest: str, offset: int, size: int, resp: httpx.Response, skip: int
+    ) -> None:
+        self.size = size  # total blob size
+        self.offset = offset  # first byte this response yields
+        self._upstream = upstream
+        self._repo = repo
+        self._digest = digest
+        self._pos = offset  # next byte to yield
+        self._resumes = 0
+        self._attach(resp, skip)
+
+    def _attach(self, resp: httpx.Response, skip: int) -> None:
+        self._resp = resp
+        self._skip = skip  # bytes of this response before self._pos (the upstream ignored our Range)
+        self._chunks = resp.aiter_raw(CHUNK_SIZE)
+
+    def __aiter__(self) -> BlobResponse:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            if self._pos >= self.size:
+                raise StopAsyncIteration
+            try:
+                chunk = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                problem: object = f"body ended at byte {self._pos} of {self.size}"
+            except httpx.TransportError as e:
+                problem = _describe(e)
+            else:
+                self._upstream._count_bytes(len(chunk))
+                if self._skip:
+                    dropped = min(self._skip, len(chunk))
+                    self._skip -= dropped
+                    chunk = chunk[dropped:]
+                    if not chunk:
+                        continue
+                if self._pos + len(chunk) > self.size:
+                    raise UpstreamProtocolError(f"blob {self._digest}: more bytes than its size {self.size}")
+                self._pos += len(chunk)
+                return chunk
+            await self._resume(problem)
+
+    async def _resume(self, problem: object) -> None:
+        await self._close_current()
+        if self._resumes >= self._upstream._retries:
+            raise UpstreamUnavailable(f"blob {self._digest}: {problem}; gave up after {self._resumes} resumes")
+        self._resumes += 1
+        log.info("blob %s: %s; resuming at byte %d", self._digest, problem, self._pos)
+        await trio.sleep(self._upstream._backoff(self._resumes - 1))
+        resp, size, skip = await self._upstream._open_blob_response(self._repo, self._digest, self._pos)
+        if size != self.size:
+            await resp.aclose()
+            raise UpstreamProtocolError(f"blob {self._digest}: size changed from {self.size} to {size}")
+        self._attach(resp, skip)
+
+    async def _close_current(self) -> None:
+        try:
+            await self._chunks.aclose()  # type: ignore[attr-defined]
+        finally:
+            await self._resp.aclose()
+
+    async def aclose(self) -> None:
+        await self._close_current()
+
+
+def _media_type_of(body: bytes) -> str:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return ""
+    value = doc.get("mediaType") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) and _HEADER_VALUE.fullmatch(value) else ""
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

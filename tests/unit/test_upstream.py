@@ -1,0 +1,468 @@
+"""Upstream against an in-process fake registry (httpx.MockTransport): auth, redirects, retries, Range checks."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from p2pcache.config import Settings
+from p2pcache.metrics import Metrics
+from p2pcache.oci.auth import Credentials, CredentialStore, TokenCache
+from p2pcache.oci.errors import OciError, UpstreamUnavailable
+from p2pcache.oci.reference import Repo
+from p2pcache.oci.upstream import CHUNK_SIZE, Upstream, UpstreamProtocolError
+
+REGISTRY = "http://registry.test"
+REPO = Repo("docker.io", "library/alpine")
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+BLOB = bytes(range(256)) * 10_000  # 2.56 MB: several 1 MiB chunks
+BLOB_DIGEST = sha(BLOB)
+MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
+MANIFEST_DIGEST = sha(MANIFEST)
+
+
+class BreakingStream(httpx.AsyncByteStream):
+    """A body that sends `n` bytes of `data` and then breaks the connection."""
+
+    def __init__(self, data: bytes, n: int) -> None:
+        self.data, self.n = data, n
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.data[: self.n]
+        raise httpx.ReadError("connection reset")
+
+
+class Body(httpx.AsyncByteStream):
+    """A response body that really streams (MockTransport pre-reads `content=`), in 300 kB pieces."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for i in range(0, len(self.data), 300_000):
+            yield self.data[i : i + 300_000]
+
+
+def respond(status: int, headers: dict[str, str] | None = None, content: bytes = b"", json_doc: object = None,
+            ) -> httpx.Response:
+    if json_doc is not None:
+        content = json.dumps(json_doc).encode()
+    h = {"Content-Length": str(len(content)), **(headers or {})}
+    return httpx.Response(status, headers=h, stream=Body(content))
+
+
+@dataclass
+class FakeRegistry:
+    """Just enough of the distribution API, with switches for each misbehaviour we must survive."""
+
+    auth: str | None = None  # None, "bearer" or "basic"
+    user: tuple[str, str] = ("alice", "wonderland")
+    anonymous_tokens: bool = True  # token server issues tokens without credentials
+    expires_in: int | None = None
+    range_mode: str = "honour"  # honour | ignore | wrong | no-total
+    redirect_blobs_to: str | None = None  # e.g. "http://cdn.test" (another host), or REGISTRY itself
+    failures: list[object] = field(default_factory=list)  # statuses / exceptions for the next requests
+    break_body_at: list[int] = field(default_factory=list)  # break the next blob bodies after n bytes
+    redirect_loop: bool = False  # every request is redirected to itself
+    lie_about_manifest: bool = False
+    manifest_header_digest: str | None = None
+    rate_limited: bool = False
+    requests: list[httpx.Request] = field(default_factory=list)
+    tokens_issued: int = 0
+    valid_tokens: set[str] = field(default_factory=set)
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.failures:
+            f = self.failures.pop(0)
+            if isinstance(f, Exception):
+                raise f
+            return respond(int(f))
+        if self.redirect_loop:
+            return respond(302, headers={"Location": str(request.url)})
+        host = request.url.host
+        if host == "auth.test":
+            return self._token(request)
+        if host == "cdn.test":
+            return self._blob(request)
+        if self.rate_limited:
+            return respond(429, headers={"Retry-After": "17"}, json_doc={"errors": [{"code": "TOOMANYREQUESTS"}]})
+        denied = self._check_auth(request)
+        if denied is not None:
+            return denied
+        path = request.url.path
+        if path.startswith("/v2/library/alpine/manifests/"):
+            ref = path.rsplit("/", 1)[1]
+            if ref not in ("latest", MANIFEST_DIGEST):
+                return respond(404, json_doc={"errors": [{"code": "MANIFEST_UNKNOWN"}]})
+            if "oci" not in request.headers.get("accept", ""):
+                return respond(404, json_doc={"errors": [{"code": "MANIFEST_UNKNOWN"}]})
+            body = MANIFEST + (b" " if self.lie_about_manifest else b"")
+            headers = {"Content-Type": OCI_MANIFEST, "Docker-Content-Digest": self.manifest_header_digest or sha(body)}
+            if request.method == "HEAD":
+                headers["Content-Length"] = str(len(body))
+                return respond(200, headers=headers)
+            return respond(200, headers=headers, content=body)
+        if path == f"/v2/library/alpine/blobs/{BLOB_DIGEST}":
+            if self.redirect_blobs_to:
+                return respond(307, headers={"Location": f"{self.redirect_blobs_to}/signed/{BLOB_DIGEST}?x=1"})
+            return self._blob(request)
+        if path.startswith("/signed/"):  # a same-host redirect target
+            return self._blob(request)
+        return respond(404, json_doc={"errors": [{"code": "BLOB_UNKNOWN"}]})
+
+    def _check_auth(self, request: httpx.Request) -> httpx.Response | None:
+        got = request.headers.get("authorization", "")
+        if self.auth == "bearer":
+            if got.startswith("Bearer ") and got[7:] in self.valid_tokens:
+                return None
+            return respond(401, headers={
+                "WWW-Authenticate": 'Bearer realm="http://auth.test/token",service="registry.test",'
+                                    'scope="repository:library/alpine:pull"'})
+        if self.auth == "basic":
+            want = "Basic " + base64.b64encode(f"{self.user[0]}:{self.user[1]}".encode()).decode()
+            if got == want:
+                return None
+            return respond(401, headers={"WWW-Authenticate": 'Basic realm="Registry Realm"'})
+        return None
+
+    def _token(self, request: httpx.Request) -> httpx.Response:
+        got = request.headers.get("authorization")
+        if got is None and not self.anonymous_tokens:
+            return respond(401)
+        if got is not None:
+            want = "Basic " + base64.b64encode(f"{self.user[0]}:{self.user[1]}".encode()).decode()
+            if got != want:
+                return respond(401)
+        assert request.url.params["scope"] == "repository:library/alpine:pull"
+        assert request.url.params["service"] == "registry.test"
+        self.tokens_issued += 1
+        token = f"tok{self.tokens_issued}"
+        self.valid_tokens.add(token)
+        doc: dict[str, object] = {"token": token}
+        if self.expires_in is not None:
+            doc["expires_in"] = self.expires_in
+        return respond(200, json_doc=doc)
+
+    def _blob(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "HEAD":
+            return respond(200, headers={"Content-Length": str(len(BLOB))})
+        if self.break_body_at:
+            n = self.break_body_at.pop(0)
+            return httpx.Response(200, headers={"Content-Length": str(len(BLOB))}, stream=BreakingStream(BLOB, n))
+        rng = request.headers.get("range")
+        if rng is None or self.range_mode == "ignore":
+            return respond(200, content=BLOB)
+        start = int(rng.removeprefix("bytes=").rstrip("-"))
+        if start >= len(BLOB):
+            return respond(416, headers={"Content-Range": f"bytes */{len(BLOB)}"})
+        if self.range_mode == "wrong":  # answers a different range than asked
+            start = max(0, start - 10)
+        total = "*" if self.range_mode == "no-total" else str(len(BLOB))
+        return respond(206, headers={"Content-Range": f"bytes {start}-{len(BLOB) - 1}/{total}"},
+                              content=BLOB[start:])
+
+    def paths(self) -> list[str]:
+        return [f"{r.method} {r.url.host}{r.url.path}" for r in self.requests]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(
+    reg: FakeRegistry,
+    creds: Credentials | None = None,
+    retries: int = 2,
+    **kw: object,
+) -> Upstream:
+    settings = Settings(upstreams={"docker.io": REGISTRY}, upstream_retries=retries)
+    store = CredentialStore({"docker.io": creds} if creds else {})
+    return Upstream(settings, transport=httpx.MockTransport(reg.handler), credentials=store,
+                    retry_backoff=0.001, **kw)  # type: ignore[arg-type]
+
+
+async def read_all(up: Upstream, offset: int = 0) -> bytes:
+    async with up.open_blob(REPO, BLOB_DIGEST, offset) as blob:
+        assert blob.size == len(BLOB) and blob.offset == offset
+        chunks = [c async for c in blob]
+    assert all(len(c) <= CHUNK_SIZE for c in chunks)
+    return b"".join(chunks)
+
+
+# --- token flow ---
+
+
+async def test_anonymous_bearer_flow_and_token_reuse() -> None:
+    reg = FakeRegistry(auth="bearer")
+    up = make(reg)
+    info, body = await up.get_manifest(REPO, "latest", [OCI_MANIFEST])
+    assert body == MANIFEST and info.digest == MANIFEST_DIGEST and info.media_type == OCI_MANIFEST
+    token_request = next(r for r in reg.requests if r.url.host == "auth.test")
+    assert "authorization" not in token_request.headers  # anonymous: no credentials configured
+    assert reg.tokens_issued == 1
+    n = len(reg.requests)
+    assert await read_all(up) == BLOB
+    assert len(reg.requests) == n + 1  # the cached token went along at once: no 401, no token request
+    assert reg.requests[-1].headers["authorization"] == "Bearer tok1"
+    await up.aclose()
+
+
+async def test_credentialed_bearer_flow() -> None:
+    reg = FakeRegistry(auth="bearer", anonymous_tokens=False)
+    up = make(reg, Credentials("alice", "wonderland"))
+    assert (await up.head_manifest(REPO, "latest", [OCI_MANIFEST])).digest == MANIFEST_DIGEST
+    token_request = next(r for r in reg.requests if r.url.host == "auth.test")
+    assert token_request.headers["authorization"].startswith("Basic ")
+
+
+async def test_wrong_credentials_are_unauthorized() -> None:
+    reg = FakeRegistry(auth="bearer", anonymous_tokens=False)
+    up = make(reg, Credentials("alice", "wrong"))
+    with pytest.raises(OciError) as e:
+        await up.get_manifest(REPO, "latest", [OCI_MANIFEST])
+    assert e.value.code == "UNAUTHORIZED"
+    assert "wrong" not in str(e.value)
+    up2 = make(reg)  # no credentials, token server wants some
+    with pytest.raises(OciError, match="anonymous"):
+        await up2.get_manifest(REPO, "latest", [OCI_MANIFEST])
+
+
+async def test_token_expiry_fetches_a_new_token() -> None:
+    reg = FakeRegistry(auth="bearer", expires_in=300)
+    clock = FakeClock()
+    up = make(reg, token_cache=TokenCache(clock=clock))
+    await up.head_blob(REPO, BLOB_DIGEST)
+    await up.head_blob(REPO, BLOB_DIGEST)
+    assert reg.tokens_issued == 1
+    clock.now += 301
+    await up.head_blob(REPO, BLOB_DIGEST)
+    assert reg.tokens_issued == 2
+    # the expired token was not even tried: the request went out with the new one straight after the 401
+    assert [r.headers.get("authorization") for r in reg.requests if r.url.host == "registry.test"][-1] == "Bearer tok2"
+
+
+async def test_revoked_token_is_replaced_once() -> None:
+    reg = FakeRegistry(auth="bearer")
+    up = make(reg)
+    await up.head_blob(REPO, BLOB_DIGEST)
+    reg.valid_tokens.clear()  # the registry forgets it before its expiry
+    assert await up.head_blob(REPO, BLOB_DIGEST) == len(BLOB)
+    assert reg.tokens_issued == 2
+
+
+# --- Basic ---
+
+
+async def test_basic_auth() -> None:
+    reg = FakeRegistry(auth="basic")
+    up = make(reg, Credentials("alice", "wonderland"))
+    assert await up.head_blob(REPO, BLOB_DIGEST) == len(BLOB)
+    assert [r.headers.get("authorization") is not None for r in reg.requests] == [False, True]
+    await up.head_blob(REPO, BLOB_DIGEST)  # Basic is now sent at once
+    assert len(reg.requests) == 3
+    with pytest.raises(OciError) as e:
+        await make(reg, Credentials("alice", "nope")).head_blob(REPO, BLOB_DIGEST)
+    assert e.value.code == "UNAUTHORIZED"
+    with pytest.raises(OciError, match="none are configured"):
+        await make(reg).head_blob(REPO, BLOB_DIGEST)
+
+
+# --- redirects ---
+
+
+async def test_redirect_to_another_host_drops_authorization() -> None:
+    reg = FakeRegistry(auth="bearer", redirect_blobs_to="http://cdn.test")
+    up = make(reg)
+    assert await read_all(up) == BLOB
+    cdn = [r for r in reg.requests if r.url.host == "cdn.test"]
+    assert len(cdn) == 1 and "authorization" not in cdn[0].headers
+    assert cdn[0].url.params["x"] == "1"
+    assert reg.requests[-2].headers["authorization"].startswith("Bearer ")  # the registry did get it
+
+
+async def test_redirect_to_the_same_host_keeps_authorization() -> None:
+    reg = FakeRegistry(auth="basic", redirect_blobs_to=REGISTRY)
+    up = make(reg, Credentials("alice", "wonderland"))
+    assert await read_all(up) == BLOB
+    assert reg.requests[-1].url.path.startswith("/signed/")
+    assert "authorization" in reg.requests[-1].headers
+
+
+async def test_redirect_loop_is_an_error() -> None:
+    reg = FakeRegistry(redirect_loop=True)
+    with pytest.raises(UpstreamProtocolError, match="redirects"):
+        await read_all(make(reg))
+
+
+# --- retries and errors ---
+
+
+async def test_retries_on_5xx_and_connection_errors() -> None:
+    reg = FakeRegistry(failures=[503, httpx.ConnectError("refused")])
+    metrics = Metrics()
+    up = make(reg, retries=2, metrics=metrics)
+    assert (await up.get_manifest(REPO, "latest", [OCI_MANIFEST]))[1] == MANIFEST
+    assert len(reg.requests) == 3
+    value = metrics.registry.get_sample_value
+    assert value("p2pcache_upstream_requests_total", {"method": "GET", "kind": "manifest", "status": "503"}) == 1
+    assert value("p2pcache_upstream_requests_total", {"method": "GET", "kind": "manifest", "status": "error"}) == 1
+    assert value("p2pcache_upstream_requests_total", {"method": "GET", "kind": "manifest", "status": "200"}) == 1
+
+
+async def test_retries_give_up_with_upstream_unavailable() -> None:
+    reg = FakeRegistry(failures=[500, 502, 503, 504])
+    with pytest.raises(UpstreamUnavailable, match="after 3 attempts"):
+        await make(reg, retries=2).head_blob(REPO, BLOB_DIGEST)
+    assert len(reg.requests) == 3
+
+
+async def test_429_is_passed_through_not_retried() -> None:
+    reg = FakeRegistry(rate_limited=True)
+    with pytest.raises(OciError) as e:
+        await make(reg).get_manifest(REPO, "latest", [OCI_MANIFEST])
+    assert e.value.code == "TOOMANYREQUESTS" and e.value.status == 429
+    assert e.value.headers["Retry-After"] == "17"
+    assert len(reg.requests) == 1
+
+
+async def test_not_found_and_denied() -> None:
+    reg = FakeRegistry()
+    up = make(reg)
+    with pytest.raises(OciError) as e:
+        await up.get_manifest(REPO, "nope", [OCI_MANIFEST])
+    assert e.value.code == "MANIFEST_UNKNOWN"
+    with pytest.raises(OciError) as e:
+        await up.head_blob(REPO, sha(b"other"))
+    assert e.value.code == "BLOB_UNKNOWN"
+    reg.failures = [403]
+    with pytest.raises(OciError) as e:
+        await up.head_blob(REPO, BLOB_DIGEST)
+    assert e.value.code == "DENIED"
+
+
+async def test_accept_is_forwarded() -> None:
+    reg = FakeRegistry()
+    up = make(reg)
+    # the fake, like the distribution registry, 404s an OCI manifest when Accept does not admit it
+    with pytest.raises(OciError):
+        await up.get_manifest(REPO, "latest", ["application/vnd.docker.distribution.manifest.v2+json"])
+    await up.get_manifest(REPO, "latest", ["application/vnd.docker.distribution.manifest.v2+json", OCI_MANIFEST])
+    assert reg.requests[-1].headers["accept"] == f"application/vnd.docker.distribution.manifest.v2+json, {OCI_MANIFEST}"
+    await up.get_manifest(REPO, "latest", [])  # none given: a default list that includes OCI
+    await up.get_manifest(REPO, "latest", ["bad\r\nX-Injected: 1"])  # unusable items are dropped
+    assert "X-Injected" not in reg.requests[-1].headers
+
+
+# --- manifests are verified ---
+
+
+async def test_manifest_digest_mismatch() -> None:
+    reg = FakeRegistry(lie_about_manifest=True)
+    up = make(reg)
+    with pytest.raises(OciError) as e:
+        await up.get_manifest(REPO, MANIFEST_DIGEST, [OCI_MANIFEST])
+    assert e.value.code == "DIGEST_INVALID"
+    reg2 = FakeRegistry(manifest_header_digest=sha(b"something else"))
+    with pytest.raises(OciError) as e:
+        await make(reg2).get_manifest(REPO, "latest", [OCI_MANIFEST])  # by tag: header contradicts body
+    assert e.value.code == "DIGEST_INVALID"
+
+
+async def test_head_manifest() -> None:
+    up = make(FakeRegistry())
+    info = await up.head_manifest(REPO, "latest", [OCI_MANIFEST])
+    assert (info.digest, info.media_type, info.size) == (MANIFEST_DIGEST, OCI_MANIFEST, len(MANIFEST))
+
+
+async def test_invalid_refs_never_reach_the_network() -> None:
+    reg = FakeRegistry()
+    up = make(reg)
+    for call in (
+        lambda: up.get_manifest(REPO, "../x", []),
+        lambda: up.get_manifest(REPO, "sha256:xyz", []),
+        lambda: up.head_blob(REPO, "sha256:../../etc"),
+        lambda: up.head_blob(Repo("docker.io", "../x"), BLOB_DIGEST),
+    ):
+        with pytest.raises(OciError):
+            await call()
+    assert reg.requests == []
+
+
+# --- Range ---
+
+
+@pytest.mark.parametrize("mode", ["honour", "ignore"])
+async def test_range_honoured_or_ignored(mode: str) -> None:
+    reg = FakeRegistry(range_mode=mode)
+    metrics = Metrics()
+    up = make(reg, metrics=metrics)
+    offset = 1_500_000
+    assert await read_all(up, offset) == BLOB[offset:]
+    assert reg.requests[-1].headers["range"] == f"bytes={offset}-"
+    received = metrics.registry.get_sample_value("p2pcache_upstream_bytes_total")
+    assert received == (len(BLOB) - offset if mode == "honour" else len(BLOB))
+
+
+@pytest.mark.parametrize("mode", ["wrong", "no-total"])
+async def test_inconsistent_content_range_is_an_error(mode: str) -> None:
+    reg = FakeRegistry(range_mode=mode)
+    with pytest.raises(UpstreamProtocolError):
+        await read_all(make(reg), 1000)
+
+
+async def test_offset_past_the_end() -> None:
+    with pytest.raises(OciError) as e:
+        await read_all(make(FakeRegistry()), len(BLOB) + 1)
+    assert e.value.code == "RANGE_INVALID"
+    with pytest.raises(ValueError):
+        await read_all(make(FakeRegistry()), -1)
+
+
+async def test_broken_body_is_resumed_with_range() -> None:
+    # The first body breaks after one whole 1 MiB chunk was handed out, so the resume asks for the rest; the
+    # second (which ignores Range, like the first) breaks before another whole chunk, so nothing was handed
+    # out and the third asks for the same range again.
+    reg = FakeRegistry(break_body_at=[CHUNK_SIZE + 50_000, CHUNK_SIZE + 10])
+    assert await read_all(make(reg, retries=2)) == BLOB
+    blob_gets = [r for r in reg.requests if "/blobs/" in r.url.path]
+    assert [r.headers.get("range") for r in blob_gets] == [None, f"bytes={CHUNK_SIZE}-", f"bytes={CHUNK_SIZE}-"]
+
+
+async def test_broken_body_gives_up_after_retries() -> None:
+    reg = FakeRegistry(break_body_at=[5, 5, 5])
+    with pytest.raises(UpstreamUnavailable):
+        await read_all(make(reg, retries=1))
+
+
+async def test_fast_path_is_enabled() -> None:
+    from httpcore._async.http11 import AsyncHTTP11Connection
+
+    make(FakeRegistry())
+    assert AsyncHTTP11Connection.READ_NUM_BYTES >= 1 << 20
+
+
+def test_missing_credentials_file_is_a_config_error(tmp_path) -> None:
+    from p2pcache.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot read"):
+        Upstream(Settings(credentials=tmp_path / "absent"))
+
+
+_: Callable[..., object] = make  # keep the helper's signature visible to type checkers
