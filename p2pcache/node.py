@@ -1,0 +1,191 @@
+"""One node process: builds the store, upstream client, fetcher and resolver, and runs them in one nursery tree.
+
+    run_node (root nursery; cancelled by SIGTERM/SIGINT)
+    ├── Fetcher.run            owns every Download
+    ├── SwarmService.run       only with --peer-listen (issue 3), assigned to fetcher.swarm
+    ├── serve_http(registry)   settings.listen: the read-only /v2/ API, /metrics, /healthz
+    └── serve_http(admin)      settings.admin_listen: DELETE blob/image, status, preheat
+
+Stopping a node is cancelling the root scope: every connection, download and listener ends with it, and the
+upstream client is closed on the way out. This module must never leave a task running outside that tree, and
+`run_node_blocking` must never show a traceback for a startup problem a user can fix (port in use, unwritable
+data directory): one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import trio
+
+from p2pcache.config import Settings
+from p2pcache.log import setup_logging
+from p2pcache.metrics import Metrics
+from p2pcache.proxy.server import serve_http
+
+log = logging.getLogger("p2pcache.node")
+
+ADMIN_MAX_BODY = 1 << 20  # preheat requests are small JSON documents
+
+
+class StartupError(Exception):
+    """A problem the user can fix before the node can start; the message is the whole story."""
+
+
+@dataclass
+class Node:
+    """What a running node is made of (handed to task_status.started, for tests and embedding)."""
+
+    settings: Settings
+    metrics: Metrics
+    store: Any  # BlobStore
+    manifests: Any  # ManifestStore
+    tags: Any  # TagCache
+    upstream: Any  # Upstream
+    fetcher: Any  # Fetcher
+    resolver: Any  # ManifestResolver
+    swarm: Any = None  # SwarmService when settings.peer_listen is set
+    registry_address: tuple[str, int] | None = None
+    admin_address: tuple[str, int] | None = None
+
+    @property
+    def registry_url(self) -> str:
+        assert self.registry_address is not None
+        return _url(self.registry_address)
+
+    @property
+    def admin_url(self) -> str:
+        assert self.admin_address is not None
+        return _url(self.admin_address)
+
+
+def _url(addr: tuple[str, int]) -> str:
+    host, port = addr
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def build_node(settings: Settings) -> Node:
+    """Create every component (no task started, no socket opened). StartupError for an unusable data dir."""
+    from p2pcache.fetch import Fetcher
+    from p2pcache.oci.upstream import Upstream
+    from p2pcache.store.blobs import BlobStore
+    from p2pcache.store.manifests import ManifestStore, TagCache
+    from p2pcache.tags import ManifestResolver
+
+    metrics = Metrics()
+    try:
+        settings.data.mkdir(parents=True, exist_ok=True)
+        store = BlobStore(settings.data, settings.max_disk, metrics)
+        manifests = ManifestStore(settings.data, store)
+        tags = TagCache(settings.data)
+    except OSError as e:
+        raise StartupError(f"cannot use data directory {settings.data}: {e.strerror or e}") from None
+    upstream = Upstream(settings, metrics)
+    fetcher = Fetcher(settings, store, upstream, metrics)
+    resolver = _make_resolver(ManifestResolver, settings, store, manifests, tags, upstream, metrics)
+    return Node(settings, metrics, store, manifests, tags, upstream, fetcher, resolver)
+
+
+def _make_resolver(cls: Any, settings: Settings, store: Any, manifests: Any, tags: Any, upstream: Any,
+                   metrics: Any) -> Any:
+    # ARCHITECTURE.md's signature has no TagCache, but the resolver needs one and the node owns it: pass it as
+    # `tags=` when the resolver accepts that, else let the resolver build its own.
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    if "tags" in params:
+        return cls(settings, store, manifests, upstream, metrics, tags=tags)
+    if "tag_cache" in params:
+        return cls(settings, store, manifests, upstream, metrics, tag_cache=tags)
+    return cls(settings, store, manifests, upstream, metrics)
+
+
+async def _stop_on_signals(cancel_scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            cancel_scope.cancel()
+            return
+
+
+async def _listen(nursery: trio.Nursery, what: str, listen: str, handler: Any, settings: Settings,
+                  **kw: Any) -> tuple[str, int]:
+    try:
+        return await nursery.start(partial(serve_http, listen, handler, settings, **kw))
+    except OSError as e:
+        reason = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise StartupError(f"cannot listen on {listen} ({what}): {reason}") from None
+
+
+async def run_node(settings: Settings, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
+                   handle_signals: bool = True) -> None:
+    """Run a node until cancelled (or SIGTERM/SIGINT). `task_status.started(node)` once both ports listen."""
+    from p2pcache.proxy.admin import Admin
+    from p2pcache.proxy.registry import Registry
+
+    node = build_node(settings)
+    try:
+        async with trio.open_nursery() as nursery:
+            if handle_signals and threading.current_thread() is threading.main_thread():
+                nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+            await nursery.start(node.fetcher.run)
+
+            # ---- swarm plug-in point (issue 3) -------------------------------------------------------------
+            # With --peer-listen the node shares: SwarmService serves pieces to peers and fills downloads from
+            # them; the Fetcher calls it through `fetcher.swarm` (the BlobSwarm protocol in fetch.py).
+            # Imported lazily so a node runs without the swarm package being complete.
+            if settings.peer_listen:
+                from p2pcache.swarm.service import SwarmService
+
+                node.swarm = SwarmService(settings, node.store, node.fetcher, node.upstream, node.metrics)
+                await nursery.start(node.swarm.run)
+                node.fetcher.swarm = node.swarm
+            # -------------------------------------------------------------------------------------------------
+
+            registry = Registry(settings, node.fetcher, node.resolver, node.metrics)
+            admin = Admin(settings, node.store, node.manifests, node.tags, node.fetcher, node.resolver,
+                          node.metrics)
+            node.registry_address = await _listen(nursery, "registry", settings.listen, registry, settings)
+            node.admin_address = await _listen(nursery, "admin", settings.admin_listen, admin, settings,
+                                               max_body_bytes=ADMIN_MAX_BODY)
+            log.info("listening on %s (registry), %s (admin)%s", node.registry_url, node.admin_url,
+                     f", peers on {settings.peer_listen}" if settings.peer_listen else "")
+            log.info("store %s, default namespace %s", settings.data, settings.default_ns)
+            task_status.started(node)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await node.upstream.aclose()
+        log.info("stopped")
+
+
+def _startup_problem(exc: BaseException) -> str | None:
+    """The one-line message for an exception (or a group of them) a user can fix, else None."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_startup_problem(e) for e in exc.exceptions]
+        return leaves[0] if leaves and all(m is not None for m in leaves) else None
+    if isinstance(exc, StartupError):
+        return str(exc)
+    return None
+
+
+def run_node_blocking(settings: Settings) -> int:
+    """The `p2pcache node` command: run until SIGTERM/SIGINT. 0 on a clean stop, 2 on a startup problem."""
+    setup_logging(settings.log_level, settings.log_format)
+    try:
+        trio.run(run_node, settings)
+    except KeyboardInterrupt:  # a second Ctrl-C before the signal receiver was installed
+        return 130
+    except BaseException as e:  # noqa: BLE001 - sorted below: user-fixable problems get one line, bugs a trace
+        problem = _startup_problem(e)
+        if problem is None:
+            raise
+        print(f"p2pcache: {problem}", file=sys.stderr)
+        return 2
+    return 0

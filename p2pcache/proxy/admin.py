@@ -1,0 +1,300 @@
+"""Admin API of a node, served only on `settings.admin_listen` (loopback by default), never on the registry port.
+
+- `DELETE /admin/blobs/<digest>`: remove a cached blob (404 if absent, 409 while it is being served or
+  downloaded);
+- `DELETE /admin/images/<ns>/<name>:<tag>` (or `@<digest>`): the seed's `rmi`: forget the tag, delete the
+  manifest and, for an image manifest, its config and layers; for an index, its child manifests and theirs.
+  Best effort: pinned blobs are skipped and reported, absent ones counted;
+- `GET /admin/status`: store bytes, blob count, downloads in flight, version;
+- `POST /admin/preheat` `{"image": "docker.io/library/x:1", "platforms": ["linux/amd64"]}`: resolve the image
+  and fetch its config and every layer into the store (all platforms of an index unless `platforms` is given);
+  answers when done with a JSON summary (200, or 502 when something could not be fetched).
+Also `/healthz` and `/metrics`, so an operator can use one port.
+
+Rules: this module must never be reachable from peers or the registry port (the node mounts it on its own
+listener); it never deletes a pinned blob (the store refuses); every name, tag and digest goes through
+`oci.reference` first, and every error is an OCI JSON body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import p2pcache
+from p2pcache.config import Settings
+from p2pcache.metrics import Metrics
+from p2pcache.oci.errors import OciError, UpstreamUnavailable
+from p2pcache.oci.reference import Repo, check_tag, is_digest, parse_digest, resolve_repo
+from p2pcache.proxy.server import Request, Response, oci_error_response
+
+if TYPE_CHECKING:
+    from p2pcache.fetch import Fetcher
+    from p2pcache.store.blobs import BlobStore
+    from p2pcache.store.manifests import ManifestStore, TagCache
+    from p2pcache.tags import ManifestResolver
+
+log = logging.getLogger(__name__)
+
+# Everything a pull may need, so the upstream answers with whatever it has for the tag.
+ALL_MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+PREHEAT_CONCURRENCY = 4  # blobs fetched at once by one preheat: enough to fill a link, few enough for clients
+MAX_INDEX_DEPTH = 2  # an index of indexes is legal but rare; deeper nesting is refused, not followed forever
+
+
+def split_image(ref: str, default_ns: str) -> tuple[Repo, str]:
+    """'docker.io/library/x:1' -> (Repo('docker.io', 'library/x'), '1'); '@sha256:…' gives the digest; no tag
+    means 'latest'. Raises OciError(NAME_INVALID / DIGEST_INVALID)."""
+    if "@" in ref:
+        name, _, reference = ref.partition("@")
+        parse_digest(reference)
+    else:
+        slash = ref.rfind("/")
+        colon = ref.rfind(":")
+        if colon > slash:
+            name, reference = ref[:colon], ref[colon + 1:]
+        else:
+            name, reference = ref, "latest"
+        check_tag(reference)
+    return resolve_repo(name, None, default_ns), reference
+
+
+def manifest_children(body: bytes) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """(child manifests with their index entries, blob digests) referenced by a manifest body."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return [], []
+    if not isinstance(doc, dict):
+        return [], []
+    children: list[tuple[str, dict[str, Any]]] = []
+    blobs: list[str] = []
+    for entry in doc.get("manifests") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("digest"), str):
+            children.append((entry["digest"], entry))
+    config = doc.get("config")
+    if isinstance(config, dict) and isinstance(config.get("digest"), str):
+        blobs.append(config["digest"])
+    for layer in doc.get("layers") or []:
+        if isinstance(layer, dict) and isinstance(layer.get("digest"), str):
+            blobs.append(layer["digest"])
+    return children, blobs
+
+
+def _platform(entry: dict[str, Any]) -> str:
+    p = entry.get("platform") or {}
+    parts = [str(p.get("os", "")), str(p.get("architecture", ""))]
+    if p.get("variant"):
+        parts.append(str(p["variant"]))
+    return "/".join(parts)
+
+
+def _json(status: int, doc: Any) -> Response:
+    return Response(status, [("content-type", "application/json")], json.dumps(doc).encode() + b"\n")
+
+
+class Admin:
+    """The request handler of the admin listener."""
+
+    def __init__(self, settings: Settings, store: BlobStore, manifests: ManifestStore, tags: TagCache,
+                 fetcher: Fetcher, resolver: ManifestResolver, metrics: Metrics) -> None:
+        self.settings = settings
+        self.store = store
+        self.manifests = manifests
+        self.tags = tags
+        self.fetcher = fetcher
+        self.resolver = resolver
+        self.metrics = metrics
+        self.started_at = time.time()
+
+    async def __call__(self, req: Request) -> Response:
+        try:
+            return await self._route(req)
+        except OciError as e:
+            return oci_error_response(e)
+        except UpstreamUnavailable as e:
+            return oci_error_response(OciError("UNAVAILABLE", f"upstream registry unreachable: {e}"))
+
+    async def _route(self, req: Request) -> Response:
+        m, path = req.method, req.path
+        if path == "/healthz" and m in ("GET", "HEAD"):
+            return Response(200, [("content-type", "text/plain")], b"ok\n")
+        if path == "/metrics" and m in ("GET", "HEAD"):
+            return Response(200, [("content-type", CONTENT_TYPE_LATEST)], generate_latest(self.metrics.registry))
+        if path == "/admin/status" and m in ("GET", "HEAD"):
+            return _json(200, self.status())
+        if path == "/admin/preheat" and m == "POST":
+            return await self.preheat(req.body)
+        if path.startswith("/admin/blobs/") and m == "DELETE":
+            return self.delete_blob(path[len("/admin/blobs/"):])
+        if path.startswith("/admin/images/") and m == "DELETE":
+            return await self.delete_image(path[len("/admin/images/"):])
+        known = ("/admin/status", "/admin/preheat", "/healthz", "/metrics")
+        if path in known or path.startswith(("/admin/blobs/", "/admin/images/")):
+            raise OciError("UNSUPPORTED", f"{m} is not supported on {path}")
+        raise OciError("NAME_UNKNOWN", "not found", status=404)
+
+    # --- status ------------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        downloads = self.fetcher.downloads()
+        return {
+            "version": p2pcache.__version__,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "store_bytes": self.store.used_bytes(),
+            "max_disk": self.settings.max_disk,
+            "blobs": len(self.store.digests()),
+            "downloads_in_flight": len(downloads),
+            "downloads": sorted(downloads),
+            "swarm": self.fetcher.swarm is not None,
+        }
+
+    # --- deletions ---------------------------------------------------------------------------------------
+
+    def delete_blob(self, digest: str) -> Response:
+        parse_digest(digest)
+        if self.store.stat(digest, touch=False) is None:
+            raise OciError("BLOB_UNKNOWN", "blob not in the store")
+        if not self.store.delete(digest):
+            raise OciError("DENIED", "blob is being served or downloaded; try again later", status=409)
+        log.info("admin: deleted blob %s", digest)
+        return _json(200, {"deleted": digest})
+
+    async def delete_image(self, ref: str) -> Response:
+        repo, reference = split_image(ref, self.settings.default_ns)
+        roots: list[str] = []
+        if is_digest(reference):
+            roots.append(reference)
+        else:
+            roots += self._cached_tag_digests(repo, reference)
+            if not roots:
+                # Not in the tag cache (e.g. expired and forgotten): ask the resolver, which also knows the
+                # cache's Accept variants; an upstream that is down just means nothing more to delete.
+                try:
+                    info, _ = await self.resolver.resolve(repo, reference, ALL_MANIFEST_TYPES)
+                    roots.append(info.digest)
+                except (OciError, UpstreamUnavailable) as e:
+                    log.info("admin rmi %s: tag not resolvable (%s)", ref, e)
+            self.tags.forget(repo, reference)
+        report: dict[str, list[str]] = {"deleted": [], "in_use": [], "absent": []}
+        seen: set[str] = set()
+        for digest in roots:
+            self._delete_tree(digest, report, seen, depth=0)
+        log.info("admin: rmi %s: %d deleted, %d in use", ref, len(report["deleted"]), len(report["in_use"]))
+        if not roots:
+            raise OciError("MANIFEST_UNKNOWN", "image not known to this node")
+        return _json(200, {"image": f"{repo}:{reference}" if not is_digest(reference) else f"{repo}@{reference}",
+                           **report})
+
+    def _cached_tag_digests(self, repo: Repo, tag: str) -> list[str]:
+        # TagCache.get needs an accept_key, and one tag may be cached under several (docker, containerd and
+        # skopeo send different Accept sets). TagCache.entries(repo, tag), when the store offers it, lists them
+        # all; without it the caller falls back to the resolver.
+        entries_of = getattr(self.tags, "entries", None)
+        if not callable(entries_of):
+            return []
+        return list(dict.fromkeys(e.digest for e in entries_of(repo, tag)))
+
+    def _delete_tree(self, digest: str, report: dict[str, list[str]], seen: set[str], depth: int) -> None:
+        if digest in seen:
+            return
+        seen.add(digest)
+        try:
+            parse_digest(digest)
+        except OciError:
+            return  # a malformed child reference in a manifest: nothing of ours can be named by it
+        got = self.manifests.get(digest)
+        if got is not None:
+            children, blobs = manifest_children(got[1])
+            if depth < MAX_INDEX_DEPTH:
+                for child, _ in children:
+                    self._delete_tree(child, report, seen, depth + 1)
+            for blob in blobs:
+                if blob not in seen:
+                    seen.add(blob)
+                    self._delete_one(blob, report)
+        self._delete_one(digest, report)
+
+    def _delete_one(self, digest: str, report: dict[str, list[str]]) -> None:
+        try:
+            if self.store.stat(digest, touch=False) is None:
+                report["absent"].append(digest)
+            elif self.store.delete(digest):
+                report["deleted"].append(digest)
+            else:
+                report["in_use"].append(digest)
+        except OciError:
+            pass  # an invalid digest inside a manifest names nothing in the store
+
+    # --- preheat -----------------------------------------------------------------------------------------
+
+    async def preheat(self, body: bytes) -> Response:
+        try:
+            doc = json.loads(body or b"null")
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict) or not isinstance(doc.get("image"), str):
+            raise OciError("UNKNOWN", 'expected JSON {"image": "docker.io/library/x:1"}', status=400)
+        platforms = doc.get("platforms")
+        if platforms is not None and not (isinstance(platforms, list)
+                                          and all(isinstance(p, str) for p in platforms)):
+            raise OciError("UNKNOWN", '"platforms" must be a list like ["linux/amd64"]', status=400)
+        repo, reference = split_image(doc["image"], self.settings.default_ns)
+        started = time.monotonic()
+        summary: dict[str, Any] = {"image": doc["image"], "manifests": [], "blobs": 0, "bytes": 0,
+                                   "already_cached": 0, "errors": []}
+        blobs = await self._collect(repo, reference, platforms, summary)
+        limiter = trio.CapacityLimiter(PREHEAT_CONCURRENCY)
+
+        async def fetch(digest: str) -> None:
+            async with limiter:
+                try:
+                    cached = self.store.stat(digest, touch=False) is not None
+                    async with self.fetcher.open_blob(repo, digest) as handle:
+                        end = await handle.readable(0)
+                        while end < handle.size:
+                            end = await handle.readable(end)
+                    summary["blobs"] += 1
+                    summary["bytes"] += handle.size
+                    summary["already_cached"] += cached
+                except Exception as e:  # FetchFailed, OciError, …: reported, the other blobs go on
+                    summary["errors"].append({"digest": digest, "error": str(e) or type(e).__name__})
+
+        async with trio.open_nursery() as nursery:
+            for digest in blobs:
+                nursery.start_soon(fetch, digest)
+        summary["seconds"] = round(time.monotonic() - started, 3)
+        log.info("admin: preheated %s: %d blobs, %d bytes, %d errors", doc["image"], summary["blobs"],
+                 summary["bytes"], len(summary["errors"]))
+        return _json(502 if summary["errors"] else 200, summary)
+
+    async def _collect(self, repo: Repo, reference: str, platforms: list[str] | None,
+                       summary: dict[str, Any]) -> list[str]:
+        """Resolve the image (and its index children) and return every blob digest to fetch, in order."""
+        blobs: list[str] = []
+        todo: list[tuple[str, int]] = [(reference, 0)]
+        while todo:
+            ref, depth = todo.pop(0)
+            info, body = await self.resolver.resolve(repo, ref, ALL_MANIFEST_TYPES)
+            summary["manifests"].append(info.digest)
+            children, layer_digests = manifest_children(body)
+            if depth < MAX_INDEX_DEPTH:
+                for child, entry in children:
+                    if platforms is None or _platform(entry) in platforms:
+                        parse_digest(child)
+                        todo.append((child, depth + 1))
+            for d in layer_digests:
+                parse_digest(d)
+                if d not in blobs:
+                    blobs.append(d)
+        return blobs
