@@ -31,6 +31,7 @@ import os
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, BinaryIO, Protocol
 
 import h11
@@ -261,7 +262,7 @@ class _Conn:
             headers.append(("server", SERVER_NAME))
         self.body_sent, complete = 0, False
         try:
-            await self._send_event(h11.Response(status_code=resp.status, headers=headers))
+            await self._send_event(h11.Response(status_code=resp.status, headers=headers, reason=_reason(resp.status)))
             if req_method != "HEAD":
                 if resp.stream is not None and len(resp.stream) > 0:
                     passthrough = self.h11.send_with_data_passthrough(
@@ -343,6 +344,14 @@ class _Conn:
         # Abortive enough: a response cut short must reach the client as a truncated body, not a complete one.
         with trio.CancelScope(shield=True), contextlib.suppress(Exception):
             await self.stream.aclose()
+
+
+def _reason(status: int) -> bytes:
+    # Optional in HTTP/1.1, but some clients print it and humans reading curl -v like it.
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def _make_request(event: h11.Request) -> Request | Response:
