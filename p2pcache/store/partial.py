@@ -35,6 +35,9 @@ from p2pcache.swarm.metainfo import piece_count, piece_span
 
 STATE_VERSION = 1
 HASH_LEN = 32  # SHA-256
+# The bitfield and hash list live in memory and in every save(): a million pieces (1 TiB at 1 MiB pieces) is
+# far beyond any image layer and still only ~40 MB of hashes.
+MAX_PIECES = 1 << 20
 _READ_CHUNK = 1 << 20  # hashing reads: large enough to amortise syscalls, small enough to keep RSS flat
 
 
@@ -68,11 +71,14 @@ class PartialBlob:
             raise ValueError(f"blob size must be a non-negative integer, got {size!r}")
         if not isinstance(piece_size, int) or isinstance(piece_size, bool) or piece_size <= 0:
             raise ValueError(f"piece size must be a positive integer, got {piece_size!r}")
+        n_pieces = piece_count(size, piece_size)
+        if n_pieces > MAX_PIECES:
+            raise ValueError(f"{size} bytes in {piece_size}-byte pieces is {n_pieces} pieces (max {MAX_PIECES})")
         self.digest = digest
         self.hex = digest.split(":", 1)[1]
         self.size = size
         self.piece_size = piece_size
-        self.n_pieces = piece_count(size, piece_size)
+        self.n_pieces = n_pieces
         self.data_path = directory / f"{self.hex}.data"
         self.state_path = directory / f"{self.hex}.state"
         self._lock = threading.Lock()
@@ -96,7 +102,14 @@ class PartialBlob:
             self._advance_contig()
             self.resumed = any(self._bits)
         # Sparse preallocation: every offset of the blob is addressable from the start; no-op when resuming.
-        os.ftruncate(self.file.fileno(), size)
+        try:
+            os.ftruncate(self.file.fileno(), size)
+        except OSError as e:
+            # e.g. EFBIG for an absurd size announced by an upstream: a clear error, no file left behind.
+            self.file.close()
+            _unlink(self.data_path)
+            _unlink(self.state_path)
+            raise ValueError(f"cannot allocate a {size}-byte partial for {digest}: {e.strerror}") from e
 
     # --- state file -------------------------------------------------------------------------------------------
 

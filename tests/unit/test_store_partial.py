@@ -89,6 +89,11 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         p.read(-5, 1)
     assert len(p.read(len(DATA) - 3, 100)) == 3  # clamped to the blob's end
+    with pytest.raises(ValueError, match="pieces"):
+        store.partial(digest_of(b"huge"), 1 << 50, 1 << 20)  # a lying size must not exhaust memory
+    with pytest.raises(ValueError, match="cannot allocate"):
+        store.partial(digest_of(b"huge"), (1 << 63) - 1, 1 << 44)  # beyond any filesystem's file size
+    assert sorted(q.name for q in (tmp_path / "partial").iterdir()) == [p.data_path.name]
     for bad_size, bad_piece in ((-1, PIECE), (10, 0), (10, -4)):
         with pytest.raises(ValueError):
             store.partial(digest_of(b"x"), bad_size, bad_piece)
