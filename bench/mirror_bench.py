@@ -179,8 +179,10 @@ class Bench:
         got = curl_sha256(origin_url)
         if got != blob.digest:
             raise RuntimeError(f"origin serves a wrong blob: {got}")
-        node, data = self.start_node()
+        node: Proc | None = None
+        node_url = ""
         try:
+            node, data = self.start_node()
             node_url = node.url + self.blob_path(blob.digest)
             self.log("warm: priming the node")
             self.check(curl_get(node_url), blob, "node prime")
@@ -189,16 +191,32 @@ class Bench:
             got = curl_sha256(node_url)
             if got != blob.digest:
                 raise RuntimeError(f"node serves a wrong blob: {got}")
-            curl_get(origin_url)  # one unmeasured run each, so both read from the page cache
-            curl_get(node_url)
+            curl_get(node_url)  # one unmeasured run, so it reads from the page cache
+        except RuntimeError as e:
+            self.fail("warm (node)", e)
+            if node is not None:
+                self.drop(node, data)
+            node = None
+        try:
+            curl_get(origin_url)
             for i in range(self.args.runs):
                 r = self.check(curl_get(origin_url), blob, "registry warm")
-                n = self.check(curl_get(node_url), blob, "node warm")
                 self.results.warm_reg.append(r)
+                if node is None:
+                    self.log(f"warm run {i + 1}: registry {fmt_rate(r)}")
+                    continue
+                try:
+                    n = self.check(curl_get(node_url), blob, "node warm")
+                except RuntimeError as e:
+                    self.fail("warm (node)", e)
+                    self.drop(node, data)
+                    node = None
+                    continue
                 self.results.warm_node.append(n)
                 self.log(f"warm run {i + 1}: registry {fmt_rate(r)}, node {fmt_rate(n)}")
         finally:
-            self.drop(node, data)
+            if node is not None:
+                self.drop(node, data)
 
     def cold_registry(self, blob: Blob) -> None:
         assert self.origin is not None and self.access is not None
@@ -243,10 +261,8 @@ class Bench:
         peak = max(hwm or 0, sampler.max_kib) or None
         return peak, wall
 
-    def rss(self, blob: Blob) -> None:
-        assert self.origin is not None and self.access is not None
-        res = RssResult(blob.size)
-        self.results.rss.append(res)
+    def rss_node(self, blob: Blob, res: RssResult) -> None:
+        assert self.access is not None
         node, data = self.start_node()
         try:
             time.sleep(0.5)
@@ -260,8 +276,9 @@ class Bench:
             self.drop(node, data)
         self.log(f"RSS {fmt_size(blob.size)}: node idle {res.idle_kib} KiB, cold {res.cold_kib} KiB, "
                  f"warm {res.warm_kib} KiB")
-        if self.args.no_registry_rss:
-            return
+
+    def rss_registry(self, blob: Blob, res: RssResult) -> None:
+        assert self.origin is not None and self.access is not None
         res.reg_warm_kib, res.reg_warm_wall = self.many(self.origin, blob, "registry warm (N clients)")
         proxy = start_registry(self.workdir, "proxy", remoteurl=self.origin.url)
         root = self.workdir / "proxy"
@@ -290,16 +307,25 @@ class Bench:
         if "rss" in parts:
             for b in blobs:
                 if b.size in self.args.rss_sizes:
-                    self.guard(f"rss {fmt_size(b.size)}", lambda b=b: self.rss(b))
+                    res = RssResult(b.size)
+                    self.results.rss.append(res)
+                    self.guard(f"rss {fmt_size(b.size)} (node)", lambda b=b, res=res: self.rss_node(b, res))
+                    if not self.args.no_registry_rss:
+                        self.guard(f"rss {fmt_size(b.size)} (registry)",
+                                   lambda b=b, res=res: self.rss_registry(b, res))
         return self.results
 
     def guard(self, what: str, fn) -> None:
         try:
             fn()
         except RuntimeError as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            self.results.notes.append(f"{what} failed: {first}")
-            self.log(f"{what} FAILED: {e}")
+            self.fail(what, e)
+
+    def fail(self, what: str, e: Exception) -> None:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        short = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1].strip()}"
+        self.results.notes.append(f"{what} failed: {short}")
+        self.log(f"{what} FAILED: {e}")
 
     def close(self) -> None:
         if self.origin is not None:
