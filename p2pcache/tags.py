@@ -1,0 +1,208 @@
+"""Manifest resolution: a tag to its digest (one cheap upstream HEAD per TTL), and manifests by digest.
+
+What this module is for: answering `GET/HEAD /v2/<name>/manifests/<ref>`. A manifest by digest is content like a
+blob: served from the `ManifestStore`, else fetched once from upstream (verified there) and stored. A tag is
+re-checked against the upstream with a HEAD (Docker Hub does not count HEADs against its pull limit) at most every
+`settings.tag_ttl` seconds per Accept set; the answer is remembered in the persisted `TagCache`, so when the upstream
+cannot be reached the last known digest is served (stale, counted in `p2pcache_stale_tag_serves`), even after a
+restart.
+
+What it must never do:
+- never serve a manifest body whose SHA-256 is not its digest (bodies come from the ManifestStore, which verified
+  them, or from `Upstream.get_manifest` by digest, which verifies them);
+- never turn an upstream answer into a stale serve: a 404 is MANIFEST_UNKNOWN, a 401/403/429 pass through; only
+  an unreachable upstream (`UpstreamUnavailable`) falls back to the cache;
+- never ask upstream twice for the same thing at once: identical resolutions in flight are coalesced
+  (single-flight keyed by (repo, ref, accept_key)), and a caller that gives up does not fail the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+import trio
+
+from p2pcache.oci.errors import OciError, UpstreamUnavailable
+from p2pcache.oci.reference import check_tag, is_digest, parse_digest
+from p2pcache.oci.upstream import ManifestInfo
+from p2pcache.store.manifests import TagCache, TagEntry
+
+if TYPE_CHECKING:
+    from p2pcache.config import Settings
+    from p2pcache.metrics import Metrics
+    from p2pcache.oci.reference import Repo
+    from p2pcache.oci.upstream import Upstream
+    from p2pcache.store.blobs import BlobStore
+    from p2pcache.store.manifests import ManifestStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def accept_key(accept_values: Sequence[str]) -> str:
+    """The tag cache's key for an Accept set: media types split on commas, without parameters, lower case,
+    de-duplicated, sorted, joined with ",". Several header lines and one comma-joined line give the same key."""
+    types: set[str] = set()
+    for value in accept_values:
+        if not isinstance(value, str):
+            continue
+        for item in value.split(","):
+            media = item.split(";", 1)[0].strip().lower()
+            if media:
+                types.add(media)
+    return ",".join(sorted(types))
+
+
+class _Flight(Generic[T]):
+    """One resolution in progress; the callers that arrive meanwhile wait for its outcome."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: T | None = None
+        self.error: Exception | None = None
+        self.abandoned = False  # the leader was cancelled: a waiter takes over
+
+
+class ManifestResolver:
+    """Resolves manifest references for the registry routes; see the module docstring.
+
+    `tags` should be the node's one TagCache (the admin API forgets tags through it); `clock` is wall-clock time
+    (TagEntry.checked_at survives restarts), injectable for tests.
+    """
+
+    def __init__(self, settings: Settings, store: BlobStore, manifests: ManifestStore, upstream: Upstream,
+                 metrics: Metrics, *, tags: TagCache | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.manifests = manifests
+        self.upstream = upstream
+        self.metrics = metrics
+        self.tags = tags if tags is not None else TagCache(settings.data)
+        self._clock = clock
+        self._flights: dict[tuple[str, str, str, str], _Flight[tuple[ManifestInfo, bytes]]] = {}
+        # Accept keys seen per tag, for the stale fallback "same tag, any Accept set" when the TagCache cannot
+        # list them itself (TagCache.entries); in memory only.
+        self._keys_seen: dict[tuple[str, str, str], set[str]] = {}
+
+    async def resolve(self, repo: Repo, ref: str, accept: Sequence[str]) -> tuple[ManifestInfo, bytes]:
+        """(what the manifest is, its bytes verbatim) for a tag or a digest; OciError for the client otherwise."""
+        accept = list(accept)
+        key = accept_key(accept)
+        run: Callable[[], Awaitable[tuple[ManifestInfo, bytes]]]
+        if is_digest(ref):
+            run = functools.partial(self._by_digest, repo, parse_digest(ref), accept)
+        else:
+            run = functools.partial(self._by_tag, repo, check_tag(ref), accept, key)
+        info, body = await self._coalesced((repo.ns, repo.name, ref, key), run)
+        return dataclasses.replace(info), body
+
+    # ---- by digest ----
+
+    async def _by_digest(self, repo: Repo, digest: str, accept: list[str]) -> tuple[ManifestInfo, bytes]:
+        held = self.manifests.get(digest)
+        if held is not None:
+            self.metrics.cache_hits.labels(kind="manifest").inc()
+            media_type, body = held
+            return ManifestInfo(digest, media_type, len(body)), body
+        self.metrics.cache_misses.labels(kind="manifest").inc()
+        try:
+            info, body = await self.upstream.get_manifest(repo, digest, accept)
+        except UpstreamUnavailable as e:
+            raise OciError("UNAVAILABLE", "upstream registry unreachable and manifest not cached") from e
+        self._keep(info, body)
+        return info, body
+
+    # ---- by tag ----
+
+    async def _by_tag(self, repo: Repo, tag: str, accept: list[str], key: str) -> tuple[ManifestInfo, bytes]:
+        now = self._clock()
+        entry = self.tags.get(repo, tag, key)
+        if entry is not None and 0 <= now - entry.checked_at < self.settings.tag_ttl:
+            held = self.manifests.get(entry.digest)
+            if held is not None:
+                self.metrics.cache_hits.labels(kind="manifest").inc()
+                return ManifestInfo(entry.digest, held[0], len(held[1])), held[1]
+        try:
+            # HEAD first: free on Docker Hub, and usually the digest is one we already hold.
+            head = await self.upstream.head_manifest(repo, tag, accept)
+            held = self.manifests.get(head.digest)
+            if held is not None:
+                self.metrics.cache_hits.labels(kind="manifest").inc()
+                info, body = ManifestInfo(head.digest, held[0], len(held[1])), held[1]
+            else:
+                self.metrics.cache_misses.labels(kind="manifest").inc()
+                info, body = await self.upstream.get_manifest(repo, head.digest, accept)
+                self._keep(info, body)
+        except UpstreamUnavailable as e:
+            stale = self._stale(repo, tag, key, entry)
+            if stale is None:
+                raise OciError("UNAVAILABLE", "upstream registry unreachable and tag not cached") from e
+            log.warning("upstream unreachable (%s); serving %s:%s from cache as %s", e, repo, tag, stale[0].digest)
+            return stale
+        self.tags.put(repo, tag, key, TagEntry(info.digest, info.media_type, info.size, self._clock()))
+        self._keys_seen.setdefault((repo.ns, repo.name, tag), set()).add(key)
+        return info, body
+
+    def _stale(self, repo: Repo, tag: str, key: str, entry: TagEntry | None) -> tuple[ManifestInfo, bytes] | None:
+        """The last known answer for this tag: same Accept set first, then any other, newest first."""
+        candidates = [entry] if entry is not None else []
+        others: list[TagEntry] = []
+        entries_of = getattr(self.tags, "entries", None)
+        if callable(entries_of):
+            listed = entries_of(repo, tag)
+            others.extend(listed.values() if isinstance(listed, dict) else listed)
+        else:
+            for k in self._keys_seen.get((repo.ns, repo.name, tag), ()):
+                if k != key and (e := self.tags.get(repo, tag, k)) is not None:
+                    others.append(e)
+        candidates += sorted(others, key=lambda e: e.checked_at, reverse=True)
+        for candidate in candidates:
+            held = self.manifests.get(candidate.digest)
+            if held is not None:
+                self.metrics.stale_tag_serves.inc()
+                return ManifestInfo(candidate.digest, held[0], len(held[1])), held[1]
+        return None
+
+    # ---- helpers ----
+
+    def _keep(self, info: ManifestInfo, body: bytes) -> None:
+        """Store a manifest fetched from upstream; a store that cannot take it must not fail the request."""
+        try:
+            self.manifests.put(info.digest, info.media_type, body)
+        except OSError as e:
+            log.warning("cannot store manifest %s: %s", info.digest, e)
+
+    async def _coalesced(self, key: tuple[str, str, str, str],
+                         run: Callable[[], Awaitable[tuple[ManifestInfo, bytes]]]) -> tuple[ManifestInfo, bytes]:
+        while True:
+            flight = self._flights.get(key)
+            if flight is None:
+                break
+            await flight.done.wait()
+            if flight.abandoned:
+                continue  # its leader was cancelled (client gone): try again, maybe as the leader
+            if flight.error is not None:
+                raise flight.error
+            assert flight.result is not None
+            return flight.result
+        flight = _Flight()
+        self._flights[key] = flight
+        try:
+            flight.result = await run()
+            return flight.result
+        except Exception as e:
+            flight.error = e
+            raise
+        except BaseException:
+            flight.abandoned = True
+            raise
+        finally:
+            del self._flights[key]
+            flight.done.set()
