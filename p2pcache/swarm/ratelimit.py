@@ -1,0 +1,62 @@
+"""Token buckets for the node's upload and download limits, without a clock.
+
+Rules:
+- Time is passed in (`now`, seconds, any monotonic origin); this module never reads a clock and never sleeps.
+  The caller sleeps for the delay it is given (trio in the node, virtual time in the simulator).
+- A caller that takes more than the burst is not refused: the bucket goes into debt and the delay grows, so a
+  16 MiB piece under a 1 MiB burst is simply paced, never stuck.
+
+Theory of operation: the bucket holds up to `burst` tokens (bytes) and refills at `rate` per second. `take(n, now)`
+first refills for the time elapsed since the last call, then removes n tokens. If the level is still >= 0 the
+bytes may go now (delay 0); otherwise the delay is the time the refill needs to bring the level back to 0. Bytes
+that were granted with a delay are accounted for at once, so concurrent takers queue fairly behind each other
+(each new taker sees the debt of the ones before it). A rate of None or infinity means no limit.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["TokenBucket"]
+
+
+class TokenBucket:
+    def __init__(self, rate: float | None, burst: float | None = None, now: float = 0.0) -> None:
+        if rate is not None and rate <= 0:
+            raise ValueError("rate must be positive (or None for no limit)")
+        self.rate = math.inf if rate is None else float(rate)
+        # default burst: 100 ms worth of bytes, at least 64 KiB, so small writes are not paced one by one
+        if burst is None:
+            burst = 65536.0 if math.isinf(self.rate) else max(65536.0, self.rate * 0.1)
+        if burst <= 0:
+            raise ValueError("burst must be positive")
+        self.burst = float(burst)
+        self.level = self.burst
+        self.last = now
+
+    def _refill(self, now: float) -> None:
+        if now > self.last:
+            self.level = min(self.burst, self.level + (now - self.last) * self.rate)
+            self.last = now
+
+    def take(self, n: float, now: float) -> float:
+        """Account for n bytes sent at `now`; return how many seconds the caller should wait first."""
+        if math.isinf(self.rate):
+            return 0.0
+        self._refill(now)
+        self.level -= n
+        if self.level >= 0:
+            return 0.0
+        return -self.level / self.rate
+
+    def available(self, now: float) -> float:
+        """Tokens that could be taken at `now` without delay (negative while in debt)."""
+        if math.isinf(self.rate):
+            return math.inf
+        self._refill(now)
+        return self.level
+
+    def set_rate(self, rate: float | None, now: float) -> None:
+        """Change the rate from `now` on (tokens accrued so far are kept)."""
+        self._refill(now)
+        self.rate = math.inf if rate is None else float(rate)

@@ -1,0 +1,653 @@
+"""The download of one blob through the swarm, as decisions: whom to ask for which piece, when to go upstream.
+
+Rules:
+- Sans-IO (h11 style). Events go in as method calls, decisions come out as lists of the small classes below.
+  This module never opens a socket, never reads a clock (`now` is passed in, seconds on any monotonic origin) and
+  never sleeps; it does not verify bytes either: the driver hashes each piece and reports ok / not ok.
+- Everything that decides the course of a download lives here and in `picker.py`. The node drives it from trio
+  (`swarm/service.py`) and the simulator from virtual time (`sim/`), so the simulator predicts what nodes do.
+- It does not know whether it runs in a node or a simulation, and takes its randomness from the seeded `rng`.
+
+Theory of operation.
+A `DownloadScheduler` is created per blob (size, piece size, pieces already held) and started with `start(now)`,
+which asks for the upstream claim (`AskClaim`): every node that starts a cold blob asks, the tracker grants the
+first and names the holder to the others. Then:
+
+- Peers. `peer_added(peer, zone, bitfield)` and `peer_has(peer, i)` feed the picker's availability; each event
+  fills that peer's request pipeline (`Request(peer, i)`, rarest first). At most `max_sources` peers have requests
+  outstanding at once; better peers (same zone first, then measured throughput, an EWMA of bytes over the time
+  since the request or the previous piece from that peer) are filled first when several are eligible.
+- Pieces. `piece_received(peer, i, ok, nbytes, now)`: ok means the driver checked the piece's SHA-256 against the
+  metainfo. A good piece may make endgame duplicates redundant (`Cancel` to the losers). A bad piece bans the peer
+  (`Ban(peer, until)`, recorded in the shared `BanList`), cancels its other requests and drops it.
+- Timeouts. Each request has a deadline from the peer's measured rate (or `assumed_rate`), its position in the
+  pipeline and `timeout_factor`, at least `timeout_min`. The driver calls `tick(now)` at `next_deadline()` (or
+  simply every second). A late request is cancelled and asked of another peer that has the piece; if nobody else
+  has it, it is left running (cancelling would only restart the same transfer). A peer that delivered nothing
+  for `silence_timeout` while asked is snubbed: its requests are cancelled and it gets none for `snub_seconds`.
+  A peer whose connection dies is reported with `peer_gone` and its pieces go back to the pool at once (no
+  30-second stalls: the driver notices dead connections, the scheduler reacts in the same call).
+- Upstream. With the claim (`claim_granted`), the node is the cluster's one upstream fetcher: `FetchUpstream(i)`
+  asks the driver to stream from upstream starting at piece i, reporting each verified piece with
+  `upstream_progress(i)` (and publishing its hash, so peers can verify it). The stream continues while the next
+  piece is still wanted and no connected peer has it; otherwise `StopUpstream` (and maybe a new `FetchUpstream`
+  further on). So a takeover holder (the first holder died) fetches from upstream only what the swarm lacks. The
+  holder renews the claim with `AskClaim` every `claim_renew` seconds. Without the claim, the node asks again every
+  `claim_retry` seconds while some piece it wants has no source, so a dead holder is replaced once its claim
+  expires. Last resort: no piece from anyone for `stall_timeout` while wanting some -> `FetchUpstream` anyway.
+- Integrity. `metainfo_known(hashes)` limits requests to pieces whose hash is known (the holder publishes them as
+  it goes). `Done` is emitted once every piece is held; the driver then checks the whole-blob digest. If that
+  fails, `digest_failed(now)`: every piece is discarded (`Discard`), the metainfo's source banned, and the blob
+  fetched again from upstream only; a second failure (upstream itself) is `Fail`.
+
+The uploader side has its own small sans-IO piece here: `UploadSlots` serves at most `slots` piece uploads at
+once, first come first served, so a node that many peers ask (the first holder of a cold blob) finishes pieces
+quickly and lets them spread, instead of trickling every piece to everybody at once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+
+from p2pcache.swarm.metainfo import piece_count, piece_span
+from p2pcache.swarm.picker import PiecePicker, mask_of
+
+__all__ = [
+    "AskClaim", "Ban", "BanList", "Cancel", "Decision", "Discard", "Done", "DownloadScheduler", "Fail",
+    "FetchUpstream", "Request", "SchedulerConfig", "Serve", "StopUpstream", "UPSTREAM", "UploadSlots",
+]
+
+Peer = Hashable
+
+
+class _Upstream:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UPSTREAM"
+
+
+UPSTREAM: Peer = _Upstream()  # the pseudo-peer pieces fetched from upstream are recorded under
+
+
+# --- decisions -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Ask `peer` for piece `index`."""
+    peer: Peer
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Withdraw the request of `index` from `peer` (it is no longer needed, or too late)."""
+    peer: Peer
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ban:
+    """Drop `peer` and refuse it until `until` (it sent a piece whose hash failed, or lied in the metainfo)."""
+    peer: Peer
+    until: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AskClaim:
+    """Ask the digest's tracker for the upstream claim (or renew it); answer with claim_granted/claim_denied."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchUpstream:
+    """Stream from upstream starting at piece `start_piece`; report each piece with upstream_progress."""
+    start_piece: int
+    reason: str  # "claim" (we hold it), "stall" (nobody delivered), "digest" (refetch after a bad blob)
+
+
+@dataclass(frozen=True, slots=True)
+class StopUpstream:
+    """Stop the upstream stream after the piece being fetched (the rest comes from peers or is held)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    """Throw these held pieces away (they are wanted again)."""
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Every piece is held: check the whole-blob digest, announce complete, release the claim if held."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """The download cannot complete: abort the clients' responses."""
+    reason: str
+
+
+Decision = Request | Cancel | Ban | AskClaim | FetchUpstream | StopUpstream | Discard | Done | Fail
+
+
+@dataclass
+class SchedulerConfig:
+    pipeline: int = 2  # requests outstanding per peer: one in transfer, one queued behind it hides the round trip
+    max_sources: int = 8  # peers downloaded from at once: enough to fill a NIC, few enough to measure each
+    endgame_dups: int = 2  # at the tail a piece may be asked of two peers; the loser is cancelled
+    timeout_min: float = 10.0  # no request is given up before this (a busy uploader queues requests)
+    timeout_factor: float = 4.0  # ... nor before 4x the time the peer's measured rate says it needs
+    assumed_rate: float = 4e6  # bytes/s assumed of a peer not measured yet (a congested 1 Gbit/s uploader)
+    silence_timeout: float = 30.0  # a peer asked but silent this long is snubbed
+    snub_seconds: float = 60.0
+    ban_seconds: float = 600.0  # a peer that sent a bad piece is refused for 10 minutes
+    stall_timeout: float = 60.0  # no piece from anyone this long -> upstream even without the claim
+    claim_retry: float = 5.0  # without the claim, ask again this often while some piece has no source
+    claim_renew: float = 5.0  # the holder renews this often (the tracker's claim TTL is 15 s)
+    ewma_alpha: float = 0.3
+    zone_bonus: float = 2.0  # a same-zone peer counts as this many times faster when choosing sources
+
+
+class BanList:
+    """Peers refused until a time; shared by all downloads of a node (a liar is a liar for every blob)."""
+
+    def __init__(self) -> None:
+        self._until: dict[Peer, float] = {}
+
+    def ban(self, peer: Peer, until: float) -> None:
+        self._until[peer] = max(until, self._until.get(peer, until))
+
+    def banned(self, peer: Peer, now: float) -> bool:
+        u = self._until.get(peer)
+        if u is None:
+            return False
+        if u <= now:
+            del self._until[peer]
+            return False
+        return True
+
+    def expire(self, now: float) -> None:
+        for p in [p for p, u in self._until.items() if u <= now]:
+            del self._until[p]
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+
+class _PeerState:
+    __slots__ = ("zone", "rate", "last_recv", "reqs", "snubbed_until", "same_zone")
+
+    def __init__(self, zone: str | None, same_zone: bool, now: float) -> None:
+        self.zone = zone
+        self.same_zone = same_zone
+        self.rate: float | None = None
+        self.last_recv = now  # last time this peer delivered (or connected)
+        self.reqs: dict[int, float] = {}  # index -> time requested
+        self.snubbed_until = 0.0
+
+
+class DownloadScheduler:
+    def __init__(
+        self, size: int, piece_size: int, *, rng: random.Random, zone: str | None = None,
+        have: Iterable[int] | int = (), known: Iterable[int] | int | None = None,
+        config: SchedulerConfig | None = None, bans: BanList | None = None, now: float = 0.0,
+    ) -> None:
+        self.size = size
+        self.piece_size = piece_size
+        self.n = piece_count(size, piece_size)
+        self.cfg = cfg = config or SchedulerConfig()
+        self.zone = zone
+        self.picker = PiecePicker(self.n, rng, have, cfg.pipeline, cfg.endgame_dups)
+        if known is not None:
+            self.picker.set_known(known)
+        self.bans = bans if bans is not None else BanList()
+        self.peers: dict[Peer, _PeerState] = {}
+        self._active: set[Peer] = set()  # peers with requests outstanding
+        self._deadlines: list[tuple[float, int, Peer, int, float]] = []
+        self._seq = 0
+        self.claim = "none"  # none | asked | held | denied
+        self.claim_holder: Peer | None = None
+        self._next_claim = now
+        self.upstream: int | None = None  # piece the upstream stream is on
+        self.upstream_reason = ""
+        self.upstream_only = False
+        self.last_progress = now
+        self.source: dict[int, Peer] = {}
+        self.meta_source: Peer | None = None
+        self.done = self.picker.complete
+        self.failed = False
+        # figures for metrics and the simulator
+        self.bytes_from_peers = 0
+        self.bytes_from_upstream = 0
+        self.pieces_rejected = 0
+        self.requests_cancelled = 0
+
+    # --- helpers -------------------------------------------------------------------------------------------
+    def piece_len(self, index: int) -> int:
+        return piece_span(index, self.size, self.piece_size)[1]
+
+    def _score(self, peer: Peer) -> float:
+        st = self.peers[peer]
+        r = st.rate if st.rate is not None else self.cfg.assumed_rate
+        return r * self.cfg.zone_bonus if st.same_zone else r
+
+    def _request(self, peer: Peer, st: _PeerState, idx: list[int], now: float, out: list) -> None:
+        cfg = self.cfg
+        rate = st.rate or cfg.assumed_rate
+        if not st.reqs:
+            self._active.add(peer)
+        for i in idx:
+            pos = len(st.reqs) + 1
+            st.reqs[i] = now
+            wait = max(cfg.timeout_min, cfg.timeout_factor * pos * self.piece_len(i) / rate)
+            self._seq += 1
+            heapq.heappush(self._deadlines, (now + wait, self._seq, peer, i, now))
+            out.append(Request(peer, i))
+
+    def _forget(self, peer: Peer, st: _PeerState, index: int) -> None:
+        st.reqs.pop(index, None)
+        if not st.reqs:
+            self._active.discard(peer)
+
+    def _fill(self, peer: Peer, now: float, out: list) -> None:
+        st = self.peers.get(peer)
+        if st is None or self.done or self.failed or self.upstream_only or st.snubbed_until > now:
+            return
+        if not st.reqs and len(self._active) >= self.cfg.max_sources:
+            return
+        idx = self.picker.pick(peer)
+        if idx:
+            self._request(peer, st, idx, now, out)
+
+    def _fill_all(self, now: float, out: list) -> None:
+        if self.done or self.failed or self.upstream_only:
+            return
+        for peer in sorted(self.peers, key=self._score, reverse=True):
+            self._fill(peer, now, out)
+
+    def _finish_if_complete(self, out: list) -> None:
+        if not self.done and self.picker.complete:
+            self.done = True
+            if self.upstream is not None:
+                self.upstream = None
+                out.append(StopUpstream())
+            out.append(Done())
+
+    def _upstream_wants(self, index: int) -> bool:
+        p = self.picker
+        if not 0 <= index < self.n or p.have(index):
+            return False
+        if self.upstream_only or self.upstream_reason == "stall":
+            return not p.inflight_mask >> index & 1
+        return not p.inflight_mask >> index & 1 and p.avail[index] == 0
+
+    def _start_upstream(self, reason: str, out: list) -> None:
+        if self.upstream is not None or self.done or self.failed:
+            return
+        self.upstream_reason = reason
+        any_piece = self.upstream_only or reason == "stall"
+        i = self.picker.first_wanted(free_only=True, no_peer=not any_piece)
+        if i is None:
+            return
+        self.upstream = i
+        self.picker.assign(UPSTREAM, i)
+        out.append(FetchUpstream(i, reason))
+
+    def _needs_claim(self) -> bool:
+        return self.picker.first_wanted(free_only=True, no_peer=True) is not None
+
+    # --- events --------------------------------------------------------------------------------------------
+    def start(self, now: float) -> list[Decision]:
+        """The download begins: ask for the claim (or report Done if everything is held already)."""
+        out: list[Decision] = []
+        self.last_progress = now
+        if self.done:
+            out.append(Done())
+            return out
+        self.claim = "asked"
+        self._next_claim = now + self.cfg.claim_retry
+        out.append(AskClaim())
+        return out
+
+    def peer_added(
+        self, peer: Peer, zone: str | None, bitfield: Iterable[int] | bytes | int | None, now: float,
+    ) -> list[Decision]:
+        """A connection to `peer` is up and it sent its bitfield."""
+        out: list[Decision] = []
+        if self.bans.banned(peer, now):
+            return out
+        if peer in self.peers:
+            self.peer_gone(peer, now)
+        same = zone is not None and zone == self.zone
+        self.peers[peer] = _PeerState(zone, same, now)
+        self.picker.add_peer(peer, mask_of(bitfield, self.n))
+        self._fill(peer, now, out)
+        return out
+
+    def peer_has(self, peer: Peer, index: int, now: float) -> list[Decision]:
+        """`peer` announced it now holds piece `index`."""
+        out: list[Decision] = []
+        if self.picker.peer_has(peer, index):
+            st = self.peers[peer]
+            if len(st.reqs) < self.cfg.pipeline:
+                self._fill(peer, now, out)
+        return out
+
+    def peer_gone(self, peer: Peer, now: float) -> list[Decision]:
+        """The connection to `peer` is closed (or it is unreachable); its requests go back to the pool."""
+        out: list[Decision] = []
+        st = self.peers.pop(peer, None)
+        if st is None:
+            return out
+        self.picker.remove_peer(peer)
+        self._active.discard(peer)
+        if peer == self.claim_holder and self.claim != "held":
+            self._next_claim = now  # ask at the next tick: the tracker grants it once the claim expires
+        self._fill_all(now, out)
+        return out
+
+    def piece_received(self, peer: Peer, index: int, ok: bool, nbytes: int, now: float) -> list[Decision]:
+        """Piece `index` arrived from `peer`; ok = its SHA-256 matched the metainfo (the driver checked)."""
+        out: list[Decision] = []
+        st = self.peers.get(peer)
+        if not ok:
+            self.pieces_rejected += 1
+            self.picker.failed(peer, index)
+            until = now + self.cfg.ban_seconds
+            self.bans.ban(peer, until)
+            out.append(Ban(peer, until, f"piece {index} failed its hash check"))
+            if st is not None:
+                for i in list(st.reqs):
+                    if i != index:
+                        out.append(Cancel(peer, i))
+                out.extend(self.peer_gone(peer, now))
+            return out
+        if st is not None:
+            sent = st.reqs.get(index)
+            start = st.last_recv if sent is None else max(sent, st.last_recv)
+            dt = now - start
+            if dt > 0:
+                sample = nbytes / dt
+                a = self.cfg.ewma_alpha
+                st.rate = sample if st.rate is None else (1 - a) * st.rate + a * sample
+            st.last_recv = now
+            self._forget(peer, st, index)
+        if self.picker.have(index):
+            self.picker.failed(peer, index)
+            self._fill(peer, now, out)
+            return out
+        self.bytes_from_peers += nbytes
+        self.last_progress = now
+        self.source[index] = peer
+        losers = self.picker.received(peer, index)
+        for p in losers:
+            if p is UPSTREAM:
+                continue  # the stream will deliver it anyway; upstream_progress ignores the duplicate
+            out.append(Cancel(p, index))
+            self.requests_cancelled += 1
+            lst = self.peers.get(p)
+            if lst is not None:
+                self._forget(p, lst, index)
+        self._finish_if_complete(out)
+        if not self.done:
+            self._fill(peer, now, out)
+            for p in losers:
+                if p is not UPSTREAM:
+                    self._fill(p, now, out)
+        return out
+
+    def upstream_progress(self, index: int, nbytes: int, now: float) -> list[Decision]:
+        """The upstream stream delivered piece `index` (hashed by the driver, which publishes the hash)."""
+        out: list[Decision] = []
+        if self.upstream != index:
+            return out
+        self.upstream = None
+        self.last_progress = now
+        if not self.picker.have(index):
+            self.bytes_from_upstream += nbytes
+            self.source[index] = UPSTREAM
+            for p in self.picker.received(UPSTREAM, index):
+                out.append(Cancel(p, index))
+                self.requests_cancelled += 1
+                lst = self.peers.get(p)
+                if lst is not None:
+                    self._forget(p, lst, index)
+        else:
+            self.picker.failed(UPSTREAM, index)
+        self._finish_if_complete(out)
+        if self.done:
+            return out
+        nxt = index + 1
+        if self._upstream_wants(nxt):
+            self.upstream = nxt
+            self.picker.assign(UPSTREAM, nxt)
+        else:
+            if nxt < self.n:
+                out.append(StopUpstream())
+            if self.claim == "held" or self.upstream_only or self.upstream_reason == "stall":
+                self._start_upstream(self.upstream_reason, out)
+        return out
+
+    def upstream_failed(self, reason: str, now: float) -> list[Decision]:
+        """The upstream stream broke (after the driver's own retries)."""
+        out: list[Decision] = []
+        if self.upstream is not None:
+            self.picker.failed(UPSTREAM, self.upstream)
+            self.upstream = None
+        if self.upstream_only or self._needs_claim():
+            self.failed = True
+            out.append(Fail(f"upstream: {reason}"))
+            return out
+        self._fill_all(now, out)
+        return out
+
+    def claim_granted(self, now: float) -> list[Decision]:
+        """The tracker granted (or renewed) our claim: we are the cluster's upstream fetcher for this blob."""
+        out: list[Decision] = []
+        self.claim = "held"
+        self.claim_holder = None
+        self._next_claim = now + self.cfg.claim_renew
+        self._start_upstream("claim", out)
+        return out
+
+    def claim_denied(self, holder: Peer | None, now: float) -> list[Decision]:
+        """Another node holds the claim (or the complete blob): wait for its pieces through the swarm."""
+        self.claim = "denied"
+        self.claim_holder = holder
+        self._next_claim = now + self.cfg.claim_retry
+        return []
+
+    def metainfo_known(
+        self, hashes: Sequence[bytes | None], now: float, source: Peer | None = None,
+    ) -> list[Decision]:
+        """Piece hashes learnt (None = not published yet); only pieces with a known hash are requested."""
+        out: list[Decision] = []
+        self.picker.set_known(i for i, h in enumerate(hashes) if h is not None)
+        if source is not None:
+            self.meta_source = source
+        self._fill_all(now, out)
+        return out
+
+    def piece_known(self, index: int, now: float) -> list[Decision]:
+        """One more piece hash was published (cheaper than metainfo_known for piece-by-piece publication)."""
+        out: list[Decision] = []
+        if not self.picker.known >> index & 1:
+            self.picker.add_known(index)
+            self._fill_all(now, out)
+        return out
+
+    def digest_failed(self, now: float) -> list[Decision]:
+        """The whole blob's digest did not match: discard everything and refetch from upstream only."""
+        out: list[Decision] = []
+        if self.upstream_only:
+            self.failed = True
+            out.append(Fail("the blob from upstream does not match its digest"))
+            return out
+        if self.meta_source is not None and self.meta_source is not UPSTREAM:
+            until = now + self.cfg.ban_seconds
+            self.bans.ban(self.meta_source, until)
+            out.append(Ban(self.meta_source, until, "its piece list described a blob that fails its digest"))
+        for peer, st in self.peers.items():
+            for i in st.reqs:
+                out.append(Cancel(peer, i))
+                self.picker.failed(peer, i)
+            st.reqs.clear()
+        self._active.clear()
+        if self.upstream is not None:
+            out.append(StopUpstream())
+            self.picker.failed(UPSTREAM, self.upstream)
+            self.upstream = None
+        held = tuple(i for i in range(self.n) if self.picker.have(i))
+        for i in held:
+            self.picker.discard(i)
+        self.source.clear()
+        out.append(Discard(held))
+        self.done = False
+        self.upstream_only = True
+        self.picker.set_known((1 << self.n) - 1)
+        self._start_upstream("digest", out)
+        return out
+
+    def tick(self, now: float) -> list[Decision]:
+        """Time passed: late requests, silent peers, claim renewal and retries, the stall fallback."""
+        out: list[Decision] = []
+        if self.done or self.failed:
+            return out
+        cfg = self.cfg
+        dl = self._deadlines
+        refill = False
+        while dl and dl[0][0] <= now:
+            _, _, peer, i, sent = heapq.heappop(dl)
+            st = self.peers.get(peer)
+            if st is None or st.reqs.get(i) != sent:
+                continue  # answered, cancelled, or the peer is gone
+            if now - st.last_recv >= cfg.silence_timeout:
+                st.snubbed_until = now + cfg.snub_seconds
+                for j in list(st.reqs):
+                    out.append(Cancel(peer, j))
+                    self.picker.failed(peer, j)
+                    self.requests_cancelled += 1
+                st.reqs.clear()
+                self._active.discard(peer)
+                refill = True
+            elif self.picker.sources(i) > 1 and not self.picker.endgame():
+                out.append(Cancel(peer, i))
+                self.picker.failed(peer, i)
+                self.requests_cancelled += 1
+                self._forget(peer, st, i)
+                refill = True
+            else:  # nobody else has it: cancelling would only restart the same transfer
+                self._seq += 1
+                heapq.heappush(dl, (now + cfg.timeout_min, self._seq, peer, i, sent))
+        if refill:
+            self._fill_all(now, out)
+        if now >= self._next_claim:
+            if self.claim == "held" and not self.done:
+                self._next_claim = now + cfg.claim_renew
+                out.append(AskClaim())
+            elif self.claim != "held" and self.upstream is None and self._needs_claim():
+                self._next_claim = now + cfg.claim_retry
+                self.claim = "asked"
+                out.append(AskClaim())
+        if self.upstream is None and now - self.last_progress >= cfg.stall_timeout and not self.done:
+            self.last_progress = now  # one fallback per stall period
+            self._start_upstream("stall", out)
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When `tick` next has something to do (None: nothing is pending)."""
+        if self.done or self.failed:
+            return None
+        dl = self._deadlines
+        while dl:
+            _, _, peer, i, sent = dl[0]
+            st = self.peers.get(peer)
+            if st is not None and st.reqs.get(i) == sent:
+                break
+            heapq.heappop(dl)
+        t = self._next_claim
+        if dl:
+            t = min(t, dl[0][0])
+        if self.upstream is None:
+            t = min(t, self.last_progress + self.cfg.stall_timeout)
+        return t
+
+
+# --- the uploader's side ---------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Serve:
+    """Start sending piece `index` of `key` (a digest) to `peer` now."""
+    peer: Peer
+    key: Hashable
+    index: int
+
+
+class UploadSlots:
+    """At most `slots` piece uploads at once per node; further requests wait, first come first served.
+
+    `request` returns the uploads to start now; `finished` and `cancel` free a slot and return what starts next.
+    A peer may have at most `per_peer` requests queued (what its pipeline allows); more are refused (False).
+    """
+
+    def __init__(self, slots: int = 4, per_peer: int = 8) -> None:
+        self.slots = slots
+        self.per_peer = per_peer
+        self.active: set[tuple[Peer, Hashable, int]] = set()
+        self.queue: deque[tuple[Peer, Hashable, int]] = deque()
+        self.queued: dict[Peer, int] = {}
+
+    def request(self, peer: Peer, key: Hashable, index: int) -> list[Serve] | None:
+        """A peer asks for a piece. None if refused (too many queued), else the uploads to start now."""
+        if self.queued.get(peer, 0) >= self.per_peer:
+            return None
+        self.queue.append((peer, key, index))
+        self.queued[peer] = self.queued.get(peer, 0) + 1
+        return self._start()
+
+    def _start(self) -> list[Serve]:
+        out = []
+        q = self.queue
+        while q and len(self.active) < self.slots:
+            item = q.popleft()
+            if item[0] is None:  # cancelled while queued
+                continue
+            self._dequeued(item[0])
+            self.active.add(item)
+            out.append(Serve(*item))
+        return out
+
+    def _dequeued(self, peer: Peer) -> None:
+        n = self.queued[peer] - 1
+        if n:
+            self.queued[peer] = n
+        else:
+            del self.queued[peer]
+
+    def finished(self, peer: Peer, key: Hashable, index: int) -> list[Serve]:
+        """An upload completed (or was aborted); its slot goes to the next in line."""
+        self.active.discard((peer, key, index))
+        return self._start()
+
+    def cancel(self, peer: Peer, key: Hashable, index: int) -> list[Serve]:
+        """The peer no longer wants the piece: dropped from the queue, or its running upload stopped."""
+        item = (peer, key, index)
+        if item in self.active:
+            return self.finished(peer, key, index)
+        try:
+            self.queue.remove(item)
+        except ValueError:
+            return []
+        self._dequeued(peer)
+        return []
+
+    def peer_gone(self, peer: Peer) -> list[Serve]:
+        for item in [it for it in self.active if it[0] == peer]:
+            self.active.discard(item)
+        kept = deque(it for it in self.queue if it[0] != peer)
+        self.queue = kept
+        self.queued.pop(peer, None)
+        return self._start()

@@ -1,0 +1,189 @@
+import random
+
+from p2pcache.swarm.scheduler import (
+    UPSTREAM,
+    AskClaim,
+    Ban,
+    BanList,
+    Cancel,
+    Discard,
+    Done,
+    DownloadScheduler,
+    Fail,
+    FetchUpstream,
+    Request,
+    SchedulerConfig,
+    Serve,
+    StopUpstream,
+    UploadSlots,
+)
+
+MiB = 1 << 20
+
+
+def sched(n=8, **kw):
+    cfg = SchedulerConfig(**kw)
+    return DownloadScheduler(n * MiB, MiB, rng=random.Random(0), zone="z1", config=cfg)
+
+
+def reqs(decisions):
+    return [(d.peer, d.index) for d in decisions if isinstance(d, Request)]
+
+
+def test_claim_holder_streams_everything_from_upstream_once():
+    s = sched(4)
+    assert s.start(0) == [AskClaim()]
+    assert s.claim_granted(0.1) == [FetchUpstream(0, "claim")]
+    for i in range(3):
+        assert s.upstream_progress(i, MiB, 1 + i) == []
+    assert s.upstream_progress(3, MiB, 5) == [Done()]
+    assert s.bytes_from_upstream == 4 * MiB and s.bytes_from_peers == 0
+
+
+def test_denied_node_downloads_from_peers_rarest_first_and_finishes():
+    s = sched(4, pipeline=2)
+    s.start(0)
+    assert s.claim_denied("seed", 0.1) == []
+    out = s.peer_added("seed", "z1", [0, 1], 0.2)
+    assert sorted(reqs(out)) == [("seed", 0), ("seed", 1)]
+    out = s.piece_received("seed", 0, True, MiB, 0.5)
+    assert reqs(out) == []  # nothing else to ask for yet
+    out = s.peer_has("seed", 2, 0.6)
+    assert reqs(out) == [("seed", 2)]
+    s.piece_received("seed", 1, True, MiB, 0.7)
+    s.peer_has("seed", 3, 0.8)
+    s.piece_received("seed", 2, True, MiB, 0.9)
+    out = s.piece_received("seed", 3, True, MiB, 1.0)
+    assert Done() in out and s.done
+
+
+def test_bad_piece_bans_the_peer_and_asks_elsewhere():
+    bans = BanList()
+    s = DownloadScheduler(2 * MiB, MiB, rng=random.Random(1), bans=bans,
+                          config=SchedulerConfig(pipeline=2))
+    s.start(0)
+    s.claim_denied("x", 0)
+    s.peer_added("liar", None, [0, 1], 0)
+    s.peer_added("good", None, [0, 1], 0)
+    out = s.piece_received("liar", 0, False, MiB, 1)
+    assert any(isinstance(d, Ban) and d.peer == "liar" and d.until == 601 for d in out)
+    assert "liar" not in s.peers and bans.banned("liar", 2)
+    assert s.peer_added("liar", None, [0, 1], 2) == []  # refused while banned
+    assert "liar" not in s.peers
+    s.tick(2)
+    pending = set(s.peers["good"].reqs)
+    assert pending == {0, 1}
+
+
+def test_late_request_moves_to_another_peer_but_not_when_nobody_else_has_it():
+    s = sched(3, pipeline=1, timeout_min=5, silence_timeout=100)
+    s.start(0)
+    s.claim_denied("x", 0)
+    (p, i), = reqs(s.peer_added("slow", None, [0], 0))
+    out = s.tick(6)
+    assert reqs(out) == [] and not any(isinstance(d, Cancel) for d in out)  # nobody else has piece 0
+    s.peer_added("fast", None, [0, 1, 2], 6)
+    out = s.tick(12)
+    assert Cancel("slow", 0) in out
+
+
+def test_silent_peer_is_snubbed_and_dead_peer_releases_pieces_at_once():
+    s = sched(2, pipeline=2, timeout_min=5, silence_timeout=10)
+    s.start(0)
+    s.claim_denied("x", 0)
+    s.peer_added("a", None, [0, 1], 0)
+    out = s.tick(10)
+    assert {d for d in out if isinstance(d, Cancel)} == {Cancel("a", 0), Cancel("a", 1)}
+    s2 = sched(2, pipeline=2)
+    s2.start(0)
+    s2.claim_denied("x", 0)
+    s2.peer_added("a", None, [0, 1], 0)
+    s2.peer_added("b", None, [0, 1], 0)  # a took both pieces; b duplicates them (endgame)
+    s2.peer_gone("a", 1)
+    assert set(s2.peers["b"].reqs) == {0, 1} and s2.picker.inflight == {0: ["b"], 1: ["b"]}
+
+
+def test_endgame_cancels_the_loser():
+    s = sched(1, pipeline=1)
+    s.start(0)
+    s.claim_denied("x", 0)
+    assert reqs(s.peer_added("a", None, [0], 0)) == [("a", 0)]
+    assert reqs(s.peer_added("b", None, [0], 0)) == [("b", 0)]
+    out = s.piece_received("b", 0, True, MiB, 1)
+    assert Cancel("a", 0) in out and Done() in out
+
+
+def test_takeover_holder_fetches_only_what_the_swarm_lacks():
+    s = sched(4, pipeline=4)
+    s.start(0)
+    s.claim_denied("old", 0)
+    s.peer_added("old", None, [0, 1], 0)
+    s.peer_added("p", None, [0, 1], 0)  # the old holder spread pieces 0 and 1 before dying
+    s.peer_gone("old", 1)
+    out = s.tick(1)
+    assert AskClaim() in out
+    out = s.claim_granted(2)
+    assert out == [FetchUpstream(2, "claim")]
+    out = s.upstream_progress(2, MiB, 3)
+    assert out == []  # 3 is next and nobody has it
+    s.piece_received("p", 0, True, MiB, 3)
+    s.piece_received("p", 1, True, MiB, 3)
+    assert s.upstream_progress(3, MiB, 4) == [Done()]
+    assert s.bytes_from_upstream == 2 * MiB
+
+
+def test_stall_falls_back_to_upstream():
+    s = sched(2, stall_timeout=30)
+    s.start(0)
+    s.claim_denied("x", 0)
+    assert s.next_deadline() <= 30
+    out = s.tick(31)
+    assert FetchUpstream(0, "stall") in out
+
+
+def test_digest_failure_discards_and_refetches_from_upstream_only():
+    s = sched(2)
+    s.start(0)
+    s.claim_denied("x", 0)
+    s.metainfo_known([b"a", b"b"], 0, source="liar")
+    s.peer_added("liar", None, [0, 1], 0)
+    s.piece_received("liar", 0, True, MiB, 1)
+    out = s.piece_received("liar", 1, True, MiB, 1)
+    assert Done() in out
+    out = s.digest_failed(2)
+    assert Discard((0, 1)) in out and FetchUpstream(0, "digest") in out
+    assert any(isinstance(d, Ban) and d.peer == "liar" for d in out)
+    s.upstream_progress(0, MiB, 3)
+    assert s.upstream_progress(1, MiB, 4) == [Done()]
+    assert s.digest_failed(5) == [Fail("the blob from upstream does not match its digest")]
+
+
+def test_pieces_only_requested_once_their_hash_is_known():
+    s = DownloadScheduler(3 * MiB, MiB, rng=random.Random(0), known=0)
+    s.start(0)
+    s.claim_denied("x", 0)
+    assert reqs(s.peer_added("a", None, [0, 1, 2], 0)) == []
+    assert reqs(s.piece_known(1, 1)) == [("a", 1)]
+
+
+def test_upstream_stop_when_peers_have_the_rest():
+    s = sched(3, pipeline=1)
+    s.start(0)
+    s.claim_granted(0)
+    s.peer_added("p", None, [1], 0)  # piece 1 is out there; the stream should skip it
+    out = s.upstream_progress(0, MiB, 1)
+    assert StopUpstream() in out and FetchUpstream(2, "claim") in out
+    assert s.picker.inflight.get(1) == ["p"]
+    assert s.picker.inflight.get(2) == [UPSTREAM]
+
+
+def test_upload_slots_first_come_first_served():
+    u = UploadSlots(slots=2, per_peer=2)
+    assert u.request("a", "d", 0) == [Serve("a", "d", 0)]
+    assert u.request("b", "d", 0) == [Serve("b", "d", 0)]
+    assert u.request("c", "d", 0) == []
+    assert u.request("c", "d", 1) == []
+    assert u.request("c", "d", 2) is None  # per-peer queue bound
+    assert u.cancel("c", "d", 0) == []
+    assert u.finished("a", "d", 0) == [Serve("c", "d", 1)]
+    assert u.peer_gone("b") == []

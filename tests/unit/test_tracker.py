@@ -1,0 +1,70 @@
+import random
+
+from p2pcache.swarm.tracker import ClaimGranted, ClaimHeld, Tracker
+
+D = "sha256:" + "a" * 64
+
+
+def test_first_asker_wins_and_others_are_told_who():
+    t = Tracker(rng=random.Random(1))
+    assert isinstance(t.claim(D, "a", now=0, ttl=15), ClaimGranted)
+    held = t.claim(D, "b", now=1, ttl=15)
+    assert isinstance(held, ClaimHeld) and held.holder == "a"
+    assert isinstance(t.claim(D, "a", now=10, ttl=15), ClaimGranted)  # renewal
+    assert isinstance(t.claim(D, "b", now=20, ttl=15), ClaimHeld)  # renewed until 25
+    assert isinstance(t.claim(D, "b", now=26, ttl=15), ClaimGranted)  # a stopped renewing
+
+
+def test_release_hands_the_claim_on_at_once():
+    t = Tracker()
+    t.claim(D, "a", now=0)
+    t.release(D, "a")
+    assert isinstance(t.claim(D, "b", now=1), ClaimGranted)
+
+
+def test_complete_holder_makes_the_claim_unnecessary():
+    t = Tracker()
+    t.announce(0, D, "a", "10.0.0.1:5002", complete=True)
+    ans = t.claim(D, "b", now=1)
+    assert isinstance(ans, ClaimHeld) and ans.complete and ans.holder == "a"
+    assert isinstance(t.claim(D, "b", now=100), ClaimGranted)  # a's announcement expired
+
+
+def test_holders_sample_expire_and_prefer_zone():
+    t = Tracker(rng=random.Random(2))
+    for i in range(100):
+        t.announce(0, D, f"n{i}", f"10.0.0.{i}:5002", zone="z1" if i < 10 else "z2", pieces=i)
+    got = t.holders(D, now=1, limit=10, prefer_zone="z1", exclude="n0")
+    assert len(got) == 10
+    assert {h.zone for h in got} == {"z1"} and "n0" not in {h.node for h in got} or len(got) == 10
+    assert sum(h.zone == "z1" for h in got) == 9  # all of z1 but the asker, then one other
+    t.announce(50, D, "n5", "x", zone="z1")
+    got = t.holders(D, now=40, limit=50)
+    assert [h.node for h in got] == ["n5"]
+    assert t.holder_count(D) == 1
+
+
+def test_metainfo_only_from_the_claim_holder_and_never_rewritten():
+    t = Tracker()
+    t.claim(D, "a", now=0)
+    assert t.publish_metainfo(D, "a", 0, size=10, piece_size=4, first=0, hashes=[b"h0"])
+    assert not t.publish_metainfo(D, "b", 0, size=10, piece_size=4, first=1, hashes=[b"h1"])
+    assert not t.publish_metainfo(D, "a", 0, size=10, piece_size=4, first=0, hashes=[b"xx"])
+    assert t.publish_metainfo(D, "a", 0, size=10, piece_size=4, first=1, hashes=[b"h1", b"h2"])
+    m = t.metainfo(D)
+    assert m.hashes == [b"h0", b"h1", b"h2"] and m.complete
+
+
+def test_tags_newest_wins():
+    t = Tracker()
+    t.put_tag("docker.io/library/alpine:3", "sha256:1", "x", 10, checked_at=5)
+    t.put_tag("docker.io/library/alpine:3", "sha256:0", "x", 10, checked_at=4)
+    assert t.tag("docker.io/library/alpine:3").digest == "sha256:1"
+
+
+def test_expire_drops_everything_stale():
+    t = Tracker()
+    t.announce(0, D, "a", ttl=5)
+    t.claim(D, "a", now=0, ttl=5)
+    assert t.expire(10) == 2
+    assert t.holders(D, 10) == [] and t.claim_holder(D, 10) is None
