@@ -87,6 +87,8 @@ class Results:
     warm_node: list[float] = field(default_factory=list)
     cold_reg: list[float] = field(default_factory=list)
     cold_node: list[float] = field(default_factory=list)
+    cold_reg_ttfb: list[float] = field(default_factory=list)
+    cold_node_ttfb: list[float] = field(default_factory=list)
     cold_reg_use: list[UpstreamUse] = field(default_factory=list)
     cold_node_use: list[UpstreamUse] = field(default_factory=list)
     rss: list[RssResult] = field(default_factory=list)
@@ -224,13 +226,15 @@ class Bench:
         root = self.workdir / "proxy"
         try:
             self.access.mark()
-            speed = self.check(curl_get(proxy.url + self.blob_path(blob.digest)), blob, "registry cold")
+            pull = curl_get(proxy.url + self.blob_path(blob.digest))
+            speed = self.check(pull, blob, "registry cold")
             if not self.wait_stored(root, blob, 120):
                 self.results.notes.append("cold: the proxy's background fetch did not finish within 120s")
             use = self.access.since_mark(self.blob_path(blob.digest))
         finally:
             self.drop(proxy, root)
         self.results.cold_reg.append(speed)
+        self.results.cold_reg_ttfb.append(pull.ttfb)
         self.results.cold_reg_use.append(use)
         self.log(f"cold registry (proxy mode): {fmt_rate(speed)}, upstream {use.gets} GET "
                  f"{use.heads} HEAD {fmt_size(use.bytes)}")
@@ -240,13 +244,15 @@ class Bench:
         node, data = self.start_node()
         try:
             self.access.mark()
-            speed = self.check(curl_get(node.url + self.blob_path(blob.digest)), blob, "node cold")
+            pull = curl_get(node.url + self.blob_path(blob.digest))
+            speed = self.check(pull, blob, "node cold")
             if not self.wait_stored(data, blob, 60):
                 self.results.notes.append("cold: the node's store did not show the blob within 60s")
             use = self.access.since_mark(self.blob_path(blob.digest))
         finally:
             self.drop(node, data)
         self.results.cold_node.append(speed)
+        self.results.cold_node_ttfb.append(pull.ttfb)
         self.results.cold_node_use.append(use)
         self.log(f"cold node: {fmt_rate(speed)}, upstream {use.gets} GET {use.heads} HEAD {fmt_size(use.bytes)}")
 
@@ -350,6 +356,10 @@ def use_str(uses: list[UpstreamUse]) -> str:
     return f"{g} GET + {h} HEAD, {fmt_size(byts)}"
 
 
+def ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
 def mib(kib: int | None) -> str:
     return "n/a" if kib is None else f"{kib / 1024:.0f} MiB"
 
@@ -366,6 +376,8 @@ def report(args: argparse.Namespace, res: Results) -> str:
     cr, cn = median(res.cold_reg), median(res.cold_node)
     rows.append(("warm: served from its disk/store", fmt_rate(wr), fmt_rate(wn), ratio(wn, wr), "≥ 1.00×"))
     rows.append(("cold: pull-through, fresh store", fmt_rate(cr), fmt_rate(cn), ratio(cn, cr), "≥ 1.00×"))
+    rows.append(("cold: time to first byte", ms(median(res.cold_reg_ttfb)), ms(median(res.cold_node_ttfb)),
+                 "", "low"))
     rows.append(("cold: upstream use per pull", use_str(res.cold_reg_use), use_str(res.cold_node_use), "",
                  "1 GET"))
     n = args.clients
