@@ -89,22 +89,9 @@ def build_node(settings: Settings) -> Node:
         raise StartupError(f"cannot use data directory {settings.data}: {e.strerror or e}") from None
     upstream = Upstream(settings, metrics)
     fetcher = Fetcher(settings, store, upstream, metrics)
-    resolver = _make_resolver(ManifestResolver, settings, store, manifests, tags, upstream, metrics)
+    # The resolver and the admin API share the node's one TagCache (admin rmi forgets tags through it).
+    resolver = ManifestResolver(settings, store, manifests, upstream, metrics, tags=tags)
     return Node(settings, metrics, store, manifests, tags, upstream, fetcher, resolver)
-
-
-def _make_resolver(cls: Any, settings: Settings, store: Any, manifests: Any, tags: Any, upstream: Any,
-                   metrics: Any) -> Any:
-    # ARCHITECTURE.md's signature has no TagCache, but the resolver needs one and the node owns it: pass it as
-    # `tags=` when the resolver accepts that, else let the resolver build its own.
-    import inspect
-
-    params = inspect.signature(cls).parameters
-    if "tags" in params:
-        return cls(settings, store, manifests, upstream, metrics, tags=tags)
-    if "tag_cache" in params:
-        return cls(settings, store, manifests, upstream, metrics, tag_cache=tags)
-    return cls(settings, store, manifests, upstream, metrics)
 
 
 async def _stop_on_signals(cancel_scope: trio.CancelScope) -> None:

@@ -203,7 +203,9 @@ class Admin:
         entries_of = getattr(self.tags, "entries", None)
         if not callable(entries_of):
             return []
-        return list(dict.fromkeys(e.digest for e in entries_of(repo, tag)))
+        listed = entries_of(repo, tag)
+        entries = listed.values() if isinstance(listed, dict) else listed
+        return list(dict.fromkeys(e.digest for e in entries))
 
     def _delete_tree(self, digest: str, report: dict[str, list[str]], seen: set[str], depth: int) -> None:
         if digest in seen:

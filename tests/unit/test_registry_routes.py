@@ -6,6 +6,7 @@ The fakes follow the ARCHITECTURE.md contracts (Fetcher.open_blob/stat_blob, Man
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -14,9 +15,11 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+import trio
 
 from p2pcache.config import Settings
 from p2pcache.metrics import Metrics
+from p2pcache.node import run_node
 from p2pcache.oci.errors import OciError, UpstreamUnavailable
 from p2pcache.proxy.registry import Registry, accept_types, split_v2_path
 from p2pcache.proxy.server import Request, serve_http
@@ -28,7 +31,10 @@ def digest_of(data: bytes) -> str:
 
 LAYER = os.urandom(200_000)
 LAYER_D = digest_of(LAYER)
-MANIFEST = json.dumps({"schemaVersion": 2, "layers": [{"digest": LAYER_D}]}).encode()
+CONFIG = b'{"architecture": "amd64", "os": "linux"}'
+CONFIG_D = digest_of(CONFIG)
+MANIFEST = json.dumps({"schemaVersion": 2, "config": {"digest": CONFIG_D, "size": len(CONFIG)},
+                       "layers": [{"digest": LAYER_D, "size": len(LAYER)}]}).encode()
 MANIFEST_D = digest_of(MANIFEST)
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -53,7 +59,7 @@ class Handle:
 
 class FakeFetcher:
     def __init__(self) -> None:
-        self.blobs = {LAYER_D: LAYER}
+        self.blobs = {LAYER_D: LAYER, CONFIG_D: CONFIG}
         self.asked: list[tuple] = []
         self.open_count = 0
 
@@ -241,3 +247,89 @@ def test_split_v2_path():
 def test_accept_types():
     req = Request("GET", "/", "/", {}, [("accept", "a/b, c/d;q=0.5"), ("accept", "a/b"), ("accept", "*/*")])
     assert accept_types(req) == ["a/b", "c/d", "*/*"]
+
+
+# --- the whole node: real store, fetcher, resolver and upstream client; the upstream is a fake registry ---------
+
+
+@pytest.fixture
+async def real_node(nursery, tmp_path):
+    """A node in-process whose docker.io upstream is this module's fake registry, both on 127.0.0.1:0."""
+    upstream_fetcher = FakeFetcher()
+    up_settings = Settings()
+    upstream = Registry(up_settings, upstream_fetcher, FakeResolver(), Metrics())  # type: ignore[arg-type]
+    _, up_port = await nursery.start(serve_http, "127.0.0.1:0", upstream, up_settings)
+    settings = Settings(listen="127.0.0.1:0", admin_listen="127.0.0.1:0", data=tmp_path / "data",
+                        upstreams={"docker.io": f"http://127.0.0.1:{up_port}"}, upstream_retries=0)
+    node = await nursery.start(functools.partial(run_node, settings, handle_signals=False))
+    async with httpx.AsyncClient(base_url=node.registry_url) as reg, \
+            httpx.AsyncClient(base_url=node.admin_url) as admin:
+        yield node, reg, admin, upstream_fetcher
+
+
+async def test_node_serves_and_caches(real_node):
+    node, reg, admin, upstream = real_node
+    r = await reg.get("/v2/alpine/manifests/1", headers={"accept": OCI_MANIFEST})
+    assert r.status_code == 200 and r.content == MANIFEST and r.headers["docker-content-digest"] == MANIFEST_D
+    for _ in range(2):  # cold (through the download), then warm (from the store)
+        r = await reg.get(f"/v2/alpine/blobs/{LAYER_D}")
+        assert r.status_code == 200 and r.content == LAYER
+    assert node.metrics.registry.get_sample_value("p2pcache_cache_hits_total", {"kind": "blob"}) == 1
+    r = await reg.get(f"/v2/alpine/blobs/{LAYER_D}", headers={"range": "bytes=5-"})
+    assert r.status_code == 206 and r.content == LAYER[5:]
+    status = (await admin.get("/admin/status")).json()
+    assert status["blobs"] >= 2 and status["store_bytes"] >= len(LAYER) and status["downloads_in_flight"] == 0
+    # the admin API is not on the registry port, and the registry API is not on the admin port
+    assert (await reg.get("/admin/status")).status_code == 404
+    assert (await reg.delete(f"/admin/blobs/{LAYER_D}")).status_code == 404
+    assert (await admin.get("/v2/")).status_code == 404
+
+
+async def test_admin_preheat_then_rmi(real_node):
+    node, reg, admin, upstream = real_node
+    r = await admin.post("/admin/preheat", json={"image": "docker.io/library/alpine:1"})
+    assert r.status_code == 200, r.text
+    summary = r.json()
+    assert summary["manifests"] == [MANIFEST_D] and summary["blobs"] == 2 and summary["errors"] == []
+    assert node.store.stat(LAYER_D) == len(LAYER) and node.store.stat(CONFIG_D) == len(CONFIG)
+    upstream.blobs.clear()  # from now on only the store can serve them
+    assert (await reg.get(f"/v2/alpine/blobs/{LAYER_D}")).content == LAYER
+
+    with node.store.pin(LAYER_D):  # a blob being served is not deleted
+        r = await admin.delete(f"/admin/blobs/{LAYER_D}")
+        assert r.status_code == 409 and r.json()["errors"]
+        r = await admin.delete("/admin/images/docker.io/library/alpine:1")
+        assert r.status_code == 200
+        assert r.json()["in_use"] == [LAYER_D] and set(r.json()["deleted"]) == {CONFIG_D, MANIFEST_D}
+    assert node.store.stat(CONFIG_D) is None and node.store.stat(LAYER_D) == len(LAYER)
+    r = await admin.delete(f"/admin/blobs/{LAYER_D}")
+    assert r.status_code == 200 and node.store.stat(LAYER_D) is None
+    r = await admin.delete(f"/admin/blobs/{LAYER_D}")
+    assert r.status_code == 404 and r.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert (await reg.get(f"/v2/alpine/blobs/{LAYER_D}")).status_code == 404  # gone here and upstream
+
+
+@pytest.mark.parametrize("method,path,body,status", [
+    ("DELETE", "/admin/blobs/sha256:..%2F..%2Fetc", None, 400),
+    ("DELETE", "/admin/images/docker.io/library/%2e%2e/x:1", None, 400),
+    ("DELETE", "/admin/images/docker.io/library/alpine:-bad", None, 400),
+    ("POST", "/admin/preheat", b"not json", 400),
+    ("POST", "/admin/preheat", b'{"image": 5}', 400),
+    ("POST", "/admin/preheat", b'{"image": "docker.io/library/alpine:nothere"}', 404),
+    ("GET", "/admin/preheat", None, 405),
+    ("GET", "/admin/nothing", None, 404),
+])
+async def test_admin_bad_requests(real_node, method, path, body, status):
+    _, _, admin, _ = real_node
+    r = await admin.request(method, path, content=body)
+    assert r.status_code == status and r.json()["errors"]
+
+
+async def test_node_stops_cleanly_when_cancelled(tmp_path):
+    settings = Settings(listen="127.0.0.1:0", admin_listen="127.0.0.1:0", data=tmp_path / "d")
+    async with trio.open_nursery() as nursery:
+        node = await nursery.start(functools.partial(run_node, settings, handle_signals=False))
+        port = node.registry_address[1]
+        nursery.cancel_scope.cancel()
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream("127.0.0.1", port)  # the listener is gone with the nursery
