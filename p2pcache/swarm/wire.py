@@ -77,6 +77,12 @@ def _nat(v: Any) -> int:
     return v
 
 
+def _num(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
+        raise ProtocolError("expected a number")
+    return float(v)
+
+
 def _digest(v: Any) -> str:
     if not isinstance(v, str) or not _DIGEST.match(v):
         raise ProtocolError("expected a sha256 digest")
@@ -157,14 +163,17 @@ SCHEMA: dict[str, tuple[dict[str, Check], bool]] = {
     "metainfo": ({"id": _ID, "digest": _digest, "size": _opt(_nat), "piece_size": _opt(_nat),
                   "hashes": _hashes}, False),
     # tracker RPCs (to the rendezvous owners of a digest)
-    "announce": ({"id": _ID, "digest": _digest, "complete": _type(bool)}, False),
+    "announce": ({"id": _ID, "digest": _digest, "pieces": _nat, "complete": _type(bool)}, False),
+    "withdraw": ({"digest": _digest}, False),
     "holders": ({"id": _ID, "digest": _digest, "holders": _holders, "claim": _opt(_NODE)}, False),
     "claim": ({"id": _ID, "digest": _digest, "release": _type(bool)}, False),
-    "claim-answer": ({"id": _ID, "digest": _digest, "granted": _type(bool), "holder": _opt(_NODE)}, False),
+    "claim-answer": ({"id": _ID, "digest": _digest, "granted": _type(bool), "holder": _opt(_NODE),
+                      "addr": _opt(_ADDR), "complete": _type(bool), "ttl": _num}, False),
     "publish": ({"digest": _digest, "size": _nat, "piece_size": _nat, "first": _nat, "hashes": _hashes}, False),
     # manifests and tags from peers during upstream outages
     "tag-req": ({"id": _ID, "ns": _NAME, "name": _NAME, "tag": _str(128), "accept": _str(4096)}, False),
-    "tag": ({"id": _ID, "digest": _opt(_digest), "media_type": _opt(_str(256)), "size": _opt(_nat)}, False),
+    "tag": ({"id": _ID, "digest": _opt(_digest), "media_type": _opt(_str(256)), "size": _opt(_nat),
+             "checked_at": _num}, False),
     "manifest-req": ({"id": _ID, "digest": _digest}, False),
     "manifest": ({"id": _ID, "digest": _digest, "media_type": _opt(_str(256))}, True),
     # membership

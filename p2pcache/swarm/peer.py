@@ -1,0 +1,403 @@
+"""One connection to one peer, over a raw trio socket: handshake, piece requests out, piece serving in, RPCs.
+
+This is a driver: the protocol's bytes are `wire.py`'s, the handshake's logic `handshake.py`'s, and what a message
+*means* (which pieces we have, what the tracker answers) is the `PeerHost`'s (the SwarmService). This module moves
+bytes and enforces the per-connection limits. It never decides which piece to ask for, never writes the store and
+never trusts a piece: the caller of `request_piece` checks the hash before using the bytes.
+
+Theory of operation
+-------------------
+Each connection runs two tasks in its own nursery: a reader and a writer. The reader never awaits a send (two
+peers both blocked sending 16 MiB pieces to each other while neither reads would deadlock); anything it wants to
+say (answers, bitfields, rejects) is queued for the writer. The writer sends queued control frames first, then
+serves queued piece requests: the piece's bytes go from the store's file to the socket with `os.sendfile` (no copy
+through Python), paced by the node's upload token bucket. Received piece payloads are `recv_into` one buffer per
+piece, which is handed to the waiting `request_piece` caller.
+
+Limits: at most `MAX_REQUESTS_IN` piece requests queued from one peer (more are rejected "busy"), at most
+`MAX_REQUESTS_OUT` of ours in flight on one connection (callers wait for a slot), at most `MAX_CONTROL_QUEUE`
+frames queued for a peer that does not read (then it is dropped). Frame sizes are bounded by the decoder.
+
+Timeouts are cancel scopes: the handshake must finish within `HANDSHAKE_TIMEOUT`; while we wait for anything from
+the peer (a piece, an answer), a stall scope around the reader is pushed back each time bytes arrive and fires
+after `STALL_TIMEOUT` of silence, closing the connection and failing every waiter at once. A dead peer therefore
+costs `CONNECT_TIMEOUT` (refused connections fail at once) or `STALL_TIMEOUT`, never a 30-second TCP timeout.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import math
+import os
+import socket as pysocket
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import trio
+
+from p2pcache.config import parse_hostport
+from p2pcache.swarm.handshake import Handshake, HandshakeError, PeerInfo
+from p2pcache.swarm.wire import NEED_DATA, FrameDecoder, Message, ProtocolError, encode, encode_head
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 2.0  # loopback/LAN connects take milliseconds; a black-holed host must not stall a download
+HANDSHAKE_TIMEOUT = 5.0  # three small frames; anything slower is broken or hostile
+STALL_TIMEOUT = 5.0  # silence while we wait on the peer: it is dead or wedged; its pieces are re-asked elsewhere
+RPC_TIMEOUT = 3.0  # tracker answers are in-memory lookups; slower means the owner is in trouble
+MAX_REQUESTS_IN = 32  # queued piece requests one peer may have with us; bounds memory and upload fairness
+MAX_REQUESTS_OUT = 8  # our piece requests in flight per connection: enough to fill a LAN pipe with 1-16 MiB pieces
+MAX_CONTROL_QUEUE = 4096  # frames queued for a peer that stopped reading: beyond this it is dropped
+RECV_CHUNK = 1 << 20  # socket reads: 1 MiB keeps syscalls few (trio reading a socket ~3 GB/s here)
+SEND_CHUNK = 1 << 20  # sendfile slices: the unit the upload bucket paces
+
+# Answers to an RPC: the waiter is found by the "id" the question carried.
+ANSWER_KINDS = {"holders", "claim-answer", "metainfo", "tag", "manifest", "pong"}
+
+
+class PeerGone(Exception):
+    """The connection closed (or stalled) before the answer came."""
+
+
+class PieceRejected(Exception):
+    """The peer does not have (or will not send) the piece now."""
+
+
+class PeerHost(Protocol):
+    """What a connection asks of the node (the SwarmService implements it)."""
+
+    def piece_source(self, digest: str, index: int) -> tuple[int, int, int] | None:
+        """(a dup'ed fd we close, offset, length) of a verified piece we hold, or None."""
+
+    def on_message(self, conn: PeerConnection, msg: Message) -> list[tuple[str, dict[str, Any], bytes]]:
+        """Handle anything that is not a piece transfer or an answer; returns frames to send back."""
+
+    def on_closed(self, conn: PeerConnection) -> None: ...
+
+
+Throttle = Callable[[int], Awaitable[None]]
+
+
+class _Waiter:
+    __slots__ = ("event", "value", "error")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.value: Message | None = None
+        self.error: Exception | None = None
+
+    def set(self, value: Message | None = None, error: Exception | None = None) -> None:
+        if not self.event.is_set():
+            self.value, self.error = value, error
+            self.event.set()
+
+
+def _tune(sock: trio.socket.SocketType) -> None:
+    sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
+
+
+async def open_peer_socket(addr: str) -> trio.socket.SocketType:
+    """Connect to HOST:PORT within CONNECT_TIMEOUT (raises OSError or trio.TooSlowError)."""
+    host, port = parse_hostport(addr)
+    infos = await trio.socket.getaddrinfo(host, port, type=pysocket.SOCK_STREAM)
+    if not infos:
+        raise OSError(errno.EHOSTUNREACH, f"cannot resolve {host}")
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = trio.socket.socket(family, type_, proto)
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            await sock.connect(sockaddr)
+        _tune(sock)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = await sock.send(view)
+        view = view[n:]
+
+
+async def _read_message(sock: trio.socket.SocketType, dec: FrameDecoder) -> Message:
+    while True:
+        ev = dec.next_event()
+        if ev is not NEED_DATA:
+            assert isinstance(ev, Message)
+            return ev
+        data = await sock.recv(65536)
+        if not data:
+            dec.eof()
+            raise PeerGone("closed during handshake")
+        dec.feed(data)
+
+
+async def handshake(sock: trio.socket.SocketType, hs: Handshake, dec: FrameDecoder) -> PeerInfo:
+    """Run one side of the handshake on a connected socket. Raises HandshakeError, ProtocolError, PeerGone,
+    OSError or trio.TooSlowError; on a refusal we tell the peer why (best effort) before the caller closes."""
+    with trio.fail_after(HANDSHAKE_TIMEOUT):
+        if hs.role == "client":
+            kind, fields = hs.client_hello()
+            await _send_all(sock, encode(kind, **fields))
+        while not hs.done:
+            msg = await _read_message(sock, dec)
+            if msg.kind == "refused":
+                raise HandshakeError(f"refused by peer: {msg['reason']}")
+            try:
+                out = hs.receive(msg)
+            except HandshakeError as e:
+                with trio.move_on_after(0.5):
+                    await _send_all(sock, encode("refused", reason=str(e)[:200]))
+                raise
+            for kind, fields in out:
+                await _send_all(sock, encode(kind, **fields))
+    assert hs.peer is not None
+    return hs.peer
+
+
+class PeerConnection:
+    """A handshaken connection. `run()` serves it until it closes; other tasks call `request_piece`/`call`."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, sock: trio.socket.SocketType, peer: PeerInfo, host: PeerHost, dec: FrameDecoder, *,
+                 outgoing: bool, throttle_tx: Throttle | None = None, throttle_rx: Throttle | None = None,
+                 on_bytes: Callable[[str, int], None] | None = None) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.host = host
+        self.dec = dec
+        self.outgoing = outgoing
+        self.throttle_tx = throttle_tx
+        self.throttle_rx = throttle_rx
+        self.on_bytes = on_bytes  # ("in"|"out", n) piece bytes, for metrics and scoring
+        self.closed = False
+        self._control: deque[bytes] = deque()
+        self._uploads: deque[tuple[str, int]] = deque()
+        self._wake = trio.Event()
+        self._pieces: dict[tuple[str, int], _Waiter] = {}
+        self._calls: dict[int, _Waiter] = {}
+        self._slots = trio.Semaphore(MAX_REQUESTS_OUT)
+        self._waiting = 0  # requests + calls outstanding: while > 0, silence is a stall
+        self._stall: trio.CancelScope | None = None
+        self._scope: trio.CancelScope | None = None
+        self.interested: set[str] = set()  # digests this peer wants "have"s for
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def __repr__(self) -> str:
+        return f"PeerConnection({self.peer.node}@{self.peer.addr}, {'out' if self.outgoing else 'in'})"
+
+    # -- life --------------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            with trio.CancelScope() as self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    await self._reader()
+                    nursery.cancel_scope.cancel()
+        except (OSError, ProtocolError, PeerGone, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            log.info("peer %s: connection closed: %s", self.peer.node, e)
+        finally:
+            self._fail_all(PeerGone(f"connection to {self.peer.node} closed"))
+            self.closed = True
+            self.sock.close()
+            self.host.on_closed(self)
+
+    def close(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+        else:
+            self.closed = True
+            self.sock.close()
+
+    def _fail_all(self, err: Exception) -> None:
+        for w in list(self._pieces.values()) + list(self._calls.values()):
+            w.set(error=err)
+        self._pieces.clear()
+        self._calls.clear()
+
+    # -- sending -----------------------------------------------------------------------------------------------
+    def send(self, kind: str, payload: bytes = b"", **fields: Any) -> None:
+        """Queue a frame (never blocks). A peer that lets MAX_CONTROL_QUEUE frames pile up is dropped."""
+        if self.closed:
+            raise PeerGone("connection closed")
+        if len(self._control) >= MAX_CONTROL_QUEUE:
+            self.close()
+            raise PeerGone("peer is not reading")
+        self._control.append(encode(kind, payload, **fields))
+        self._wake.set()
+
+    async def _writer(self) -> None:
+        while True:
+            if self._control:
+                await _send_all(self.sock, self._control.popleft())
+            elif self._uploads:
+                digest, index = self._uploads.popleft()
+                await self._serve_piece(digest, index)
+            else:
+                await self._wake.wait()
+                self._wake = trio.Event()
+
+    async def _serve_piece(self, digest: str, index: int) -> None:
+        src = self.host.piece_source(digest, index)
+        if src is None:
+            await _send_all(self.sock, encode("reject", digest=digest, index=index, reason="not held"))
+            return
+        fd, offset, length = src
+        try:
+            await _send_all(self.sock, encode_head("piece", length, digest=digest, index=index))
+            sent = 0
+            while sent < length:
+                n = min(SEND_CHUNK, length - sent)
+                if self.throttle_tx is not None:
+                    await self.throttle_tx(n)
+                await self._sendfile(fd, offset + sent, n)
+                sent += n
+            self.bytes_out += length
+            if self.on_bytes is not None:
+                self.on_bytes("out", length)
+        finally:
+            os.close(fd)
+
+    async def _sendfile(self, fd: int, offset: int, count: int) -> None:
+        """Zero-copy file -> socket on trio's non-blocking socket."""
+        out = self.sock.fileno()
+        await trio.lowlevel.checkpoint()
+        while count > 0:
+            try:
+                n = os.sendfile(out, fd, offset, count)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+                continue
+            if n == 0:  # the file is shorter than the piece: we cannot keep the frame's promise
+                raise OSError(errno.EIO, "piece file truncated")
+            offset += n
+            count -= n
+
+    # -- receiving ---------------------------------------------------------------------------------------------
+    def _arm(self) -> None:
+        if self._stall is not None:
+            self._stall.deadline = trio.current_time() + STALL_TIMEOUT if self._waiting else math.inf
+
+    async def _reader(self) -> None:
+        buf = bytearray(RECV_CHUNK)
+        view = memoryview(buf)
+        with trio.CancelScope() as self._stall:
+            self._arm()
+            # deliver anything that arrived with the handshake
+            for msg in self.dec.events():
+                self._dispatch(msg)
+            while True:
+                space = self.dec.payload_space()
+                if space is not None:
+                    n = await self.sock.recv_into(space[:RECV_CHUNK])
+                    if n:
+                        self.dec.payload_written(n)
+                else:
+                    n = await self.sock.recv_into(view)
+                    if n:
+                        self.dec.feed(view[:n])
+                if not n:
+                    self.dec.eof()
+                    return
+                self.bytes_in += n
+                if self._waiting:
+                    self._stall.deadline = trio.current_time() + STALL_TIMEOUT
+                if self.throttle_rx is not None and space is not None:
+                    await self.throttle_rx(n)
+                for msg in self.dec.events():
+                    self._dispatch(msg)
+        if self._stall.cancelled_caught:
+            raise PeerGone(f"{self.peer.node} stalled for {STALL_TIMEOUT}s")
+
+    def _dispatch(self, msg: Message) -> None:
+        k = msg.kind
+        if k == "piece" or k == "reject":
+            w = self._pieces.pop((msg["digest"], msg["index"]), None)
+            if w is not None:
+                if k == "piece":
+                    if self.on_bytes is not None:
+                        self.on_bytes("in", len(msg.payload))
+                    w.set(msg)
+                else:
+                    w.set(error=PieceRejected(msg["reason"]))
+            return  # a piece we cancelled (or never asked for) is dropped
+        if k in ANSWER_KINDS:
+            w = self._calls.pop(msg["id"], None)
+            if w is not None:
+                w.set(msg)
+            return
+        if k == "request":
+            if len(self._uploads) >= MAX_REQUESTS_IN:
+                self.send("reject", digest=msg["digest"], index=msg["index"], reason="busy")
+            else:
+                self._uploads.append((msg["digest"], msg["index"]))
+                self._wake.set()
+            return
+        if k == "cancel":
+            try:
+                self._uploads.remove((msg["digest"], msg["index"]))
+            except ValueError:
+                pass
+            return
+        if k in ("hello", "hello-ack", "hello-proof", "refused"):
+            raise ProtocolError(f"{k} after the handshake")
+        for kind, fields, payload in self.host.on_message(self, msg):
+            self.send(kind, payload, **fields)
+
+    # -- our requests ------------------------------------------------------------------------------------------
+    async def request_piece(self, digest: str, index: int) -> bytes | bytearray:
+        """The peer's bytes for piece `index` (unverified!). Raises PieceRejected, PeerGone."""
+        key = (digest, index)
+        async with self._slots:
+            if self.closed:
+                raise PeerGone("connection closed")
+            if key in self._pieces:
+                raise PieceRejected("already requested on this connection")
+            w = self._pieces[key] = _Waiter()
+            self._waiting += 1
+            self._arm()
+            try:
+                self.send("request", digest=digest, index=index)
+                await w.event.wait()
+            finally:
+                self._waiting -= 1
+                self._arm()
+                if not w.event.is_set():  # cancelled by our caller: tell the peer not to bother
+                    self._pieces.pop(key, None)
+                    if not self.closed:
+                        try:
+                            self.send("cancel", digest=digest, index=index)
+                        except PeerGone:
+                            pass
+        if w.error is not None:
+            raise w.error
+        assert w.value is not None
+        return w.value.payload
+
+    async def call(self, kind: str, timeout: float = RPC_TIMEOUT, **fields: Any) -> Message:
+        """Send an RPC and wait for its answer. Raises PeerGone (closed, stalled or timed out)."""
+        rid = next(self._ids)
+        w = self._calls[rid] = _Waiter()
+        self._waiting += 1
+        self._arm()
+        try:
+            self.send(kind, id=rid, **fields)
+            with trio.move_on_after(timeout):
+                await w.event.wait()
+        finally:
+            self._waiting -= 1
+            self._arm()
+            self._calls.pop(rid, None)
+        if not w.event.is_set():
+            raise PeerGone(f"{kind} to {self.peer.node} timed out")
+        if w.error is not None:
+            raise w.error
+        assert w.value is not None
+        return w.value

@@ -1,0 +1,1119 @@
+"""The swarm of one node, in trio: peer listener and connection pool, this node's tracker shard, membership, and
+`fill(download, repo)`, which completes a download from peers and/or (holding the cluster's claim) upstream.
+
+This is the driver. What to ask whom, when to give up on a peer, who holds a digest and who may fetch it from
+upstream are decided by the sans-IO objects (`DownloadScheduler`, `Tracker`, `Membership`, `owners`), the same
+objects the simulator runs. This module feeds them events with `trio.current_time()` and carries out their
+decisions. It never writes a piece that did not match its published SHA-256, never serves a piece it has not
+verified, and never lets one peer's failure (or malice) reach another connection or the node.
+
+Theory of operation
+-------------------
+Tracker shards. Every node runs a `Tracker`. The owners of digest X are `owners(X, live members, 2)`: both hold
+X's holders (announces go to both), the first grants the claim to fetch X from upstream (the second one when the
+first does not answer) and keeps X's metainfo, which the claim holder publishes piece by piece. `--tracker ADDR`
+replaces rendezvous with that one node.
+
+A download (`fill`): announce ourselves to X's owners and learn the holders; if nobody holds X and nobody claims it,
+ask for the claim. Granted: stream X from upstream (`Download.fetch_from_upstream`), publish each piece's hash as it
+is cut and tell interested peers we have it, renew the claim every `CLAIM_RENEW` seconds, release it at the end.
+Not granted: get the metainfo, connect to the holders (the claim holder among them), ask for their bitfields and
+drive the scheduler: every piece that arrives is hashed (in a worker thread) and checked against the metainfo
+before `Download.write_piece`; a mismatch bans the peer. When the scheduler says nobody can deliver (the claim
+holder died, or no peer has the missing pieces), we ask for the claim ourselves and fetch the rest from upstream,
+keeping every piece already fetched from peers. If the whole-blob digest fails at the end, the fetcher discards the
+blob and refetches it from upstream; we withdraw our announcement.
+
+Serving: a peer's request is answered from the store (complete blob) or from a download's partial file (a
+verified piece), with `os.sendfile`, paced by the upload token bucket. Manifests by digest and tag answers are
+served from this node's ManifestStore and TagCache, so a node can pull what the cluster holds while the upstream
+is down (`peer_manifest`, `peer_tag`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from p2pcache.config import parse_hostport
+from p2pcache.discovery import rendezvous
+from p2pcache.discovery.dns import run_dns_seeds
+from p2pcache.discovery.gossip import GossipDriver
+from p2pcache.discovery.membership import Membership
+from p2pcache.swarm.handshake import Handshake, HandshakeError, PeerInfo, load_secret
+from p2pcache.swarm.metainfo import piece_count, piece_span
+from p2pcache.swarm.peer import PeerConnection, PeerGone, PieceRejected, handshake, open_peer_socket
+from p2pcache.swarm.ratelimit import TokenBucket
+from p2pcache.swarm.scheduler import (
+    AskClaim,
+    Ban,
+    BanList,
+    Cancel,
+    Decision,
+    Discard,
+    Done,
+    DownloadScheduler,
+    Fail,
+    FetchUpstream,
+    Request,
+    StopUpstream,
+)
+from p2pcache.swarm.tracker import ClaimGranted, Tracker
+from p2pcache.swarm.wire import FrameDecoder, Message, ProtocolError
+
+if TYPE_CHECKING:
+    from p2pcache.config import Settings
+    from p2pcache.fetch import Download, Fetcher
+    from p2pcache.metrics import Metrics
+    from p2pcache.oci.reference import Repo
+    from p2pcache.oci.upstream import Upstream
+    from p2pcache.store.blobs import BlobStore
+
+log = logging.getLogger(__name__)
+
+TRACKER_REPLICAS = 2  # owners per digest: holders survive the loss of one owner without a re-announce gap
+ANNOUNCE_TTL = 30.0  # soft state: a holder that stops renewing is forgotten after this
+ANNOUNCE_EVERY = 10.0  # a third of the TTL, so one lost announce costs nothing
+CLAIM_TTL = 6.0  # a dead claim holder delays the takeover by at most this (plus one renewal period)
+CLAIM_RENEW = 2.0  # renew three times per TTL
+MAX_CONNS_PER_PEER = 2  # one each way is normal; more is a misbehaving or looping peer
+MAX_INCOMING = 512  # total accepted connections: a flood on the peer port cannot exhaust descriptors
+TRACKER_EXPIRE_EVERY = 2.0  # housekeeping of the tracker shard
+METAINFO_POLL = 0.2  # how often a leecher refreshes piece hashes while the claim holder is still publishing
+HOLDERS_LIMIT = 50  # holders asked for per lookup; the tracker samples them at random so load spreads
+
+
+@dataclass
+class HolderInfo:
+    node: str
+    addr: str
+    zone: str | None
+    complete: bool
+
+
+class SwarmError(Exception):
+    """The swarm could not complete a download (the fetcher reports it as a failed download)."""
+
+
+class SwarmService:
+    """The swarm side of one node. `run()` serves until cancelled; the fetcher calls `fill`."""
+
+    def __init__(self, settings: Settings, store: BlobStore, fetcher: Fetcher, upstream: Upstream,
+                 metrics: Metrics, *, manifests: Any = None, tags: Any = None) -> None:
+        from p2pcache.store.manifests import ManifestStore, TagCache
+
+        self.settings = settings
+        self.store = store
+        self.fetcher = fetcher
+        self.upstream = upstream
+        self.metrics = metrics
+        # Pass the resolver's instances so what it learns is served at once; else ours read the same disk.
+        self.manifests = manifests if manifests is not None else ManifestStore(settings.data, store)
+        self.tags = tags if tags is not None else TagCache(settings.data)
+        self.secret = load_secret(settings.cluster_secret_file)
+        self.node_id = uuid.uuid4().hex[:16]
+        assert settings.peer_listen is not None, "the swarm needs --peer-listen"
+        self.listen_host, self.listen_port = parse_hostport(settings.peer_listen)
+        self.addr = settings.advertise or settings.peer_listen
+        self.zone = settings.zone
+        self.me = PeerInfo(self.node_id, self.addr, self.zone)
+        # heartbeat starts from the wall clock so a restarted node's is always higher than its old one
+        self.membership = Membership(self.node_id, self.addr, self.zone, heartbeat=int(time.time() * 10))
+        self.tracker = Tracker(rng=random.Random(), announce_ttl=ANNOUNCE_TTL, claim_ttl=CLAIM_TTL)
+        self.up_bucket = TokenBucket(settings.upload_limit, now=trio.current_time())
+        self.down_bucket = TokenBucket(settings.download_limit, now=trio.current_time())
+        self.conns: dict[str, list[PeerConnection]] = {}
+        self.bans = BanList()  # node ids that sent bad pieces or lying piece lists, shared by all downloads
+        self._dial_locks: dict[str, trio.Lock] = {}
+        self._incoming = 0
+        self._nursery: trio.Nursery | None = None
+        self._fills: dict[str, Any] = {}  # digest -> the _Fill driving it (routes have/bitfield)
+        self._announced: dict[str, bool] = {}  # digest -> complete, re-announced every ANNOUNCE_EVERY
+        self._claims: set[str] = set()
+        self._tracker_node: str | None = None  # node id behind --tracker, once connected
+        self._meta_cache: dict[str, tuple[int, int, list[bytes]]] = {}  # piece hashes of complete blobs
+        self.gossip = GossipDriver(self.membership, list(settings.join), self.connect_node, self.connect_addr)
+        self.bound_port: int | None = None
+
+    # =========================================================================================================
+    # life
+    # =========================================================================================================
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        await sock.bind((self.listen_host, self.listen_port))
+        sock.listen(128)
+        self.bound_port = sock.getsockname()[1]
+        if self.listen_port == 0 and self.settings.advertise is None:
+            self.addr = f"{self.listen_host}:{self.bound_port}"
+            self.me = PeerInfo(self.node_id, self.addr, self.zone)
+            self.membership.me.addr = self.addr
+        log.info("swarm: node %s listening for peers on %s (advertised as %s)", self.node_id,
+                 self.settings.peer_listen, self.addr)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._accept_loop, sock)
+                nursery.start_soon(self.gossip.run)
+                if self.settings.join_dns:
+                    nursery.start_soon(run_dns_seeds, self.settings.join_dns, self.listen_port,
+                                       self.gossip.add_seeds)
+                nursery.start_soon(self._housekeeping)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            sock.close()
+
+    async def _housekeeping(self) -> None:
+        last_announce = trio.current_time()
+        while True:
+            await trio.sleep(TRACKER_EXPIRE_EVERY)
+            now = trio.current_time()
+            self.tracker.expire(now)
+            if now - last_announce >= ANNOUNCE_EVERY:
+                last_announce = now
+                for digest, complete in list(self._announced.items()):
+                    self._spawn(self._announce, digest, complete)
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
+
+    # =========================================================================================================
+    # connections
+    # =========================================================================================================
+    async def _throttle_tx(self, n: int) -> None:
+        delay = self.up_bucket.take(n, trio.current_time())
+        if delay > 0:
+            await trio.sleep(delay)
+
+    async def _throttle_rx(self, n: int) -> None:
+        delay = self.down_bucket.take(n, trio.current_time())
+        if delay > 0:
+            await trio.sleep(delay)
+
+    def _count_bytes(self, direction: str, n: int) -> None:
+        self.metrics.peer_bytes.labels(direction=direction).inc(n)
+
+    def _new_conn(self, sock: trio.socket.SocketType, peer: PeerInfo, dec: FrameDecoder,
+                  outgoing: bool) -> PeerConnection:
+        return PeerConnection(sock, peer, self, dec, outgoing=outgoing,
+                              throttle_tx=self._throttle_tx if self.settings.upload_limit else None,
+                              throttle_rx=self._throttle_rx if self.settings.download_limit else None,
+                              on_bytes=self._count_bytes)
+
+    def _register(self, conn: PeerConnection) -> bool:
+        if self.bans.banned(conn.peer.node, trio.current_time()):
+            log.info("swarm: refusing banned peer %s", conn.peer.node)
+            return False
+        lst = self.conns.setdefault(conn.peer.node, [])
+        lst[:] = [c for c in lst if not c.closed]
+        if len(lst) >= MAX_CONNS_PER_PEER:
+            return False
+        lst.append(conn)
+        self.metrics.peers_connected.inc()
+        self.membership.heard(conn.peer.node, conn.peer.addr, conn.peer.zone, trio.current_time())
+        return True
+
+    def on_closed(self, conn: PeerConnection) -> None:
+        lst = self.conns.get(conn.peer.node)
+        if lst and conn in lst:
+            lst.remove(conn)
+            self.metrics.peers_connected.dec()
+            if not lst:
+                del self.conns[conn.peer.node]
+        for fill in list(self._fills.values()):
+            fill.peer_closed(conn)
+
+    async def _accept_loop(self, sock: trio.socket.SocketType) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                client, _ = await sock.accept()
+                if self._incoming >= MAX_INCOMING:
+                    client.close()
+                    continue
+                nursery.start_soon(self._serve_incoming, client)
+
+    async def _serve_incoming(self, sock: trio.socket.SocketType) -> None:
+        self._incoming += 1
+        try:
+            dec = FrameDecoder()
+            try:
+                peer = await handshake(sock, Handshake("server", self.secret, self.me), dec)
+            except (HandshakeError, ProtocolError, PeerGone, OSError, trio.TooSlowError) as e:
+                log.info("swarm: refused an incoming peer connection: %s", e)
+                sock.close()
+                return
+            conn = self._new_conn(sock, peer, dec, outgoing=False)
+            if not self._register(conn):
+                sock.close()
+                return
+            await conn.run()
+        finally:
+            self._incoming -= 1
+
+    def _open_conn(self, node: str) -> PeerConnection | None:
+        for c in self.conns.get(node, ()):
+            if not c.closed:
+                return c
+        return None
+
+    async def connect_node(self, node: str) -> PeerConnection:
+        """An open connection to member `node` (reused, or dialled at its address). Raises PeerGone."""
+        conn = self._open_conn(node)
+        if conn is not None:
+            return conn
+        m = self.membership.get(node)
+        if m is None or node == self.node_id:
+            raise PeerGone(f"unknown member {node}")
+        lock = self._dial_locks.setdefault(node, trio.Lock())
+        async with lock:
+            conn = self._open_conn(node)
+            if conn is not None:
+                return conn
+            try:
+                conn = await self._dial(m.addr)
+            except PeerGone:
+                self.membership.unreachable(node, trio.current_time())
+                raise
+            if conn.peer.node != node:
+                conn.close()
+                raise PeerGone(f"{m.addr} is now {conn.peer.node}, not {node}")
+            return conn
+
+    async def connect_addr(self, addr: str) -> PeerConnection:
+        """Dial an address whose node id we may not know yet (a seed, the --tracker)."""
+        for lst in self.conns.values():
+            for c in lst:
+                if c.peer.addr == addr and not c.closed:
+                    return c
+        return await self._dial(addr)
+
+    async def _dial(self, addr: str) -> PeerConnection:
+        if self._nursery is None:
+            raise PeerGone("swarm not running")
+        try:
+            sock = await open_peer_socket(addr)
+        except (OSError, trio.TooSlowError) as e:
+            raise PeerGone(f"cannot connect to {addr}: {e}") from None
+        dec = FrameDecoder()
+        try:
+            peer = await handshake(sock, Handshake("client", self.secret, self.me), dec)
+        except (HandshakeError, ProtocolError, PeerGone, OSError, trio.TooSlowError) as e:
+            sock.close()
+            raise PeerGone(f"handshake with {addr} failed: {e}") from None
+        conn = self._new_conn(sock, peer, dec, outgoing=True)
+        if not self._register(conn):
+            sock.close()
+            existing = self._open_conn(peer.node)
+            if existing is None:
+                raise PeerGone(f"too many connections to {peer.node}")
+            return existing
+        self._nursery.start_soon(conn.run)
+        return conn
+
+    # =========================================================================================================
+    # what peers ask of us
+    # =========================================================================================================
+    def piece_source(self, digest: str, index: int) -> tuple[int, int, int] | None:
+        f = self.store.open(digest)
+        if f is not None:
+            try:
+                size = os.fstat(f.fileno()).st_size
+                piece_size = self._piece_size_of(digest, size)
+                if not 0 <= index < piece_count(size, piece_size):
+                    return None
+                start, length = piece_span(index, size, piece_size)
+                return os.dup(f.fileno()), start, length
+            finally:
+                f.close()
+        d = self.fetcher.downloads().get(digest)
+        partial = d.partial if d is not None else None
+        if partial is None or not 0 <= index < partial.n_pieces or not partial.have(index):
+            return None
+        start, length = piece_span(index, partial.size, partial.piece_size)
+        try:
+            return os.dup(partial.file.fileno()), start, length
+        except (OSError, ValueError):
+            return None
+
+    def _piece_size_of(self, digest: str, size: int) -> int:
+        cached = self._meta_cache.get(digest)
+        if cached is not None:
+            return cached[1]
+        m = self.tracker.metainfo(digest)
+        if m is not None and m.size == size:
+            return m.piece_size
+        from p2pcache.swarm.metainfo import piece_size_for
+
+        return self.settings.piece_size or piece_size_for(size)
+
+    def _bitfield(self, digest: str) -> bytes:
+        size = self.store.stat(digest, touch=False)
+        if size is not None:
+            n = piece_count(size, self._piece_size_of(digest, size))
+            bits = bytearray(b"\xff" * ((n + 7) // 8))
+            if n % 8:
+                bits[-1] = (0xFF << (8 - n % 8)) & 0xFF
+            return bytes(bits)
+        d = self.fetcher.downloads().get(digest)
+        if d is not None and d.partial is not None:
+            return d.partial.bitfield()
+        return b""
+
+    def on_message(self, conn: PeerConnection, msg: Message) -> list[tuple[str, dict[str, Any], bytes]]:
+        k = msg.kind
+        now = trio.current_time()
+        peer = conn.peer
+        if k == "gossip":
+            self.membership.merge(msg["members"], now)
+            return []
+        if k == "ping":
+            return [("pong", {"id": msg["id"]}, b"")]
+        if k in ("announce", "withdraw", "claim", "publish"):
+            out = self._tracker_handle(peer, msg.kind, msg.fields, now)
+            return [] if out is None else [(out[0], out[1], b"")]
+        if k == "metainfo-req":
+            ans = self._metainfo_answer(msg["digest"])
+            if ans is None and self.store.stat(msg["digest"], touch=False) is not None:
+                self._spawn(self._answer_metainfo_later, conn, msg["id"], msg["digest"])
+                return []
+            return [("metainfo", self._metainfo_fields(msg["id"], msg["digest"], ans), b"")]
+        if k == "interested":
+            conn.interested.add(msg["digest"])
+            fill = self._fills.get(msg["digest"])
+            if fill is not None:
+                fill.consider(conn)  # a peer fetching the same blob: we want its pieces as much as it wants ours
+            return [("bitfield", {"digest": msg["digest"], "bits": self._bitfield(msg["digest"])}, b"")]
+        if k in ("have", "bitfield"):
+            fill = self._fills.get(msg["digest"])
+            if fill is not None:
+                fill.peer_message(conn, msg)
+            return []
+        if k == "tag-req":
+            return [("tag", self._tag_answer(msg), b"")]
+        if k == "manifest-req":
+            got = self.manifests.get(msg["digest"])
+            if got is None:
+                return [("manifest", {"id": msg["id"], "digest": msg["digest"], "media_type": None}, b"")]
+            return [("manifest", {"id": msg["id"], "digest": msg["digest"], "media_type": got[0]}, got[1])]
+        raise ProtocolError(f"{k} is not a request")
+
+    # -- tracker shard ------------------------------------------------------------------------------------------
+    def _tracker_handle(self, peer: PeerInfo, kind: str, f: dict[str, Any],
+                        now: float) -> tuple[str, dict[str, Any]] | None:
+        """One tracker RPC, from a peer or from ourselves (same code either way)."""
+        t = self.tracker
+        digest = f["digest"]
+        if kind == "announce":
+            t.announce(now, digest, peer.node, peer.addr, peer.zone, pieces=f["pieces"], complete=f["complete"],
+                       ttl=ANNOUNCE_TTL)
+            hs = t.holders(digest, now, limit=HOLDERS_LIMIT, prefer_zone=peer.zone, exclude=peer.node)
+            return "holders", {"id": f["id"], "digest": digest, "claim": t.claim_holder(digest, now),
+                               "holders": [[h.node, h.address, h.zone, h.complete] for h in hs]}
+        if kind == "withdraw":
+            t.withdraw(digest, peer.node)
+            return None
+        if kind == "claim":
+            if f["release"]:
+                t.release(digest, peer.node)
+                return "claim-answer", {"id": f["id"], "digest": digest, "granted": False, "holder": None,
+                                        "addr": None, "complete": False, "ttl": 0.0}
+            ans = t.claim(digest, peer.node, now, ttl=CLAIM_TTL, address=peer.addr)
+            if isinstance(ans, ClaimGranted):
+                return "claim-answer", {"id": f["id"], "digest": digest, "granted": True, "holder": peer.node,
+                                        "addr": peer.addr, "complete": False, "ttl": CLAIM_TTL}
+            return "claim-answer", {"id": f["id"], "digest": digest, "granted": False, "holder": ans.holder,
+                                    "addr": ans.address, "complete": ans.complete,
+                                    "ttl": max(0.0, ans.expires_at - now)}
+        if kind == "publish":
+            hashes = f["hashes"]
+            if all(h is not None for h in hashes):
+                t.publish_metainfo(digest, peer.node, now, f["size"], f["piece_size"], f["first"], hashes)
+            return None
+        raise AssertionError(kind)
+
+    def _owners(self, digest: str) -> list[str]:
+        if self.settings.tracker:
+            return [self._tracker_node] if self._tracker_node else []
+        return rendezvous.owners(digest, [m.node for m in self.membership.live()], TRACKER_REPLICAS)
+
+    async def _tracker_call(self, owner: str, kind: str, **fields: Any) -> dict[str, Any] | None:
+        """A tracker RPC to `owner` (ourselves: no network). None when it has no answer (one-way kinds)."""
+        if owner == self.node_id:
+            out = self._tracker_handle(self.me, kind, {"id": 0, **fields}, trio.current_time())
+            return None if out is None else out[1]
+        conn = await self.connect_node(owner)
+        if kind in ("withdraw", "publish"):
+            conn.send(kind, **fields)
+            return None
+        return (await conn.call(kind, **fields)).fields
+
+    async def _owner_conns(self, digest: str) -> list[str]:
+        if self.settings.tracker and self._tracker_node is None:
+            try:
+                conn = await self.connect_addr(self.settings.tracker)
+                self._tracker_node = conn.peer.node
+            except PeerGone as e:
+                log.warning("tracker %s unreachable: %s", self.settings.tracker, e)
+        return self._owners(digest)
+
+    async def _announce(self, digest: str, complete: bool, pieces: int = 0) -> tuple[list[HolderInfo], str | None]:
+        """Tell every owner we hold (part of) `digest`; returns the holders they know and the claim holder."""
+        holders: dict[str, HolderInfo] = {}
+        claim: str | None = None
+        for owner in await self._owner_conns(digest):
+            try:
+                ans = await self._tracker_call(owner, "announce", digest=digest, pieces=pieces, complete=complete)
+            except PeerGone as e:
+                log.info("announce of %s to %s failed: %s", digest[:19], owner, e)
+                continue
+            assert ans is not None
+            claim = claim or ans["claim"]
+            for node, addr, zone, full in ans["holders"]:
+                if node != self.node_id:
+                    h = holders.get(node)
+                    holders[node] = HolderInfo(node, addr, zone, full or (h is not None and h.complete))
+        return list(holders.values()), claim
+
+    async def _withdraw(self, digest: str) -> None:
+        self._announced.pop(digest, None)
+        for owner in self._owners(digest):
+            try:
+                await self._tracker_call(owner, "withdraw", digest=digest)
+            except PeerGone:
+                pass
+
+    async def _claim(self, digest: str, release: bool = False) -> dict[str, Any] | None:
+        """Ask the first owner that answers for the claim. None when no owner answers."""
+        for owner in await self._owner_conns(digest):
+            try:
+                return await self._tracker_call(owner, "claim", digest=digest, release=release)
+            except PeerGone as e:
+                log.info("claim of %s at %s failed: %s", digest[:19], owner, e)
+        return None
+
+    # -- metainfo ---------------------------------------------------------------------------------------------
+    def _metainfo_answer(self, digest: str) -> tuple[int, int, list[bytes | None]] | None:
+        """Piece hashes we can vouch for: the tracker's (published by the claim holder), the download we fetch
+        from upstream under the claim, or a complete blob's (computed once, with its whole digest checked)."""
+        m = self.tracker.metainfo(digest)
+        if m is not None:
+            return m.size, m.piece_size, list(m.hashes)
+        if digest in self._claims:
+            d = self.fetcher.downloads().get(digest)
+            if d is not None and d.size is not None and d.piece_size is not None:
+                return d.size, d.piece_size, d.piece_hashes()
+        cached = self._meta_cache.get(digest)
+        if cached is not None:
+            return cached[0], cached[1], list(cached[2])
+        return None
+
+    @staticmethod
+    def _metainfo_fields(rid: int, digest: str, ans: tuple[int, int, list[bytes | None]] | None) -> dict[str, Any]:
+        if ans is None:
+            return {"id": rid, "digest": digest, "size": None, "piece_size": None, "hashes": []}
+        return {"id": rid, "digest": digest, "size": ans[0], "piece_size": ans[1], "hashes": ans[2]}
+
+    async def _answer_metainfo_later(self, conn: PeerConnection, rid: int, digest: str) -> None:
+        ans = await self._hash_complete_blob(digest)
+        try:
+            conn.send("metainfo", **self._metainfo_fields(rid, digest, ans))
+        except PeerGone:
+            pass
+
+    async def _hash_complete_blob(self, digest: str) -> tuple[int, int, list[bytes | None]] | None:
+        """Piece hashes of a stored blob, computed in a thread. The whole digest is checked on the way: a blob
+        that rotted on disk is deleted and never vouched for."""
+        f = self.store.open(digest)
+        if f is None:
+            return None
+        size = os.fstat(f.fileno()).st_size
+        piece_size = self._piece_size_of(digest, size)
+
+        def work() -> tuple[list[bytes], str]:
+            whole = hashlib.sha256()
+            out = []
+            with f:
+                for i in range(piece_count(size, piece_size)):
+                    start, length = piece_span(i, size, piece_size)
+                    data = os.pread(f.fileno(), length, start)
+                    whole.update(data)
+                    out.append(hashlib.sha256(data).digest())
+            return out, "sha256:" + whole.hexdigest()
+
+        hashes, got = await trio.to_thread.run_sync(work)
+        if got != digest:
+            log.error("stored blob %s is corrupt (hashes to %s): deleting it", digest, got)
+            self.metrics.digest_mismatches.labels(source="store").inc()
+            self.store.delete(digest)
+            self._spawn(self._withdraw, digest)
+            return None
+        self._meta_cache[digest] = (size, piece_size, hashes)
+        return size, piece_size, list(hashes)
+
+    # -- tags and manifests -----------------------------------------------------------------------------------
+    def _tag_answer(self, msg: Message) -> dict[str, Any]:
+        from p2pcache.oci.reference import Repo
+
+        entry = None
+        try:
+            entry = self.tags.get(Repo(msg["ns"], msg["name"]), msg["tag"], msg["accept"])
+        except Exception:  # a malformed name is just "not known here"
+            entry = None
+        if entry is None:
+            return {"id": msg["id"], "digest": None, "media_type": None, "size": None, "checked_at": 0.0}
+        return {"id": msg["id"], "digest": entry.digest, "media_type": entry.media_type, "size": entry.size,
+                "checked_at": float(entry.checked_at)}
+
+    def _some_peers(self, k: int) -> list[str]:
+        others = [m.node for m in self.membership.live() if m.node != self.node_id]
+        random.shuffle(others)
+        return others[:k]
+
+    async def peer_tag(self, repo: Repo, tag: str, accept_key: str, k: int = 8) -> Any:
+        """Ask up to k peers what `repo:tag` resolved to; the newest answer (a TagEntry) or None."""
+        from p2pcache.store.manifests import TagEntry
+
+        best: list[TagEntry] = []
+
+        async def ask(node: str) -> None:
+            try:
+                conn = await self.connect_node(node)
+                a = await conn.call("tag-req", ns=repo.ns, name=repo.name, tag=tag, accept=accept_key)
+            except PeerGone:
+                return
+            if a["digest"] is not None and a["media_type"] is not None and a["size"] is not None:
+                best.append(TagEntry(a["digest"], a["media_type"], a["size"], a["checked_at"]))
+
+        async with trio.open_nursery() as nursery:
+            for node in self._some_peers(k):
+                nursery.start_soon(ask, node)
+        return max(best, key=lambda e: e.checked_at) if best else None
+
+    async def peer_manifest(self, digest: str, k: int = 8) -> tuple[str, bytes] | None:
+        """A manifest by digest from any peer that has it; its bytes are checked against the digest."""
+        for node in self._some_peers(k):
+            try:
+                conn = await self.connect_node(node)
+                a = await conn.call("manifest-req", digest=digest)
+            except PeerGone:
+                continue
+            if a["media_type"] is None:
+                continue
+            body = bytes(a.payload)
+            if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+                log.warning("peer %s sent a manifest that does not match %s", node, digest)
+                continue
+            return a["media_type"], body
+        return None
+
+    # =========================================================================================================
+    # fill: the BlobSwarm the fetcher calls
+    # =========================================================================================================
+    async def fill(self, download: Download, repo: Repo) -> None:
+        fill = _Fill(self, download, repo)
+        self._fills[download.digest] = fill
+        try:
+            await fill.run()
+        finally:
+            if self._fills.get(download.digest) is fill:
+                del self._fills[download.digest]
+        self._spawn(self._after_fill, download, fill.meta_source)
+
+    async def _after_fill(self, download: Download, meta_source: str | None) -> None:
+        """Once the fetcher checked the whole digest: if it failed, withdraw, forget the hashes and ban whoever
+        gave us the piece list (the fetcher refetches from upstream)."""
+        if download.size is None:
+            return
+        try:
+            await download.readable(max(0, download.size - 1))
+        except Exception:
+            self._meta_cache.pop(download.digest, None)
+            if meta_source is not None and meta_source != self.node_id:
+                log.error("%s failed its digest: banning %s, whose piece list it was", download.digest, meta_source)
+                self.bans.ban(meta_source, trio.current_time() + BAN_SECONDS)
+                self.metrics.peer_bans.inc()
+                for c in list(self.conns.get(meta_source, ())):
+                    c.close()
+            await self._withdraw(download.digest)
+
+    def have_piece(self, digest: str, index: int) -> None:
+        """A piece of `digest` was verified and written here: tell the peers that asked to know."""
+        for lst in list(self.conns.values()):
+            for c in lst:
+                if digest in c.interested and not c.closed:
+                    try:
+                        c.send("have", digest=digest, index=index)
+                    except PeerGone:
+                        pass
+
+    def live_nodes(self) -> Iterable[str]:
+        return (m.node for m in self.membership.live())
+
+
+class _Fill:
+    """Drives one DownloadScheduler for one download: its decisions become trio tasks, their outcomes events.
+
+    Every scheduler call happens on the event loop without an await between the call and the application of
+    its decisions, so the scheduler always sees a consistent world.
+    """
+
+    def __init__(self, svc: SwarmService, download: Download, repo: Repo) -> None:
+        self.svc = svc
+        self.download = download
+        self.repo = repo
+        self.digest = download.digest
+        self.sched: DownloadScheduler | None = None
+        self.peers: dict[str, PeerConnection] = {}  # node -> the connection we request pieces on
+        self.asked: set[str] = set()  # nodes we sent "interested" to
+        self.piece_tasks: dict[tuple[str, int], trio.CancelScope] = {}
+        self.hashes: list[bytes | None] = []
+        self.meta_source: str | None = None
+        self.claim_holder: str | None = None
+        self.claimed = False
+        self.upstream_scope: trio.CancelScope | None = None
+        self.upstream_stop = False
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+        self._nursery: trio.Nursery | None = None
+        self._wake_tick = trio.Event()
+        self._early: list[tuple[PeerConnection, Message]] = []  # bitfields that came before the scheduler
+
+    # -- entry ------------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        svc, d = self.svc, self.download
+        d.add_piece_listener(lambda i, h: svc.have_piece(self.digest, i))
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._holders_loop)
+                t0 = trio.current_time()
+                size, piece_size, hashes = await self._learn_layout()
+                log.info("%s: layout known after %.2fs (claim %s, %d hashes)", self.digest[:19],
+                         trio.current_time() - t0, self.claimed, _known(hashes))
+                await d.start(size, piece_size)
+                assert d.size is not None and d.piece_size is not None and d.partial is not None
+                self.hashes = list(hashes) + [None] * (d.n_pieces - len(hashes))
+                held = d.partial.bitfield()
+                from p2pcache.swarm.picker import mask_of
+
+                have_mask = mask_of(held, d.n_pieces)
+                known = [i for i, h in enumerate(self.hashes) if h is not None]
+                now = trio.current_time()
+                self.sched = DownloadScheduler(d.size, d.piece_size, rng=random.Random(), zone=svc.zone,
+                                               have=have_mask, known=known, bans=svc.bans, now=now)
+                if self.meta_source is not None:
+                    self.sched.meta_source = self.meta_source
+                if self.claimed:
+                    nursery.start_soon(self._publish, 0, [])  # the layout at once: leechers can start
+                self._apply(self.sched.start(now))
+                for conn, msg in self._early:
+                    self.peer_message(conn, msg)
+                self._early.clear()
+                nursery.start_soon(self._tick_loop)
+                nursery.start_soon(self._metainfo_loop)
+                await self.done.wait()
+                nursery.cancel_scope.cancel()
+            sc = self.sched
+            log.info("%s: pieces done after %.2fs: %d bytes from peers, %d from upstream, %d rejected",
+                     self.digest[:19], trio.current_time() - t0, sc.bytes_from_peers if sc else 0,
+                     sc.bytes_from_upstream if sc else 0, sc.pieces_rejected if sc else 0)
+            if self.error is None:
+                # Every piece verified: remember the layout and hashes (to serve and vouch for them), and say so
+                # before the claim is released, so nobody claims a blob the cluster already has.
+                svc._meta_cache[self.digest] = (d.size, d.piece_size, list(self.hashes))
+                svc._announced[self.digest] = True
+                with trio.move_on_after(RPC_META_TIMEOUT):
+                    await svc._announce(self.digest, True, d.n_pieces)
+        finally:
+            self._nursery = None
+            if self.claimed:
+                self.claimed = False
+                svc._claims.discard(self.digest)
+                svc.metrics.claims_held.dec()
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await svc._claim(self.digest, release=True)
+        if self.error is not None:
+            raise self.error
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+    async def _learn_layout(self) -> tuple[int, int | None, list[bytes | None]]:
+        """The blob's size and piece size: from the metainfo the cluster has, else (granted the claim) from an
+        upstream HEAD. Without either, wait: the claim holder publishes the layout as soon as it starts."""
+        from p2pcache.fetch import FetchFailed
+
+        svc = self.svc
+        deadline = trio.current_time() + 3 * CLAIM_TTL + 10
+        while True:
+            meta = await self._fetch_metainfo()
+            if meta is not None:
+                return meta
+            ans = await svc._claim(self.digest)
+            if ans is None or ans["granted"]:
+                # Granted (or no owner reachable at all: then we are on our own).
+                self._claim_taken()
+                size = await svc.upstream.head_blob(self.repo, self.digest)
+                return size, None, []
+            self.claim_holder = ans["holder"]
+            if ans["complete"] and ans["addr"]:
+                meta = await self._metainfo_from(ans["holder"], ans["addr"])
+                if meta is not None:
+                    return meta
+            if trio.current_time() > deadline:
+                raise FetchFailed(f"{self.digest}: neither the swarm nor the claim gave this blob's layout")
+            await trio.sleep(METAINFO_POLL)
+
+    def _claim_taken(self) -> None:
+        if not self.claimed:
+            self.claimed = True
+            self.svc._claims.add(self.digest)
+            self.svc.metrics.claims_held.inc()
+
+    # -- metainfo ---------------------------------------------------------------------------------------------
+    def _accept_meta(self, fields: dict[str, Any], source: str) -> tuple[int, int, list[bytes | None]] | None:
+        size, piece_size, hashes = fields["size"], fields["piece_size"], fields["hashes"]
+        if size is None or piece_size is None or piece_size <= 0:
+            return None
+        if len(hashes) != piece_count(size, piece_size):
+            return None
+        d = self.download
+        if d.size is not None and (size, piece_size) != (d.size, d.piece_size):
+            log.warning("%s: metainfo from %s disagrees with the layout in use; ignored", self.digest[:19], source)
+            return None
+        if self.meta_source is None and any(h is not None for h in hashes):
+            self.meta_source = source
+        return size, piece_size, hashes
+
+    async def _metainfo_from(self, node: str, addr: str | None = None) -> tuple[int, int, list[bytes | None]] | None:
+        svc = self.svc
+        try:
+            if node == svc.node_id:
+                ans = svc._metainfo_answer(self.digest)
+                if ans is None:
+                    return None
+                fields = svc._metainfo_fields(0, self.digest, ans)
+            else:
+                if svc.membership.get(node) is None and addr:
+                    conn = await svc.connect_addr(addr)
+                else:
+                    conn = await svc.connect_node(node)
+                fields = (await conn.call("metainfo-req", digest=self.digest, timeout=RPC_META_TIMEOUT)).fields
+        except PeerGone:
+            return None
+        return self._accept_meta(fields, node)
+
+    async def _fetch_metainfo(self) -> tuple[int, int, list[bytes | None]] | None:
+        """Owners first (they hold what the claim holder published), then the claim holder itself."""
+        best = None
+        for node in [*self.svc._owners(self.digest), self.claim_holder]:
+            if node is None:
+                continue
+            meta = await self._metainfo_from(node)
+            if meta is not None and (best is None or _known(meta[2]) > _known(best[2])):
+                best = meta
+            if best is not None and _known(best[2]) == len(best[2]):
+                break
+        return best
+
+    async def _metainfo_loop(self) -> None:
+        while any(h is None for h in self.hashes):
+            await trio.sleep(METAINFO_POLL)
+            if self.claimed and self.sched is not None and self.sched.upstream is not None:
+                continue  # we are the publisher
+            meta = await self._fetch_metainfo()
+            if meta is None or self.sched is None:
+                continue
+            new = False
+            for i, h in enumerate(meta[2]):
+                if h is None:
+                    continue
+                if self.hashes[i] is None:
+                    self.hashes[i] = h
+                    new = True
+                elif self.hashes[i] != h:
+                    log.warning("%s: piece %d hash changed between metainfo answers; keeping the first",
+                                self.digest[:19], i)
+            if new:
+                self._apply(self.sched.metainfo_known(self.hashes, trio.current_time()))
+
+    # -- peers ------------------------------------------------------------------------------------------------
+    async def _holders_loop(self) -> None:
+        """Announce ourselves (with our progress) and connect to the holders the owners name, now and then."""
+        svc = self.svc
+        while True:
+            d = self.download
+            pieces = d.partial.held() if d.partial is not None else 0
+            svc._announced[self.digest] = False
+            holders, claim = await svc._announce(self.digest, False, pieces)
+            if claim is not None and claim != svc.node_id:
+                self.claim_holder = claim
+            for h in holders:
+                if h.node not in self.asked and not svc.bans.banned(h.node, trio.current_time()):
+                    self._nursery_spawn(self._connect_holder, h)
+            await trio.sleep(HOLDERS_REFRESH)
+
+    def _nursery_spawn(self, fn: Any, *args: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
+
+    async def _connect_holder(self, h: HolderInfo) -> None:
+        svc = self.svc
+        self.asked.add(h.node)
+        try:
+            if svc.membership.get(h.node) is None:
+                conn = await svc.connect_addr(h.addr)
+            else:
+                conn = await svc.connect_node(h.node)
+        except PeerGone as e:
+            self.asked.discard(h.node)
+            log.info("%s: holder %s unreachable: %s", self.digest[:19], h.node, e)
+            return
+        self.consider(conn)
+
+    def consider(self, conn: PeerConnection) -> None:
+        """Ask `conn`'s peer for its bitfield of our digest (once per connection)."""
+        node = conn.peer.node
+        if node in self.peers and not self.peers[node].closed:
+            return
+        self.asked.add(node)
+        self.peers[node] = conn
+        try:
+            conn.send("interested", digest=self.digest)
+        except PeerGone:
+            self.peers.pop(node, None)
+
+    def peer_message(self, conn: PeerConnection, msg: Message) -> None:
+        node = conn.peer.node
+        if self.sched is None:
+            if msg.kind == "bitfield" or len(self._early) < 10_000:
+                self._early.append((conn, msg))
+            return
+        now = trio.current_time()
+        if msg.kind == "bitfield":
+            if node not in self.peers or self.peers[node].closed:
+                self.peers[node] = conn
+            self._apply(self.sched.peer_added(node, conn.peer.zone, msg["bits"], now))
+        elif msg.kind == "have" and node in self.sched.peers:
+            if 0 <= msg["index"] < self.sched.n:
+                self._apply(self.sched.peer_has(node, msg["index"], now))
+
+    def peer_closed(self, conn: PeerConnection) -> None:
+        node = conn.peer.node
+        if self.peers.get(node) is not conn:
+            return
+        del self.peers[node]
+        self.asked.discard(node)
+        if self.sched is not None:
+            self._apply(self.sched.peer_gone(node, trio.current_time()))
+        other = self.svc._open_conn(node)
+        if other is not None and not self.done.is_set():
+            self.consider(other)
+
+    # -- decisions --------------------------------------------------------------------------------------------
+    def _apply(self, decisions: list[Decision]) -> None:
+        for dec in decisions:
+            if isinstance(dec, Request):
+                self._nursery_spawn(self._get_piece, dec.peer, dec.index)
+            elif isinstance(dec, Cancel):
+                scope = self.piece_tasks.get((dec.peer, dec.index))
+                if scope is not None:
+                    scope.cancel()
+            elif isinstance(dec, Ban):
+                self.svc.metrics.peer_bans.inc()
+                log.warning("%s: banning peer %s: %s", self.digest[:19], dec.peer, dec.reason)
+                for c in list(self.svc.conns.get(dec.peer, ())):
+                    c.close()
+            elif isinstance(dec, AskClaim):
+                self._nursery_spawn(self._ask_claim)
+            elif isinstance(dec, FetchUpstream):
+                self.upstream_stop = False
+                self._nursery_spawn(self._upstream, dec.start_piece)
+            elif isinstance(dec, StopUpstream):
+                self.upstream_stop = True
+            elif isinstance(dec, Discard):
+                pass  # the fetcher discards the partial and refetches from upstream when the digest fails
+            elif isinstance(dec, Done):
+                self._done_pieces()
+            elif isinstance(dec, Fail):
+                from p2pcache.fetch import FetchFailed
+
+                self._finish(FetchFailed(f"{self.digest}: {dec.reason}"))
+        self._wake_tick.set()
+
+    def _done_pieces(self) -> None:
+        self._finish()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            assert self.sched is not None
+            nxt = self.sched.next_deadline()
+            wait = 1.0 if nxt is None else max(0.0, min(1.0, nxt - trio.current_time()))
+            with trio.move_on_after(wait):
+                await self._wake_tick.wait()
+            self._wake_tick = trio.Event()
+            self._apply(self.sched.tick(trio.current_time()))
+
+    async def _ask_claim(self) -> None:
+        svc = self.svc
+        ans = await svc._claim(self.digest)
+        assert self.sched is not None
+        now = trio.current_time()
+        if ans is None or ans["granted"]:
+            self._claim_taken()
+            self._apply(self.sched.claim_granted(now))
+        else:
+            if self.claimed:
+                self.claimed = False
+                svc._claims.discard(self.digest)
+                svc.metrics.claims_held.dec()
+            self.claim_holder = ans["holder"]
+            self._apply(self.sched.claim_denied(ans["holder"], now))
+
+    async def _get_piece(self, node: str, index: int) -> None:
+        """One request: the piece from `node`, hashed against the metainfo, written, reported."""
+        sched = self.sched
+        assert sched is not None
+        conn = self.peers.get(node)
+        key = (node, index)
+        data: bytes | bytearray | None = None
+        with trio.CancelScope() as scope:
+            self.piece_tasks[key] = scope
+            try:
+                if conn is None or conn.closed:
+                    raise PeerGone("no connection")
+                data = await conn.request_piece(self.digest, index)
+            except (PeerGone, PieceRejected) as e:
+                log.debug("%s: piece %d from %s: %s", self.digest[:19], index, node, e)
+                data = None
+            finally:
+                if self.piece_tasks.get(key) is scope:
+                    del self.piece_tasks[key]
+        if scope.cancelled_caught:
+            return  # the scheduler cancelled it: it has already forgotten the request
+        now = trio.current_time()
+        if data is None:
+            if conn is not None and conn.closed:
+                return  # peer_closed reports it as peer_gone
+            self._apply(_request_failed(sched, node, index, now))
+            return
+        want = self.hashes[index] if index < len(self.hashes) else None
+        got = await trio.to_thread.run_sync(_sha256, data)
+        ok = want is not None and got == want and len(data) == sched.piece_len(index)
+        if ok:
+            self.svc.metrics.pieces_verified.inc()
+            if not self.download.have(index):
+                try:
+                    await self.download.write_piece(index, data, got)
+                except Exception as e:
+                    self._finish(e)
+                    return
+        else:
+            self.svc.metrics.pieces_rejected.inc()
+            log.warning("%s: piece %d from %s failed its hash check", self.digest[:19], index, node)
+        self._apply(sched.piece_received(node, index, ok, len(data), trio.current_time()))
+
+    async def _upstream(self, start: int) -> None:
+        """Stream pieces start, start+1, ... from upstream until the scheduler says stop; hash, write, publish."""
+        from p2pcache.fetch import FetchFailed
+
+        svc, d, sched = self.svc, self.download, self.sched
+        assert sched is not None and d.size is not None and d.piece_size is not None
+        index = start
+        offset, length = piece_span(index, d.size, d.piece_size)
+        buf = bytearray()
+        try:
+            async with svc.upstream.open_blob(self.repo, self.digest, offset) as resp:
+                if resp.size != d.size:
+                    raise FetchFailed(f"upstream size of {self.digest} is {resp.size}, metainfo says {d.size}")
+                chunks = resp.__aiter__()
+                while True:
+                    while len(buf) < length:
+                        try:
+                            chunk = await chunks.__anext__()
+                        except StopAsyncIteration:
+                            raise FetchFailed(f"upstream body of {self.digest} ended early") from None
+                        if svc.settings.download_limit:
+                            await svc._throttle_rx(len(chunk))
+                        if getattr(svc.fetcher, "count_upstream_bytes", False):
+                            svc.metrics.upstream_bytes.inc(len(chunk))
+                        buf += chunk
+                    piece = bytes(buf[:length])
+                    del buf[:length]
+                    h = await trio.to_thread.run_sync(_sha256, piece)
+                    if self.hashes and self.hashes[index] is not None and self.hashes[index] != h:
+                        # the published hash (from an earlier claim holder) is wrong, or upstream changed
+                        log.error("%s: upstream piece %d differs from the published hash", self.digest[:19], index)
+                    if not d.have(index):
+                        await d.write_piece(index, piece, h)
+                    if self.hashes:
+                        self.hashes[index] = h
+                    if self.claimed:
+                        svc._spawn(self._publish, index, [h])
+                    self._apply(sched.upstream_progress(index, length, trio.current_time()))
+                    if self.upstream_stop or sched.upstream != index + 1 or self.done.is_set():
+                        return
+                    index += 1
+                    offset, length = piece_span(index, d.size, d.piece_size)
+        except trio.Cancelled:
+            raise
+        except Exception as e:
+            log.warning("%s: upstream stream failed at piece %d: %s", self.digest[:19], index, e)
+            from p2pcache.oci.errors import OciError
+
+            if isinstance(e, OciError) and d.size is None:
+                self._finish(e)
+                return
+            self._apply(sched.upstream_failed(str(e), trio.current_time()))
+
+    async def _publish(self, index: int, hashes: list[bytes]) -> None:
+        svc, d = self.svc, self.download
+        assert d.size is not None and d.piece_size is not None
+        for owner in svc._owners(self.digest):
+            try:
+                await svc._tracker_call(owner, "publish", digest=self.digest, size=d.size,
+                                        piece_size=d.piece_size, first=index, hashes=hashes)
+            except PeerGone:
+                pass
+
+
+RPC_META_TIMEOUT = 3.0
+BAN_SECONDS = 600.0  # like the scheduler's: a liar stays out for ten minutes
+
+
+def _request_failed(sched: DownloadScheduler, node: str, index: int, now: float) -> list[Decision]:
+    """The peer refused a request (it no longer holds the piece, or is busy): not a ban, just ask elsewhere."""
+    hook = getattr(sched, "request_failed", None)
+    if hook is not None:
+        return hook(node, index, now)
+    # Until the scheduler has that event: the same bookkeeping its own timeout path does.
+    st = sched.peers.get(node)
+    sched.picker.failed(node, index)
+    if st is not None:
+        st.reqs.pop(index, None)
+        if not st.reqs:
+            sched._active.discard(node)
+    return sched.tick(now)
+HOLDERS_REFRESH = 3.0  # re-announce progress and pick up new holders this often while downloading
+
+
+def _known(hashes: list[bytes | None]) -> int:
+    return sum(h is not None for h in hashes)
+
+
+def _sha256(data: bytes | bytearray) -> bytes:
+    return hashlib.sha256(data).digest()
