@@ -44,7 +44,6 @@ def push_standard_images(reg: Registry) -> dict[str, im.Image | im.Index]:
         "library/dsmall:1": im.small_image("dsmall", docker=True),  # Docker schema2
         "library/multi:1": im.make_index([im.small_image("multi", arch="amd64"),
                                           im.small_image("multi", arch="arm64")]),
-        "org/app:1": im.small_image("ghcr-app"),  # served as ghcr.io/org/app:1
     }
     for ref, thing in things.items():
         name, tag = ref.rsplit(":", 1)
@@ -62,9 +61,21 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
 
 
 @pytest.fixture(scope="session")
-def node(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterator[Node]:
-    """The shared node: docker.io and ghcr.io both served by the session's upstream registry."""
-    n = Node(tmp_path_factory.mktemp("node"), {"docker.io": upstream.url, "ghcr.io": upstream.url})
+def ghcr_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    """A second registry standing in for ghcr.io (its own content, so routing by namespace shows)."""
+    reg = Registry(tmp_path_factory.mktemp("ghcr")).start()
+    try:
+        app = im.small_image("ghcr-app")
+        im.push(reg.url, "org/app", "1", app)
+        yield Upstream(reg, {"org/app:1": app})
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="session")
+def node(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream, ghcr_upstream: Upstream) -> Iterator[Node]:
+    """The shared node: docker.io served by the session's upstream registry, ghcr.io by another one."""
+    n = Node(tmp_path_factory.mktemp("node"), {"docker.io": upstream.url, "ghcr.io": ghcr_upstream.url})
     n.start()
     try:
         yield n
