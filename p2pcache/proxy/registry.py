@@ -56,7 +56,8 @@ def split_v2_path(rest: str) -> tuple[str, str, str] | None:
     """'library/x/manifests/1' -> ('manifests', 'library/x', '1'); None if it is neither route.
 
     Names may contain slashes (and even a 'blobs' or 'manifests' component), references never do, so the
-    route is the last '/manifests/' or '/blobs/' in the path.
+    route is the last '/manifests/' or '/blobs/' in the path. What follows it is returned as is, slashes
+    included ("sha256:../../etc"), so the reference grammar rejects it with 400 rather than a vague 404.
     """
     best: tuple[int, str] | None = None
     for kind in ("manifests", "blobs"):
@@ -66,10 +67,7 @@ def split_v2_path(rest: str) -> tuple[str, str, str] | None:
     if best is None:
         return None
     i, kind = best
-    ref = rest[i + len(kind) + 2:]
-    if not ref or "/" in ref:
-        return None
-    return kind, rest[:i], ref
+    return kind, rest[:i], rest[i + len(kind) + 2:]
 
 
 class Registry:
@@ -125,6 +123,8 @@ class Registry:
         if parts is None:
             raise OciError("NAME_UNKNOWN", "not found", status=404)
         kind, name, ref = parts
+        if kind == "blobs" and (ref == "uploads" or ref.startswith("uploads/")):
+            raise OciError("UNSUPPORTED", "this registry is a read-only pull-through cache")
         repo = resolve_repo(name, req.query.get("ns"), self.settings.default_ns)
         if kind == "manifests":
             if is_digest(ref):
