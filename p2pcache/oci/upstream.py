@@ -117,6 +117,13 @@ def _accept_header(accept: Sequence[str]) -> str:
     return ", ".join(items or DEFAULT_MANIFEST_ACCEPT)
 
 
+def _require_identity(resp: httpx.Response, what: str) -> None:
+    # We asked for identity and read raw bytes: an encoded body would be hashed, stored and served encoded.
+    encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UpstreamProtocolError(f"{what}: unexpected Content-Encoding {encoding!r}")
+
+
 def _check_ref(ref: str) -> str:
     return parse_digest(ref) if is_digest(ref) else check_tag(ref)
 
@@ -170,7 +177,8 @@ class Upstream:
             timeout=timeout,
             follow_redirects=False,  # we follow by hand: Authorization must not leak to another host
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
-            headers={"User-Agent": "p2pcache/0.1"},
+            # identity everywhere: manifests must arrive byte for byte as hashed, and blobs are read raw.
+            headers={"User-Agent": "p2pcache/0.1", "Accept-Encoding": "identity"},
         )
 
     async def aclose(self) -> None:
@@ -209,6 +217,7 @@ class Upstream:
         _check_ref(ref)
 
         async def read_body(resp: httpx.Response) -> tuple[ManifestInfo, bytes]:
+            _require_identity(resp, f"manifest {ref}")
             declared = _content_length(resp)
             if declared is not None and declared > MAX_MANIFEST_BYTES:
                 raise OciError("MANIFEST_INVALID", f"upstream manifest {ref} is larger than 4 MiB")
@@ -267,15 +276,12 @@ class Upstream:
 
     async def _open_blob_response(self, repo: Repo, digest: str, offset: int) -> tuple[httpx.Response, int, int]:
         """An open response for the blob from `offset`: (response, blob size, prefix bytes to skip)."""
-        # identity: aiter_raw hands us the wire bytes, which must be the blob's bytes.
-        headers = {"Accept-Encoding": "identity"}
+        headers: dict[str, str] = {}
         if offset:
             headers["Range"] = f"bytes={offset}-"
 
         async def check(resp: httpx.Response) -> tuple[httpx.Response, int, int]:
-            encoding = resp.headers.get("content-encoding", "identity").strip().lower()
-            if encoding not in ("", "identity"):
-                raise UpstreamProtocolError(f"blob {digest}: unexpected Content-Encoding {encoding!r}")
+            _require_identity(resp, f"blob {digest}")
             length = _content_length(resp)
             if resp.status_code == 200:
                 if length is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -77,6 +78,7 @@ class FakeRegistry:
     break_body_at: list[int] = field(default_factory=list)  # break the next blob bodies after n bytes
     redirect_loop: bool = False  # every request is redirected to itself
     lie_about_manifest: bool = False
+    gzip_manifest: bool = False  # encodes the manifest although we asked for identity
     manifest_header_digest: str | None = None
     rate_limited: bool = False
     requests: list[httpx.Request] = field(default_factory=list)
@@ -114,6 +116,9 @@ class FakeRegistry:
             if request.method == "HEAD":
                 headers["Content-Length"] = str(len(body))
                 return respond(200, headers=headers)
+            if self.gzip_manifest:
+                headers["Content-Encoding"] = "gzip"
+                body = gzip.compress(body)
             return respond(200, headers=headers, content=body)
         if path == f"/v2/library/alpine/blobs/{BLOB_DIGEST}":
             if self.redirect_blobs_to:
@@ -383,6 +388,13 @@ async def test_manifest_digest_mismatch() -> None:
     with pytest.raises(OciError) as e:
         await make(reg2).get_manifest(REPO, "latest", [OCI_MANIFEST])  # by tag: header contradicts body
     assert e.value.code == "DIGEST_INVALID"
+
+
+async def test_encoded_manifest_is_refused() -> None:
+    reg = FakeRegistry(gzip_manifest=True)
+    with pytest.raises(UpstreamProtocolError, match="Content-Encoding"):
+        await make(reg).get_manifest(REPO, "latest", [OCI_MANIFEST])
+    assert reg.requests[0].headers["accept-encoding"] == "identity"
 
 
 async def test_head_manifest() -> None:
