@@ -199,8 +199,17 @@ async def test_blob_errors(node):
 ])
 async def test_traversal_and_bad_names_are_400(node, path):
     client, fetcher, resolver, _ = node
-    r = await client.get(path)
-    assert r.status_code == 400 and error_code(r) in ("NAME_INVALID", "DIGEST_INVALID")
+    # Raw bytes on the socket: httpx would normalise the dot segments away before sending.
+    port = httpx.URL(str(client.base_url)).port
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(f"GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n".encode())
+    raw = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head
+    assert json.loads(body)["errors"][0]["code"] in ("NAME_INVALID", "DIGEST_INVALID")
     assert fetcher.asked == [] and resolver.asked == []  # nothing unchecked got past the routes
 
 
