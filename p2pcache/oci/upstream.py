@@ -18,8 +18,8 @@ It never retries a 429 (the limit belongs to the user's account, the client deci
 `MAX_REDIRECTS` hops, never reads an unbounded manifest into memory, and never logs a credential or a token.
 
 Throughput: httpcore 1.0 reads the socket in 64 KiB pieces, which caps a stream at ~0.4-1.1 GB/s on loopback;
-`enable_large_reads()` raises that to 1 MiB (~4 GB/s measured), and blob bodies are iterated with
-`aiter_raw(1 MiB)` (no decoding: we ask for `identity` encoding).
+`enable_large_reads()` raises that to 1 MiB (~4 GB/s measured), and blob bodies are iterated with `aiter_raw()`
+(no decoding: we ask for `identity` encoding), whose chunks are then single socket reads of up to 1 MiB.
 """
 
 from __future__ import annotations
@@ -555,7 +555,9 @@ class BlobResponse:
     def _attach(self, resp: httpx.Response, skip: int) -> None:
         self._resp = resp
         self._skip = skip  # bytes of this response before self._pos (the upstream ignored our Range)
-        self._chunks = resp.aiter_raw(CHUNK_SIZE)
+        # No chunk_size: httpx would re-buffer every byte through a BytesIO (three copies). With 1 MiB socket
+        # reads each chunk already is one read of up to 1 MiB (measured: ~1010 KiB on average, and faster).
+        self._chunks = resp.aiter_raw()
 
     def __aiter__(self) -> BlobResponse:
         return self
