@@ -54,12 +54,18 @@ MAX_CONTROL_QUEUE = 4096  # frames queued for a peer that stopped reading: beyon
 RECV_CHUNK = 1 << 20  # socket reads: 1 MiB keeps syscalls few (trio reading a socket ~3 GB/s here)
 SEND_CHUNK = 1 << 20  # sendfile slices: the unit the upload bucket paces
 
+# How a connection ends without it being anybody's bug.
+_CLOSED = (OSError, ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError)
+
 # Answers to an RPC: the waiter is found by the "id" the question carried.
 ANSWER_KINDS = {"holders", "claim-answer", "metainfo", "tag", "manifest", "pong"}
 
 
 class PeerGone(Exception):
     """The connection closed (or stalled) before the answer came."""
+
+
+_CLOSED = (*_CLOSED, PeerGone)
 
 
 class PieceRejected(Exception):
@@ -195,19 +201,29 @@ class PeerConnection:
 
     # -- life --------------------------------------------------------------------------------------------------
     async def run(self) -> None:
+        """Serve the connection until either side ends it. Never raises (but Cancelled): a failure of this
+        connection is this connection's business only."""
         try:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer)
-                    await self._reader()
-                    nursery.cancel_scope.cancel()
-        except (OSError, ProtocolError, PeerGone, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            log.info("peer %s: connection closed: %s", self.peer.node, e)
+                    nursery.start_soon(self._guard, self._writer, nursery.cancel_scope)
+                    nursery.start_soon(self._guard, self._reader, nursery.cancel_scope)
         finally:
             self._fail_all(PeerGone(f"connection to {self.peer.node} closed"))
             self.closed = True
             self.sock.close()
             self.host.on_closed(self)
+
+    async def _guard(self, fn: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+        """Run the reader or the writer; whichever ends (or fails) first ends the connection."""
+        try:
+            await fn()
+        except _CLOSED as e:
+            log.info("peer %s: connection closed: %s", self.peer.node, e)
+        except Exception:
+            log.exception("peer %s: connection failed", self.peer.node)
+        finally:
+            scope.cancel()
 
     def close(self) -> None:
         if self._scope is not None:

@@ -52,6 +52,7 @@ from p2pcache.discovery.membership import Membership
 from p2pcache.swarm.handshake import Handshake, HandshakeError, PeerInfo, load_secret
 from p2pcache.swarm.metainfo import piece_count, piece_span
 from p2pcache.swarm.peer import PeerConnection, PeerGone, PieceRejected, handshake, open_peer_socket
+from p2pcache.swarm.picker import mask_of
 from p2pcache.swarm.ratelimit import TokenBucket
 from p2pcache.swarm.scheduler import (
     AskClaim,
@@ -186,8 +187,9 @@ class SwarmService:
                     self._spawn(self._announce, digest, complete)
 
     def _spawn(self, fn: Any, *args: Any) -> None:
+        """A background task of the service: its failure is logged, never the node's end."""
         if self._nursery is not None:
-            self._nursery.start_soon(fn, *args)
+            self._nursery.start_soon(_logged, fn, *args)
 
     # =========================================================================================================
     # connections
@@ -234,15 +236,26 @@ class SwarmService:
                 del self.conns[conn.peer.node]
         for fill in list(self._fills.values()):
             fill.peer_closed(conn)
+        if conn.peer.node not in self.conns:
+            # Its last connection is gone: a claim it holds here would stall every waiter until it expires.
+            # A live node that only lost a connection renews (and gets it back unless someone took over).
+            forget = getattr(self.tracker, "forget_node", None)
+            if forget is not None:
+                forget(conn.peer.node)
 
     async def _accept_loop(self, sock: trio.socket.SocketType) -> None:
         async with trio.open_nursery() as nursery:
             while True:
-                client, _ = await sock.accept()
+                try:
+                    client, _ = await sock.accept()
+                except OSError as e:  # out of descriptors, say: wait a moment, never give up listening
+                    log.warning("swarm: accept failed: %s", e)
+                    await trio.sleep(0.1)
+                    continue
                 if self._incoming >= MAX_INCOMING:
                     client.close()
                     continue
-                nursery.start_soon(self._serve_incoming, client)
+                nursery.start_soon(_logged, self._serve_incoming, client)
 
     async def _serve_incoming(self, sock: trio.socket.SocketType) -> None:
         self._incoming += 1
@@ -319,7 +332,7 @@ class SwarmService:
             if existing is None:
                 raise PeerGone(f"too many connections to {peer.node}")
             return existing
-        self._nursery.start_soon(conn.run)
+        self._nursery.start_soon(_logged, conn.run)
         return conn
 
     # =========================================================================================================
@@ -694,44 +707,25 @@ class _Fill:
     async def run(self) -> None:
         svc, d = self.svc, self.download
         d.add_piece_listener(lambda i, h: svc.have_piece(self.digest, i))
+        t0 = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._holders_loop)
-                t0 = trio.current_time()
-                size, piece_size, hashes = await self._learn_layout()
-                log.info("%s: layout known after %.2fs (claim %s, %d hashes)", self.digest[:19],
-                         trio.current_time() - t0, self.claimed, _known(hashes))
-                await d.start(size, piece_size)
-                assert d.size is not None and d.piece_size is not None and d.partial is not None
-                self.hashes = list(hashes) + [None] * (d.n_pieces - len(hashes))
-                held = d.partial.bitfield()
-                from p2pcache.swarm.picker import mask_of
-
-                have_mask = mask_of(held, d.n_pieces)
-                known = [i for i, h in enumerate(self.hashes) if h is not None]
-                now = trio.current_time()
-                self.sched = DownloadScheduler(d.size, d.piece_size, rng=random.Random(), zone=svc.zone,
-                                               have=have_mask, known=known, bans=svc.bans, now=now)
-                if self.meta_source is not None:
-                    self.sched.meta_source = self.meta_source
-                if self.claimed:
-                    nursery.start_soon(self._publish, 0, [])  # the layout at once: leechers can start
-                self._apply(self.sched.start(now))
-                for conn, msg in self._early:
-                    self.peer_message(conn, msg)
-                self._early.clear()
-                nursery.start_soon(self._tick_loop)
-                nursery.start_soon(self._metainfo_loop)
-                await self.done.wait()
+                nursery.start_soon(self._task, self._holders_loop)
+                try:
+                    await self._drive(nursery, t0)
+                except Exception as e:  # raised below, outside the nursery, as itself (not in a group)
+                    self._finish(e)
                 nursery.cancel_scope.cancel()
             sc = self.sched
-            log.info("%s: pieces done after %.2fs: %d bytes from peers, %d from upstream, %d rejected",
-                     self.digest[:19], trio.current_time() - t0, sc.bytes_from_peers if sc else 0,
-                     sc.bytes_from_upstream if sc else 0, sc.pieces_rejected if sc else 0)
+            log.info("%s: pieces %s after %.2fs: %d bytes from peers, %d from upstream, %d rejected",
+                     self.digest[:19], "done" if self.error is None else "failed", trio.current_time() - t0,
+                     sc.bytes_from_peers if sc else 0, sc.bytes_from_upstream if sc else 0,
+                     sc.pieces_rejected if sc else 0)
             if self.error is None:
                 # Every piece verified: remember the layout and hashes (to serve and vouch for them), and say so
                 # before the claim is released, so nobody claims a blob the cluster already has.
+                assert d.size is not None and d.piece_size is not None
                 svc._meta_cache[self.digest] = (d.size, d.piece_size, list(self.hashes))
                 svc._announced[self.digest] = True
                 with trio.move_on_after(RPC_META_TIMEOUT):
@@ -746,6 +740,31 @@ class _Fill:
                     await svc._claim(self.digest, release=True)
         if self.error is not None:
             raise self.error
+
+    async def _drive(self, nursery: trio.Nursery, t0: float) -> None:
+        svc, d = self.svc, self.download
+        size, piece_size, hashes = await self._learn_layout()
+        log.info("%s: layout known after %.2fs (claim %s, %d hashes)", self.digest[:19],
+                 trio.current_time() - t0, self.claimed, _known(hashes))
+        await d.start(size, piece_size)
+        assert d.size is not None and d.piece_size is not None and d.partial is not None
+        self.hashes = list(hashes) + [None] * (d.n_pieces - len(hashes))
+        have_mask = mask_of(d.partial.bitfield(), d.n_pieces)
+        known = [i for i, h in enumerate(self.hashes) if h is not None]
+        now = trio.current_time()
+        self.sched = DownloadScheduler(d.size, d.piece_size, rng=random.Random(), zone=svc.zone,
+                                       have=have_mask, known=known, bans=svc.bans, now=now)
+        if self.meta_source is not None:
+            self.sched.meta_source = self.meta_source
+        if self.claimed:
+            nursery.start_soon(self._task, self._publish, 0, [])  # the layout at once: leechers can start
+        self._apply(self.sched.start(now))
+        for conn, msg in self._early:
+            self.peer_message(conn, msg)
+        self._early.clear()
+        nursery.start_soon(self._task, self._tick_loop)
+        nursery.start_soon(self._task, self._metainfo_loop)
+        await self.done.wait()
 
     def _finish(self, error: BaseException | None = None) -> None:
         if not self.done.is_set():
@@ -863,13 +882,24 @@ class _Fill:
             if claim is not None and claim != svc.node_id:
                 self.claim_holder = claim
             for h in holders:
+                m = svc.membership.get(h.node)
+                if m is not None and not svc.membership.is_live(h.node):
+                    continue  # known to be down: its soft state at the tracker has not expired yet
                 if h.node not in self.asked and not svc.bans.banned(h.node, trio.current_time()):
                     self._nursery_spawn(self._connect_holder, h)
             await trio.sleep(HOLDERS_REFRESH)
 
     def _nursery_spawn(self, fn: Any, *args: Any) -> None:
+        """A task of this download: if it fails unexpectedly, the download fails (not the node)."""
         if self._nursery is not None:
-            self._nursery.start_soon(fn, *args)
+            self._nursery.start_soon(self._task, fn, *args)
+
+    async def _task(self, fn: Any, *args: Any) -> None:
+        try:
+            await fn(*args)
+        except Exception as e:
+            log.exception("%s: swarm task %s failed", self.digest[:19], getattr(fn, "__name__", fn))
+            self._finish(e)
 
     async def _connect_holder(self, h: HolderInfo) -> None:
         svc = self.svc
@@ -973,8 +1003,13 @@ class _Fill:
         ans = await svc._claim(self.digest)
         assert self.sched is not None
         now = trio.current_time()
-        if ans is None or ans["granted"]:
-            self._claim_taken()
+        refused_by_liar = (ans is not None and not ans["granted"] and ans["complete"]
+                           and ans["holder"] is not None and svc.bans.banned(ans["holder"], now))
+        if ans is None or ans["granted"] or refused_by_liar:
+            # No owner answers (we are on our own), or the tracker points us at the one complete holder, which
+            # we banned for sending bad pieces: upstream is the only honest source left.
+            if ans is not None and ans["granted"]:
+                self._claim_taken()
             self._apply(self.sched.claim_granted(now))
         else:
             if self.claimed:
@@ -1109,6 +1144,13 @@ def _request_failed(sched: DownloadScheduler, node: str, index: int, now: float)
             sched._active.discard(node)
     return sched.tick(now)
 HOLDERS_REFRESH = 3.0  # re-announce progress and pick up new holders this often while downloading
+
+
+async def _logged(fn: Any, *args: Any) -> None:
+    try:
+        await fn(*args)
+    except Exception:
+        log.exception("swarm: background task %s failed", getattr(fn, "__name__", fn))
 
 
 def _known(hashes: list[bytes | None]) -> int:

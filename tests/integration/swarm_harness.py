@@ -27,6 +27,7 @@ class Cluster:
     def __init__(self, workdir: Path, registry: Registry, n: int, *, secret: bytes | None = b"cluster-secret",
                  extra_args: list[str] | None = None) -> None:
         self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.registry = registry
         self.secret_file: Path | None = None
         if secret is not None:

@@ -1,0 +1,199 @@
+"""The swarm when things go wrong: dead nodes, a dead claim holder, a lying peer, an upstream outage, a stranger
+without the cluster secret, garbage on the peer port. Real node processes, real docker-registry upstream."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from .harness.registry import Registry
+from .harness.util import wait_until
+from .swarm_harness import Cluster, fetch_blob, pull_everywhere, pull_image, push_random_image
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def reg(tmp_path):
+    r = Registry(tmp_path / "reg").start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def cluster_of(tmp_path, reg):
+    made: list[Cluster] = []
+
+    def make(n: int, **kw) -> Cluster:
+        c = Cluster(tmp_path / f"c{len(made)}", reg, n, **kw)
+        made.append(c)
+        return c.start()
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def fetch_in_background(nodes, name, digest):
+    """Start fetching `digest` from every node at once; returns {node index: bytes or exception} when joined."""
+    results: dict[int, object] = {}
+    barrier = threading.Barrier(len(nodes))
+
+    def one(i, node):
+        barrier.wait()
+        try:
+            results[i] = fetch_blob(node, name, digest, timeout=120)
+        except BaseException as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i, n), daemon=True) for i, n in enumerate(nodes)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def claim_holder(nodes):
+    for n in nodes:
+        try:
+            if n.running and n.metric("p2pcache_claims_held") >= 1:
+                return n
+        except Exception:
+            pass
+    return None
+
+
+def test_claim_holder_killed_mid_fetch_another_node_completes(cluster_of, reg):
+    # 10 MB/s per node: the 30 MB layer takes the claim holder ~3 s from upstream; we kill it in the middle.
+    image = push_random_image(reg, "library/claim", "1", [30_000_000])
+    layer = image.layers[0]
+    c = cluster_of(3, extra_args=["--download-limit", "10MB/s"])
+    c.wait_members()
+    threads, results = fetch_in_background(c.nodes, "library/claim", layer.digest)
+    holder = wait_until(lambda: claim_holder(c.nodes), 20, "a node to hold the upstream claim", interval=0.05)
+    wait_until(lambda: holder.metric("p2pcache_peer_bytes_total", direction="out") > 2 * MIB, 20,
+               "the claim holder to share some pieces", interval=0.05)
+    holder.kill()
+    t0 = time.monotonic()
+    for t in threads:
+        t.join(120)
+    survivors = [i for i, n in enumerate(c.nodes) if n is not holder]
+    for i in survivors:
+        assert results[i] == layer.data, f"node {i}: {results[i]!r:.200}"
+    took = time.monotonic() - t0
+    assert took < 60, f"takeover took {took:.1f}s"
+    # the blob was fetched again from upstream only for what the swarm lacked: at most one more GET
+    gets = c.upstream_blob_gets(layer.digest)
+    assert 2 <= gets <= 3, gets
+
+
+def test_node_killed_mid_transfer_others_finish(cluster_of, reg):
+    image = push_random_image(reg, "library/kill", "1", [24_000_000])
+    layer = image.layers[0]
+    c = cluster_of(4, extra_args=["--download-limit", "12MB/s", "--upload-limit", "12MB/s"])
+    c.wait_members()
+    threads, results = fetch_in_background(c.nodes, "library/kill", layer.digest)
+    holder = wait_until(lambda: claim_holder(c.nodes), 20, "the claim holder", interval=0.05)
+    others = [n for n in c.nodes if n is not holder]
+
+    def busy_leecher():
+        for n in others:
+            if n.metric("p2pcache_peer_bytes_total", direction="out") > MIB:
+                return n
+        return None
+
+    victim = wait_until(busy_leecher, 30, "a leecher that uploads to others", interval=0.05)
+    victim.kill()
+    for t in threads:
+        t.join(120)
+    for i, n in enumerate(c.nodes):
+        if n is not victim:
+            assert results[i] == layer.data, f"node {i}: {results[i]!r:.200}"
+    assert c.upstream_blob_gets(layer.digest) == 1
+
+
+def test_lying_peer_is_caught_banned_and_no_wrong_byte_reaches_a_client(cluster_of, reg):
+    image = push_random_image(reg, "library/lie", "1", [16_000_000])
+    layer = image.layers[0]
+    c = cluster_of(3)
+    c.wait_members()
+    liar, honest, victim = c.nodes
+    assert fetch_blob(liar, "library/lie", layer.digest) == layer.data
+    assert fetch_blob(honest, "library/lie", layer.digest) == layer.data
+    # bit rot on the liar's disk: one flipped byte in every MiB (every piece), same size
+    (path,) = liar.store_files(layer.digest)
+    data = bytearray(path.read_bytes())
+    for off in range(1000, len(data), MIB):
+        data[off] ^= 0xFF
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(data))
+    mark = reg.log_mark()
+    got = fetch_blob(victim, "library/lie", layer.digest)
+    assert got == layer.data
+    assert victim.metric("p2pcache_pieces_rejected_total") >= 1
+    assert victim.metric("p2pcache_peer_bans_total") >= 1
+    assert c.upstream_blob_gets(layer.digest, mark) == 0  # the honest peer had every piece
+
+
+def test_upstream_down_new_node_pulls_image_and_tag_from_the_cluster(cluster_of, reg):
+    image = push_random_image(reg, "library/outage", "1", [5_000_000, 200_000])
+    c = cluster_of(2)
+    c.wait_members()
+    for r in pull_everywhere(c.nodes, "library/outage", "1"):
+        assert not isinstance(r, BaseException), r
+    reg.stop()
+    newcomer = c.add_node()
+    c.wait_members()
+    wait_until(lambda: newcomer.metric("p2pcache_peers_connected") >= 2, 15, "the newcomer to meet both nodes")
+    got = pull_image(newcomer, "library/outage", "1")
+    assert got[image.digest] == image.manifest.data
+    for b in image.blobs:
+        assert got[b.digest] == b.data
+    reg.start()
+
+
+def test_wrong_cluster_secret_is_refused(cluster_of, reg, tmp_path):
+    c = cluster_of(2)
+    c.wait_members()
+    wrong = tmp_path / "wrong.secret"
+    wrong.write_bytes(b"not-the-secret")
+    stranger = c.add_node(secret_file=wrong)
+    time.sleep(3)
+    assert stranger.metric("p2pcache_peers_connected") == 0
+    assert all(n.metric("p2pcache_peers_connected") == 1 for n in c.nodes[:2])
+    assert "refused" in c.nodes[0].log_text()
+    # alone, it is still a working mirror
+    image = push_random_image(reg, "library/alone", "1", [100_000])
+    assert pull_image(stranger, "library/alone", "1")[image.layers[0].digest] == image.layers[0].data
+
+
+def test_garbage_on_the_peer_port_does_not_hurt_the_node(cluster_of, reg):
+    c = cluster_of(2)
+    c.wait_members()
+    host, port = c.nodes[0].peer_addr.rsplit(":", 1)
+
+    def attack(payload: bytes) -> None:
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            try:
+                s.sendall(payload)
+                s.settimeout(5)
+                s.recv(1024)
+            except OSError:
+                pass
+
+    payloads = [os.urandom(65536), b"\xff" * 8, b"\x00\x00\x00\x05\x00\x00\x00\x00\xc1\xc1\xc1\xc1\xc1",
+                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b""]
+    with ThreadPoolExecutor(len(payloads)) as ex:
+        list(ex.map(attack, payloads))
+    assert c.nodes[0].running
+    image = push_random_image(reg, "library/after", "1", [3_000_000])
+    for r in pull_everywhere(c.nodes, "library/after", "1"):
+        assert not isinstance(r, BaseException), r
+    assert c.upstream_blob_gets(image.layers[0].digest) == 1
+    assert c.nodes[0].metric("p2pcache_peers_connected") >= 1

@@ -1,0 +1,43 @@
+"""Five nodes pull the same image at the same moment: every byte right, each blob fetched from upstream once."""
+
+from __future__ import annotations
+
+import pytest
+
+from .harness.registry import Registry
+from .swarm_harness import Cluster, pull_everywhere, push_random_image
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_five_nodes_pull_at_once_one_upstream_fetch_per_blob(tmp_path):
+    reg = Registry(tmp_path / "reg").start()
+    cluster = Cluster(tmp_path, reg, 5)
+    try:
+        image = push_random_image(reg, "library/five", "1", [24_000_000, 6_000_000, 300_000])
+        cluster.start()
+        cluster.wait_members()
+        mark = reg.log_mark()
+        results = pull_everywhere(cluster.nodes, "library/five", "1")
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert not errors, errors
+        for r in results:
+            for blob in image.blobs:
+                assert r[blob.digest] == blob.data  # byte-exact on every node
+        image_bytes = sum(b.size for b in image.blobs)
+        for blob in image.blobs:
+            assert cluster.upstream_blob_gets(blob.digest, mark) == 1, blob.digest
+        assert cluster.upstream_blob_bytes(mark) <= 1.05 * image_bytes
+        from_peers = sum(n.metric("p2pcache_peer_bytes_total", direction="in") for n in cluster.nodes)
+        assert from_peers >= 3 * image_bytes  # four of five nodes got (nearly) everything from peers
+        assert sum(n.metric("p2pcache_pieces_verified_total") for n in cluster.nodes) > 0
+        assert sum(n.metric("p2pcache_pieces_rejected_total") for n in cluster.nodes) == 0
+        # everyone stored it: a second round is served from the stores, upstream untouched
+        mark = reg.log_mark()
+        assert all(not isinstance(r, BaseException) for r in pull_everywhere(cluster.nodes, "library/five", "1"))
+        assert sum(cluster.upstream_blob_gets(b.digest, mark) for b in image.blobs) == 0
+    finally:
+        cluster.stop()
+        reg.stop()
+    for n in cluster.nodes:
+        n.check_log()
