@@ -175,6 +175,12 @@ class _Conn:
                 req = _make_request(event)
                 if isinstance(req, Response):
                     return req
+                declared = req.header("content-length")
+                if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+                    # Refused before reading (or inviting, with 100-continue) a byte of it.
+                    return oci_error_response(OciError("SIZE_INVALID", "request body too large", status=413))
+                if self.h11.they_are_waiting_for_100_continue:
+                    await self._send_event(h11.InformationalResponse(status_code=100, headers=[]))
                 body = bytearray()
                 while True:
                     event = await self._next_event()
@@ -262,18 +268,24 @@ class _Conn:
             headers.append(("server", SERVER_NAME))
         self.body_sent, complete = 0, False
         try:
-            await self._send_event(h11.Response(status_code=resp.status, headers=headers, reason=_reason(resp.status)))
-            if req_method != "HEAD":
-                if resp.stream is not None and len(resp.stream) > 0:
-                    passthrough = self.h11.send_with_data_passthrough(
-                        h11.Data(data=_SendfileRange(len(resp.stream)))  # type: ignore[arg-type]
-                    )
-                    assert passthrough is not None and all(isinstance(p, _SendfileRange) for p in passthrough)
-                    await self._sendfile(resp.stream)
-                elif resp.body:
-                    await self._send_event(h11.Data(data=resp.body))
-                    self.body_sent = len(resp.body)
-            await self._send_event(h11.EndOfMessage())
+            head = self.h11.send(h11.Response(status_code=resp.status, headers=headers, reason=_reason(resp.status)))
+            assert head is not None
+            if resp.stream is not None and len(resp.stream) > 0 and req_method != "HEAD":
+                await self._send_bytes(head)
+                passthrough = self.h11.send_with_data_passthrough(
+                    h11.Data(data=_SendfileRange(len(resp.stream)))  # type: ignore[arg-type]
+                )
+                assert passthrough is not None and all(isinstance(p, _SendfileRange) for p in passthrough)
+                await self._sendfile(resp.stream)
+                await self._send_event(h11.EndOfMessage())
+            else:
+                # Small answers (manifests, errors, HEAD) leave in one write: one packet, no Nagle/ACK dance.
+                out = bytearray(head)
+                if resp.body and req_method != "HEAD":
+                    out += self.h11.send(h11.Data(data=resp.body)) or b""
+                out += self.h11.send(h11.EndOfMessage()) or b""
+                await self._send_bytes(bytes(out))
+                self.body_sent = len(resp.body) if req_method != "HEAD" else 0
             complete = True
         finally:
             if resp.on_sent is not None:

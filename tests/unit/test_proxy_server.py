@@ -258,3 +258,17 @@ async def test_oversized_head_in_pieces_is_431(server):
         while chunk := await s.receive_some(65536):
             out += chunk
     assert out.startswith(b"HTTP/1.1 431 ")
+
+
+async def test_expect_100_continue(server):
+    _, port = server
+    s = await trio.open_tcp_stream("127.0.0.1", port)
+    await s.send_all(b"POST /hello HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
+    with trio.fail_after(2):
+        assert (await s.receive_some(100)).startswith(b"HTTP/1.1 100 ")
+    await s.send_all(b"world")
+    with trio.fail_after(2):
+        reply = b""
+        while not reply.endswith(b"hello world"):
+            reply += await s.receive_some(1000)
+    assert reply.startswith(b"HTTP/1.1 200 ")
