@@ -131,9 +131,11 @@ async def run_node(settings: Settings, *, task_status: trio.TaskStatus[Node] = t
             if settings.peer_listen:
                 from p2pcache.swarm.service import SwarmService
 
-                node.swarm = SwarmService(settings, node.store, node.fetcher, node.upstream, node.metrics)
+                node.swarm = SwarmService(settings, node.store, node.fetcher, node.upstream, node.metrics,
+                                          manifests=node.manifests, tags=node.tags)
                 await nursery.start(node.swarm.run)
                 node.fetcher.swarm = node.swarm
+                node.resolver.peers = node.swarm  # manifests and tags from peers during upstream outages
             # -------------------------------------------------------------------------------------------------
 
             registry = Registry(settings, node.fetcher, node.resolver, node.metrics)

@@ -23,7 +23,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import trio
 
@@ -86,6 +86,9 @@ class ManifestResolver:
         self.metrics = metrics
         self.tags = tags if tags is not None else TagCache(settings.data)
         self._clock = clock
+        # The swarm (issue 3), set by the node when it shares with peers: `peer_tag(repo, tag, accept_key)` and
+        # `peer_manifest(digest)` answer from other nodes when the upstream is unreachable and we hold nothing.
+        self.peers: Any = None
         self._flights: dict[tuple[str, str, str, str], _Flight[tuple[ManifestInfo, bytes]]] = {}
         # Accept keys seen per tag, for the stale fallback "same tag, any Accept set" when the TagCache cannot
         # list them itself (TagCache.entries); in memory only.
@@ -115,6 +118,9 @@ class ManifestResolver:
         try:
             info, body = await self.upstream.get_manifest(repo, digest, accept)
         except UpstreamUnavailable as e:
+            from_peers = await self._from_peers(digest)
+            if from_peers is not None:
+                return from_peers
             raise OciError("UNAVAILABLE", "upstream registry unreachable and manifest not cached") from e
         self._keep(info, body)
         return info, body
@@ -142,6 +148,12 @@ class ManifestResolver:
                 self._keep(info, body)
         except UpstreamUnavailable as e:
             stale = self._stale(repo, tag, key, entry)
+            if stale is None and self.peers is not None:
+                peer_entry = await self.peers.peer_tag(repo, tag, key)
+                if peer_entry is not None and (held := await self._from_peers(peer_entry.digest)) is not None:
+                    self.metrics.stale_tag_serves.inc()
+                    self.tags.put(repo, tag, key, peer_entry)
+                    stale = held
             if stale is None:
                 raise OciError("UNAVAILABLE", "upstream registry unreachable and tag not cached") from e
             log.warning("upstream unreachable (%s); serving %s:%s from cache as %s", e, repo, tag, stale[0].digest)
@@ -171,6 +183,18 @@ class ManifestResolver:
         return None
 
     # ---- helpers ----
+
+    async def _from_peers(self, digest: str) -> tuple[ManifestInfo, bytes] | None:
+        """A manifest by digest from another node (the swarm checks its bytes against the digest), kept."""
+        if self.peers is None:
+            return None
+        got = await self.peers.peer_manifest(digest)
+        if got is None:
+            return None
+        media_type, body = got
+        info = ManifestInfo(digest, media_type, len(body))
+        self._keep(info, body)
+        return info, body
 
     def _keep(self, info: ManifestInfo, body: bytes) -> None:
         """Store a manifest fetched from upstream; a store that cannot take it must not fail the request."""
