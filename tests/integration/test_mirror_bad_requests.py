@@ -4,6 +4,7 @@ push attempts, oversized heads, a client that stalls. Each gets a proper status 
 from __future__ import annotations
 
 import hashlib
+import select
 import socket
 import time
 
@@ -118,8 +119,18 @@ def test_oversized_headers_get_431(node):
     assert httpx.get(node.url + "/v2/", timeout=5).status_code == 200
 
 
+def _still_open(s: socket.socket) -> bool:
+    readable, _, _ = select.select([s], [], [], 0)
+    if not readable:
+        return True
+    try:
+        return s.recv(1, socket.MSG_PEEK) != b""
+    except OSError:
+        return False
+
+
 def test_stalled_client_is_timed_out_others_are_served(make_node, upstream):
-    n = make_node({"docker.io": upstream.url}, env={"P2PCACHE_CLIENT_HEADER_TIMEOUT": "2s"})
+    n = make_node({"docker.io": upstream.url}, env={"P2PCACHE_CLIENT_HEADER_TIMEOUT": "3s"})
     small = upstream.images["library/small:1"]
     stalled = socket.create_connection(("127.0.0.1", n.port), timeout=30)
     stalled.sendall(b"GET /v2/library/small/manifests/1 HTTP/1.1\r\nHost: x\r\n")  # never finished
@@ -130,9 +141,9 @@ def test_stalled_client_is_timed_out_others_are_served(make_node, upstream):
             assert c.get("/v2/").status_code == 200
             r = c.get(f"/v2/library/small/blobs/{small.layers[1].digest}")
             assert r.status_code == 200 and r.content == small.layers[1].data
-        assert time.monotonic() - t0 < 2, "another client was held up by the stalled ones"
+        # Served while the stalled clients still held their connections: nobody waited for them.
+        assert _still_open(stalled) and _still_open(stalled2), "stalled clients dropped too early"
         for s in (stalled, stalled2):
-            t1 = time.monotonic()
             data = b""
             try:
                 while chunk := s.recv(4096):
@@ -140,8 +151,9 @@ def test_stalled_client_is_timed_out_others_are_served(make_node, upstream):
             except (ConnectionResetError, TimeoutError):
                 pass
             waited = time.monotonic() - t0
-            assert time.monotonic() - t1 < 25 and waited < 15, "the stalled client was never dropped"
+            assert waited < 20, "the stalled client was never dropped"
             assert data == b"" or data.startswith(b"HTTP/1.1 408"), data[:100]
+        assert time.monotonic() - t0 >= 2.5, "dropped before the configured header timeout"
     finally:
         stalled.close()
         stalled2.close()
