@@ -10,10 +10,13 @@ It forwards every request to `target` and records what it was asked (method, tar
 - "ignore_range":  Range stripped: 200 with the whole blob (legal, the node must skip the prefix itself)
 - "wrong_range":   206 with the right Content-Range header but the bytes from offset 0 (a lie)
 - "trickle":       pass through at `rate` bytes/s (to stop a node mid-download)
+- "stall":         the headers and half the body, then nothing until the proxy stops (a hung upstream)
+- "429", "500", "503": that status with an OCI error body (429 with `Retry-After: 7`), the registry not asked
 
-`only` restricts tampering to one digest; `times` to the first N tampered responses (None = always); `plan`
-is a list of modes used one per matching blob GET before `mode` applies (e.g. ["truncate", "wrong_range"]:
-cut the first response short, lie about the Range of the retry, then `mode`).
+`scope="all"` tampers manifest requests (GET and HEAD) too, any `/v2/<name>/…` but the `/v2/` ping;
+`only` restricts tampering to paths ending with it (a digest, "manifests/1"); `times` to the first N tampered
+responses (None = always); `plan` is a list of modes used one per matching request before `mode` applies
+(e.g. ["truncate", "wrong_range"]: cut the first response short, lie about the retry's Range, then `mode`).
 Runs in a thread of the test process (ThreadingHTTPServer), so tests can change `mode` while it runs.
 Also used as a plain recorder in front of a node, to see exactly what a client sent.
 """
@@ -46,7 +49,7 @@ class Seen:
 
 class LyingUpstream:
     def __init__(self, target: str, *, mode: str = "honest", only: str | None = None, times: int | None = None,
-                 rate: float = 1_000_000.0, plan: list[str] | None = None) -> None:
+                 rate: float = 1_000_000.0, plan: list[str] | None = None, scope: str = "blobs") -> None:
         u = urlsplit(target)
         self.target_host, self.target_port = u.hostname or "127.0.0.1", u.port or 80
         self.mode = mode
@@ -54,6 +57,8 @@ class LyingUpstream:
         self.times = times
         self.rate = rate
         self.plan = list(plan or [])
+        self.scope = scope
+        self._stopping = threading.Event()
         self.seen: list[Seen] = []
         self.blob_bytes_sent: dict[str, int] = {}
         self.tampered = 0
@@ -73,6 +78,7 @@ class LyingUpstream:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -90,7 +96,10 @@ class LyingUpstream:
         return len(self.ranges_for(path_suffix))
 
     def _tamper_mode(self, path: str) -> str:
-        if "/blobs/sha256:" not in path:
+        if self.scope == "all":
+            if path.rstrip("/") == "/v2":
+                return "honest"
+        elif "/blobs/sha256:" not in path:
             return "honest"
         if self.only is not None and not path.endswith(self.only):
             return "honest"
@@ -121,7 +130,18 @@ class LyingUpstream:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 path = target.split("?", 1)[0]
-                mode = outer._tamper_mode(path) if method == "GET" else "honest"
+                tamper_heads = outer.scope == "all" and method == "HEAD"
+                mode = outer._tamper_mode(path) if method == "GET" or tamper_heads else "honest"
+                if mode in ("429", "500", "503"):
+                    code = {"429": "TOOMANYREQUESTS", "500": "UNKNOWN", "503": "UNAVAILABLE"}[mode]
+                    doc = b'{"errors":[{"code":"%s","message":"lying upstream says %s"}]}' % (
+                        code.encode(), mode.encode())
+                    extra = [("Retry-After", "7")] if mode == "429" else []
+                    self._send_head(int(mode), [("Content-Type", "application/json"), *extra],
+                                    len(doc))
+                    if method != "HEAD":
+                        self._write(path, doc)
+                    return
                 if mode == "ignore_range":
                     headers = [(k, v) for k, v in headers if k.lower() != "range"]
                 if mode == "wrong_range":
@@ -172,6 +192,12 @@ class LyingUpstream:
                         if mode == "flip" and sent <= total // 2 < sent + len(chunk):
                             i = total // 2 - sent
                             chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1:]
+                        if mode == "stall" and sent + len(chunk) > cut:
+                            self._write(path, chunk[: cut - sent])
+                            self.wfile.flush()
+                            outer._stopping.wait()
+                            self.close_connection = True
+                            return
                         if mode == "truncate" and sent + len(chunk) > cut:
                             self._write(path, chunk[: cut - sent])
                             self.close_connection = True
