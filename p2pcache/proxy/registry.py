@@ -98,6 +98,9 @@ class Registry:
             self.metrics.request_seconds.labels(route=route).observe(time.monotonic() - started)
             if counts_bytes:
                 self.metrics.served_bytes.inc(nbytes)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s -> %d, %d bytes%s, %.3f s", req.method, req.target, resp.status, nbytes,
+                          "" if complete else " (aborted)", time.monotonic() - started)
 
         resp.on_sent = on_sent
         return resp
