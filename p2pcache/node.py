@@ -21,7 +21,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -29,6 +29,14 @@ from p2pcache.config import Settings
 from p2pcache.log import setup_logging
 from p2pcache.metrics import Metrics
 from p2pcache.proxy.server import serve_http
+
+if TYPE_CHECKING:  # the real imports are in build_node: `p2pcache --help` stays fast
+    from p2pcache.fetch import Fetcher
+    from p2pcache.oci.upstream import Upstream
+    from p2pcache.store.blobs import BlobStore
+    from p2pcache.store.manifests import ManifestStore, TagCache
+    from p2pcache.swarm.service import SwarmService
+    from p2pcache.tags import ManifestResolver
 
 log = logging.getLogger("p2pcache.node")
 
@@ -45,13 +53,13 @@ class Node:
 
     settings: Settings
     metrics: Metrics
-    store: Any  # BlobStore
-    manifests: Any  # ManifestStore
-    tags: Any  # TagCache
-    upstream: Any  # Upstream
-    fetcher: Any  # Fetcher
-    resolver: Any  # ManifestResolver
-    swarm: Any = None  # SwarmService when settings.peer_listen is set
+    store: BlobStore
+    manifests: ManifestStore
+    tags: TagCache
+    upstream: Upstream
+    fetcher: Fetcher
+    resolver: ManifestResolver
+    swarm: SwarmService | None = None  # only when settings.peer_listen is set
     registry_address: tuple[str, int] | None = None
     admin_address: tuple[str, int] | None = None
 
