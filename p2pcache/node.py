@@ -115,8 +115,11 @@ async def _listen(nursery: trio.Nursery, what: str, listen: str, handler: Any, s
     try:
         return await nursery.start(partial(serve_http, listen, handler, settings, **kw))
     except OSError as e:
-        reason = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
-        raise StartupError(f"cannot listen on {listen} ({what}): {reason}") from None
+        raise StartupError(f"cannot listen on {listen} ({what}): {_reason(e)}") from None
+
+
+def _reason(e: OSError) -> str:
+    return "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
 
 
 async def run_node(settings: Settings, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
@@ -141,7 +144,10 @@ async def run_node(settings: Settings, *, task_status: trio.TaskStatus[Node] = t
 
                 node.swarm = SwarmService(settings, node.store, node.fetcher, node.upstream, node.metrics,
                                           manifests=node.manifests, tags=node.tags)
-                await nursery.start(node.swarm.run)
+                try:
+                    await nursery.start(node.swarm.run)
+                except OSError as e:
+                    raise StartupError(f"cannot listen on {settings.peer_listen} (peers): {_reason(e)}") from None
                 node.fetcher.swarm = node.swarm
                 node.resolver.peers = node.swarm  # manifests and tags from peers during upstream outages
             # -------------------------------------------------------------------------------------------------
