@@ -11,6 +11,7 @@ import trio
 
 from .harness import images as im
 from .harness.fetch import afetch_blob
+from .lying_upstream import LyingUpstream
 
 pytestmark = pytest.mark.integration
 
@@ -45,3 +46,31 @@ async def test_eight_clients_one_cold_blob(node, upstream):
     upstream_bytes = sum(a.size for a in reg.accesses_since(mark) if a.path == path and a.method == "GET")
     assert upstream_bytes == layer.size
     print(f"8 clients x {layer.size / 1e6:.1f} MB through the node in {elapsed:.2f}s")
+
+
+async def test_clients_stream_while_the_download_is_in_flight(make_registry, make_node):
+    """Time to first byte stays low: waiting clients get verified pieces as they arrive from a slow upstream."""
+    reg = make_registry()
+    layer = im.random_layer(8 * 1024 * 1024)
+    im.push(reg.url, "library/slow", "1", im.make_image([layer]))
+    path = f"/v2/library/slow/blobs/{layer.digest}"
+    with LyingUpstream(reg.url, mode="trickle", rate=4_000_000, only=layer.digest) as liar:
+        node = make_node({"docker.io": liar.url})
+        results = [None] * 4
+        t0 = time.monotonic()
+        async with httpx.AsyncClient(base_url=node.url, timeout=60) as client:
+
+            async def one(i: int) -> None:
+                await trio.sleep(0.2 * i)  # late joiners attach to the download in flight
+                results[i] = await afetch_blob(client, path)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(4):
+                    nursery.start_soon(one, i)
+        total = time.monotonic() - t0
+        assert liar.gets(layer.digest) == 1
+    for i, f in enumerate(results):
+        assert f.complete and "sha256:" + f.sha256 == layer.digest, f"client {i}: {f}"
+        assert f.ttfb is not None and f.ttfb < total / 2, (
+            f"client {i} waited {f.ttfb:.2f}s for its first byte of a {total:.2f}s download")
+    print("ttfb", [round(f.ttfb, 2) for f in results], "total", round(total, 2))

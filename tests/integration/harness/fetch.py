@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -15,6 +16,7 @@ class Fetched:
     sha256: str | None  # hex of what arrived, when the response ended cleanly
     declared: int | None  # Content-Length
     error: str | None  # the transport error that ended the body, if any
+    ttfb: float | None = None  # seconds from the request to the first body byte
 
     @property
     def complete(self) -> bool:
@@ -43,14 +45,17 @@ def fetch_blob(base_url: str, path: str, timeout: float = 60, headers: dict | No
 
 async def afetch_blob(client: httpx.AsyncClient, path: str) -> Fetched:
     h = hashlib.sha256()
-    n, status, declared = 0, None, None
+    n, status, declared, ttfb = 0, None, None, None
+    t0 = time.monotonic()
     try:
         async with client.stream("GET", path) as r:
             status = r.status_code
             declared = int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
             async for chunk in r.aiter_raw(1 << 20):
+                if ttfb is None and chunk:
+                    ttfb = time.monotonic() - t0
                 h.update(chunk)
                 n += len(chunk)
     except httpx.HTTPError as e:
-        return Fetched(status, n, None, declared, f"{type(e).__name__}: {e}")
-    return Fetched(status, n, h.hexdigest(), declared, None)
+        return Fetched(status, n, None, declared, f"{type(e).__name__}: {e}", ttfb)
+    return Fetched(status, n, h.hexdigest(), declared, None, ttfb)
