@@ -348,3 +348,28 @@ async def test_node_stops_cleanly_when_cancelled(tmp_path):
         nursery.cancel_scope.cancel()
     with pytest.raises(OSError):
         await trio.open_tcp_stream("127.0.0.1", port)  # the listener is gone with the nursery
+
+
+def test_startup_problems_are_one_line_and_status_2(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    try:
+        for args, expected in [
+            (["--listen", f"127.0.0.1:{port}", "--data", str(tmp_path / "d")], "address already in use"),
+            (["--listen", "127.0.0.1:0", "--data", str(not_a_dir / "sub")], "cannot use data directory"),
+        ]:
+            p = subprocess.run([sys.executable, "-m", "p2pcache", "node", "--admin-listen", "127.0.0.1:0", *args],
+                               capture_output=True, text=True, timeout=60)
+            assert p.returncode == 2, p.stderr
+            assert expected in p.stderr and "Traceback" not in p.stderr
+            assert p.stderr.strip().splitlines()[-1].startswith("p2pcache: ")
+    finally:
+        busy.close()
