@@ -400,7 +400,11 @@ async def serve_http(
     bound = listeners[0].socket.getsockname()[:2]
 
     async def on_connection(stream: trio.SocketStream) -> None:
-        await _Conn(stream, handler, settings, max_body_bytes).serve()
+        try:
+            await _Conn(stream, handler, settings, max_body_bytes).serve()
+        except Exception:
+            # A bug in one connection must cost that connection only, never the listener and its siblings.
+            log.exception("connection handler crashed")
 
     async with trio.open_nursery() as nursery:
         # serve_listeners owns one task per connection inside this nursery; cancelling us closes them all.
