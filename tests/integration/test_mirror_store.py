@@ -1,0 +1,70 @@
+"""The store as an operator sees it: a disk quota with LRU eviction, the admin listener (preheat, status,
+delete), and the registry port staying read-only."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from .harness import images as im
+from .harness.clients import sha256_file
+from .harness.fetch import fetch_blob
+
+pytestmark = pytest.mark.integration
+
+MiB = 1024 * 1024
+
+
+def _store_bytes(node) -> int:
+    return sum(f.stat().st_size for f in node.store_files())
+
+
+def test_disk_quota_evicts_least_recently_used(make_registry, make_node):
+    reg = make_registry()
+    layers = [im.random_layer(MiB + 1000 * i) for i in range(4)]
+    for i, la in enumerate(layers):
+        im.push(reg.url, f"library/q{i}", "1", im.make_image([la]))
+    node = make_node({"docker.io": reg.url}, args=["--max-disk", "3MiB"])
+    for i, la in enumerate(layers):
+        got = fetch_blob(node.url, f"/v2/library/q{i}/blobs/{la.digest}")
+        assert got.complete and "sha256:" + got.sha256 == la.digest, got
+        assert _store_bytes(node) <= 3 * MiB, f"store over quota after blob {i}: {_store_bytes(node)}"
+    assert not node.store_files(layers[0].digest), "the least recently used blob was not evicted"
+    assert node.store_files(layers[3].digest)
+    assert node.metric("p2pcache_evictions_total") >= 1
+    for f in node.store_files():
+        assert len(f.name) >= 64 and sha256_file(f) in f.name
+    # An evicted blob is simply fetched again.
+    got = fetch_blob(node.url, f"/v2/library/q0/blobs/{layers[0].digest}")
+    assert got.complete and "sha256:" + got.sha256 == layers[0].digest
+
+
+def test_preheat_then_serve_with_the_upstream_down(make_registry, make_node):
+    reg = make_registry()
+    idx = im.make_index([im.small_image("pre", arch="amd64"), im.small_image("pre", arch="arm64")])
+    im.push(reg.url, "library/pre", "1", idx)
+    node = make_node({"docker.io": reg.url})
+    with httpx.Client(base_url=node.admin_url, timeout=60) as admin:
+        r = admin.post("/admin/preheat", json={"image": "docker.io/library/pre:1", "platforms": ["linux/arm64"]})
+        assert r.status_code == 200, r.text
+        arm, amd = idx.for_arch("arm64"), idx.for_arch("amd64")
+        for b in arm.blobs:
+            assert node.store_files(b.digest), f"{b.digest} not preheated"
+        assert not node.store_files(amd.layers[1].digest)
+        status = admin.get("/admin/status")
+        assert status.status_code == 200 and status.json()
+        reg.stop()
+        for b in arm.layers:
+            got = fetch_blob(node.url, f"/v2/library/pre/blobs/{b.digest}")
+            assert got.complete and "sha256:" + got.sha256 == b.digest
+        # The seed's rmi: the image's blobs leave the store.
+        r = admin.delete(f"/admin/images/docker.io/library/pre@{arm.digest}")
+        assert r.status_code in (200, 202), r.text
+        for b in arm.layers:
+            assert not node.store_files(b.digest)
+    # The admin API does not exist on the registry port.
+    with httpx.Client(base_url=node.url, timeout=10) as c:
+        r = c.delete(f"/admin/blobs/{arm.layers[0].digest}")
+        assert r.status_code in (404, 405)
+        r = c.post("/admin/preheat", json={"image": "docker.io/library/pre:1"})
+        assert r.status_code in (404, 405)
