@@ -19,6 +19,8 @@ It never listens beyond 127.0.0.1, works in a scratch directory, and stops only 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import shlex
 import shutil
 import sys
@@ -437,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=None, help="scratch directory parent (default $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory and stores")
     p.add_argument("--quiet", action="store_true", help="print only the table")
+    p.add_argument("--json", type=Path, help="also write the raw results (every run) as JSON to this file")
     args = p.parse_args(argv)
     if args.rss_sizes is None:
         args.rss_sizes = sorted({max(args.size // 4, 1), args.size})
@@ -453,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"kept {workdir}", file=sys.stderr)
     print(report(args, res))
+    if args.json:
+        doc = {"size": args.size, "runs": args.runs, "clients": args.clients, **dataclasses.asdict(res)}
+        args.json.write_text(json.dumps(doc, indent=1))
     return 0
 
 
