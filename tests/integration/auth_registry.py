@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import json
 import secrets
 import threading
@@ -31,6 +32,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import bcrypt
+import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -58,9 +60,15 @@ class SigningCert:
     pem_path: Path  # the registry's rootcertbundle
 
 
+@functools.cache
+def _signing_key() -> rsa.RSAPrivateKey:
+    # One key per test process: generating RSA keys is the slowest part of starting a token registry.
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
 def make_signing_cert(directory: Path) -> SigningCert:
     """A self-signed RSA certificate that signs tokens and is the registry's only trusted root."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key = _signing_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ISSUER)])
     now = dt.datetime.now(dt.UTC)
     cert = (
@@ -245,12 +253,19 @@ class AuthRegistry:
 
     def push_blob(self, name: str, data: bytes, media_type: str = "application/octet-stream") -> str:
         """Push one blob; returns its digest."""
-        import httpx
 
         blob = im.Blob(data, media_type)
         with httpx.Client(base_url=self.url, timeout=300, **self.client_kwargs(name)) as c:
             im.push_blob(c, name, blob)
         return blob.digest
+
+    def push_manifest(self, name: str, ref: str, body: bytes, media_type: str) -> str:
+        """Push manifest bytes under a tag or digest `ref`; returns their digest."""
+
+        manifest = im.Blob(body, media_type)
+        with httpx.Client(base_url=self.url, timeout=60, **self.client_kwargs(name)) as c:
+            im.push_manifest(c, name, ref, manifest)
+        return manifest.digest
 
     def write_credentials(
         self,
