@@ -85,6 +85,8 @@ SAVE_EVERY_PIECES = 4
 MAX_IDLE_RESUMES = 3
 # Hard cap on resume attempts per download, progress or not, so a flapping upstream cannot loop forever.
 MAX_RESUMES = 20
+# Start an fdatasync (in a worker thread) after this many new bytes, so the commit's fsync has little left.
+WRITEBACK_BYTES = 64 << 20
 # Reads when re-hashing a resumed prefix from disk.
 REHASH_READ = 4 << 20
 
@@ -475,7 +477,7 @@ class Download:
             async with trio.open_nursery() as nursery:
                 to_writer, writer_rx = trio.open_memory_channel[tuple[int, bytes]](CHANNEL_DEPTH)
                 to_hasher, hasher_rx = trio.open_memory_channel[bytes](CHANNEL_DEPTH)
-                nursery.start_soon(self._writer, writer_rx)
+                nursery.start_soon(self._writer, writer_rx, nursery)
                 nursery.start_soon(self._whole_hasher, hasher_rx)
                 async with to_writer, to_hasher:
                     try:
@@ -505,7 +507,21 @@ class Download:
             self._too_long = True
         return err
 
-    async def _writer(self, rx: trio.MemoryReceiveChannel[tuple[int, bytes]]) -> None:
+    async def _writer(self, rx: trio.MemoryReceiveChannel[tuple[int, bytes]], nursery: trio.Nursery) -> None:
+        flushed = self._stream_end
+        flushing = False
+
+        async def writeback() -> None:
+            # The store fsyncs the blob before commit; pushing dirty pages to disk while the download runs
+            # overlaps that disk work with the network, so the final fsync (and the client's last piece) is quick.
+            nonlocal flushing
+            try:
+                await trio.to_thread.run_sync(os.fdatasync, self._fd)
+            except OSError as e:
+                log.debug("early writeback of %s failed: %s", self.digest, e)
+            finally:
+                flushing = False
+
         async with rx:
             async for first in rx:
                 batch = [first]
@@ -520,6 +536,9 @@ class Download:
                 for index, digest in done:
                     self._mark(index, digest)
                 self._wake()
+                if not flushing and self._stream_end - flushed >= WRITEBACK_BYTES:
+                    flushing, flushed = True, self._stream_end
+                    nursery.start_soon(writeback)
 
     def _write_batch(self, batch: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
         # Worker thread: pwrite and per-piece hashing; the piece-hash state is only touched here while streaming.
