@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import hashlib
 import json
@@ -488,3 +489,47 @@ def test_missing_credentials_file_is_a_config_error(tmp_path) -> None:
 
 
 _: Callable[..., object] = make  # keep the helper's signature visible to type checkers
+
+
+# --- real sockets: the stall timeout (MockTransport has no timeouts) ---
+
+
+async def test_stalled_body_times_out_and_resumes_over_real_sockets(nursery) -> None:
+    import trio
+
+    data = bytes(range(256)) * 4096  # 1 MiB
+    seen: list[str] = []
+
+    async def serve(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            got = await stream.receive_some(65536)
+            if not got:
+                return
+            head += got
+        rng = next((line.split(b"=", 1)[1].rstrip(b"-").decode() for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"range:")), None)
+        seen.append(rng or "")
+        if rng is None:  # the first answer sends half the body, then stalls
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(data))
+            await stream.send_all(data[: len(data) // 2])
+            await trio.sleep(30)
+            return
+        start = int(rng)
+        await stream.send_all(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n"
+                              b"Content-Range: bytes %d-%d/%d\r\n\r\n" % (len(data) - start, start, len(data) - 1,
+                                                                           len(data)))
+        await stream.send_all(data[start:])
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    settings = Settings(upstreams={"docker.io": f"http://127.0.0.1:{port}"}, upstream_read_timeout=0.3,
+                        upstream_retries=1)
+    up = Upstream(settings, retry_backoff=0.001)
+    digest = sha(data)
+    with trio.fail_after(10):
+        async with up.open_blob(REPO, digest) as blob:
+            got = b"".join([c async for c in blob])
+    await up.aclose()
+    assert got == data
+    assert seen[0] == "" and len(seen) == 2 and 0 < int(seen[1]) <= len(data) // 2
