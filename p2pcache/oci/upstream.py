@@ -379,7 +379,7 @@ class Upstream:
             if "content-range" in resp.headers:
                 headers["Content-Range"] = resp.headers["content-range"]
             raise OciError("RANGE_INVALID", f"upstream cannot satisfy the range of {what}", headers=headers)
-        if status in REDIRECT_STATUSES or 300 <= status < 400:
+        if 300 <= status < 400:
             raise UpstreamProtocolError(f"{what}: redirect without a usable Location, or too many")
         # Another 4xx: pass the upstream's OCI code on when it is one we know (NAME_INVALID, ...).
         raise OciError(code or "UNKNOWN", f"upstream answered {status} for {what}", status=status if code else 502)
