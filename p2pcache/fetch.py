@@ -28,7 +28,9 @@ both cores work. A body that ends early or a dropped connection resumes with `Ra
 (bounded retries). When every piece is held the whole hash is compared with the digest: equal -> `store.commit`,
 and the last piece becomes readable; different -> the partial is discarded, `digest_mismatches` counted, every
 attached client's `readable()` raises `FetchFailed` (the proxy aborts the response before its last byte), and the
-`Fetcher` starts one fresh download straight from upstream for later requests (a second mismatch just fails).
+download is forgotten: the next request refetches (from upstream only, if the bad bytes came through the swarm).
+Refetching on request rather than at once means a registry that keeps lying costs one fetch per client request,
+never a loop, and a refetch never races a client that arrives after the upstream was fixed.
 
 Swarm seam (issue 3)
 --------------------
@@ -138,16 +140,14 @@ def _client_error(exc: BaseException | None) -> OciError:
 class Download:
     """One attempt to get one digest into the store; owned by `Fetcher`'s nursery, never by a client.
 
-    `attempt` is 1 for a normal download and 2 for the refetch after a digest mismatch; `upstream_only` makes the
-    download skip the swarm (the refetch does not trust the peers that just lied).
+    `upstream_only` makes the download skip the swarm: the refetch after the swarm's bytes failed the whole-blob
+    check does not trust the peers that just lied.
     """
 
-    def __init__(self, fetcher: Fetcher, repo: Repo, digest: str, *, attempt: int = 1,
-                 upstream_only: bool = False) -> None:
+    def __init__(self, fetcher: Fetcher, repo: Repo, digest: str, *, upstream_only: bool = False) -> None:
         self.fetcher = fetcher
         self.repo = repo
         self.digest = digest
-        self.attempt = attempt
         self.upstream_only = upstream_only
         self.size: int | None = None
         self.piece_size: int | None = None
@@ -172,11 +172,11 @@ class Download:
         self._piece_index = 0
         self._piece_pos = 0
         self._marked_since_save = 0
-        self._source = "upstream" if upstream_only else "swarm"
+        self._peer_pieces = 0  # pieces that came through write_piece (the swarm), for blame on a mismatch
         self._too_long = False  # upstream sent more bytes than the size it announced
 
     def __repr__(self) -> str:
-        return f"<Download {self.digest[:19]} size={self.size} attempt={self.attempt}>"
+        return f"<Download {self.digest[:19]} size={self.size} upstream_only={self.upstream_only}>"
 
     # ---- what clients (through BlobHandle) use ----
 
@@ -273,6 +273,7 @@ class Download:
         if partial.have(index):
             return
         await trio.to_thread.run_sync(_pwrite_all, self._fd, memoryview(data), start)
+        self._peer_pieces += 1
         self._mark(index, sha256)
         self._wake()
         if not self._streaming:
@@ -340,7 +341,7 @@ class Download:
         await self._advance_whole_hash()
         got = self._whole.hexdigest()
         if self._too_long or self._whole_pos != self.size or "sha256:" + got != self.digest:
-            self.fetcher.metrics.digest_mismatches.labels(source=self._source).inc()
+            self.fetcher.metrics.digest_mismatches.labels(source=self.source()).inc()
             partial.discard()
             partial.close()  # handles read through their own file objects
             self.partial = None
@@ -351,7 +352,7 @@ class Download:
             # commit fsyncs the blob (seconds for a large one on a slow disk): keep the loop serving meanwhile.
             await trio.to_thread.run_sync(self.fetcher.store.commit, partial, got)
         except DigestMismatch as e:
-            self.fetcher.metrics.digest_mismatches.labels(source=self._source).inc()
+            self.fetcher.metrics.digest_mismatches.labels(source=self.source()).inc()
             partial.close()
             self.partial = None
             raise BlobDigestMismatch(str(e)) from e
@@ -365,7 +366,6 @@ class Download:
         if swarm is not None and not self.upstream_only:
             await swarm.fill(self, self.repo)
         else:
-            self._source = "upstream"
             await self.fetch_from_upstream(self.fetcher.upstream, self.repo)
         await self.finish()
 
@@ -396,6 +396,10 @@ class Download:
         partial_dir = getattr(self.fetcher.store, "partial_dir", None)
         hex_ = self.digest.split(":", 1)[1]
         return partial_dir is not None and os.path.exists(os.path.join(partial_dir, f"{hex_}.state"))
+
+    def source(self) -> str:
+        """Where this download's bytes came from: "swarm" if any piece came through write_piece, else "upstream"."""
+        return "swarm" if self._peer_pieces else "upstream"
 
     def _require_started(self) -> PartialBlob:
         if self.partial is None:
@@ -605,6 +609,8 @@ class Fetcher:
         self.metrics = metrics
         self.swarm: BlobSwarm | None = None
         self._downloads: dict[str, Download] = {}
+        # Digests whose last download from the swarm failed the whole-blob check: fetched from upstream next.
+        self._distrust_swarm: set[str] = set()
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -662,7 +668,7 @@ class Fetcher:
             return download
         if self._nursery is None:
             raise OciError("UNAVAILABLE", "node is not running")
-        download = Download(self, repo, digest)
+        download = Download(self, repo, digest, upstream_only=digest in self._distrust_swarm)
         self._downloads[digest] = download
         self._nursery.start_soon(self._run_download, download)
         return download
@@ -672,10 +678,13 @@ class Fetcher:
         try:
             with self.store.pin(download.digest):
                 await download._run()
+            self._distrust_swarm.discard(download.digest)
         except BlobDigestMismatch as e:
             log.error("%s: %s", download.digest, e)
             download._fail(e)
-            self._refetch_after_mismatch(download)
+            if download.source() == "swarm":
+                # The pieces came (at least partly) from peers: the next download of it trusts upstream only.
+                self._distrust_swarm.add(download.digest)
         except (OciError, UpstreamUnavailable, FetchFailed) as e:
             log.warning("download of %s failed: %s", download.digest, e)
             download._fail(e)
@@ -690,11 +699,3 @@ class Fetcher:
                 del self._downloads[download.digest]
             self.metrics.downloads_in_flight.dec()
 
-    def _refetch_after_mismatch(self, failed: Download) -> None:
-        # Clients attached to the failed download get FetchFailed; later ones attach to one fresh download
-        # straight from upstream. A second mismatch ends there: never loop on a registry that keeps lying.
-        if failed.attempt > 1 or self._nursery is None or self._downloads.get(failed.digest) is not failed:
-            return
-        retry = Download(self, failed.repo, failed.digest, attempt=failed.attempt + 1, upstream_only=True)
-        self._downloads[failed.digest] = retry
-        self._nursery.start_soon(self._run_download, retry)
