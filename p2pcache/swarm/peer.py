@@ -14,7 +14,8 @@ serves queued piece requests: the piece's bytes go from the store's file to the 
 through Python), paced by the node's upload token bucket. Received piece payloads are `recv_into` one buffer per
 piece, which is handed to the waiting `request_piece` caller.
 
-Limits: at most `MAX_REQUESTS_IN` piece requests queued from one peer (more are rejected "busy"), at most
+Limits: at most `MAX_REQUESTS_IN` piece requests queued from one peer, and uploads only when the host's node-wide
+upload slots (the scheduler module's `UploadSlots`) say so (refused requests are rejected "busy"); at most
 `MAX_REQUESTS_OUT` of ours in flight on one connection (callers wait for a slot), at most `MAX_CONTROL_QUEUE`
 frames queued for a peer that does not read (then it is dropped). Frame sizes are bounded by the decoder.
 
@@ -82,6 +83,13 @@ class PeerHost(Protocol):
         """Handle anything that is not a piece transfer or an answer; returns frames to send back."""
 
     def on_closed(self, conn: PeerConnection) -> None: ...
+
+    def upload_request(self, conn: PeerConnection, digest: str, index: int) -> bool:
+        """The peer asks for a piece: False to refuse ("busy"); when its turn comes the host calls
+        `conn.start_upload(digest, index)` (node-wide upload slots)."""
+
+    def upload_done(self, conn: PeerConnection, digest: str, index: int) -> None:
+        """An upload finished, failed or was cancelled: its slot is free."""
 
 
 Throttle = Callable[[int], Awaitable[None]]
@@ -184,7 +192,9 @@ class PeerConnection:
         self.on_bytes = on_bytes  # ("in"|"out", n) piece bytes, for metrics and scoring
         self.closed = False
         self._control: deque[bytes] = deque()
-        self._uploads: deque[tuple[str, int]] = deque()
+        self._uploads: deque[tuple[str, int]] = deque()  # requests given a slot, in order
+        self._requested: set[tuple[str, int]] = set()  # the peer's requests not yet answered (or cancelled)
+        self._sending: tuple[str, int] | None = None
         self._wake = trio.Event()
         self._pieces: dict[tuple[str, int], _Waiter] = {}
         self._calls: dict[int, _Waiter] = {}
@@ -211,6 +221,10 @@ class PeerConnection:
         finally:
             self._fail_all(PeerGone(f"connection to {self.peer.node} closed"))
             self.closed = True
+            for key in list(self._requested):
+                self.host.upload_done(self, *key)
+            self._requested.clear()
+            self._uploads.clear()
             self.sock.close()
             self.host.on_closed(self)
 
@@ -231,6 +245,14 @@ class PeerConnection:
         else:
             self.closed = True
             self.sock.close()
+
+    def start_upload(self, digest: str, index: int) -> None:
+        """The host gave one of our peer's requests an upload slot: send it next."""
+        if (digest, index) in self._requested and not self.closed:
+            self._uploads.append((digest, index))
+            self._wake.set()
+        else:
+            self.host.upload_done(self, digest, index)
 
     def _fail_all(self, err: Exception) -> None:
         for w in list(self._pieces.values()) + list(self._calls.values()):
@@ -254,8 +276,13 @@ class PeerConnection:
             if self._control:
                 await _send_all(self.sock, self._control.popleft())
             elif self._uploads:
-                digest, index = self._uploads.popleft()
-                await self._serve_piece(digest, index)
+                key = self._sending = self._uploads.popleft()
+                try:
+                    await self._serve_piece(*key)
+                finally:
+                    self._sending = None
+                    self._requested.discard(key)
+                    self.host.upload_done(self, *key)
             else:
                 await self._wake.wait()
                 self._wake = trio.Event()
@@ -350,17 +377,26 @@ class PeerConnection:
                 w.set(msg)
             return
         if k == "request":
-            if len(self._uploads) >= MAX_REQUESTS_IN:
-                self.send("reject", digest=msg["digest"], index=msg["index"], reason="busy")
-            else:
-                self._uploads.append((msg["digest"], msg["index"]))
-                self._wake.set()
+            key = (msg["digest"], msg["index"])
+            if key in self._requested:
+                return  # a duplicate request: the first one is answered
+            if len(self._requested) >= MAX_REQUESTS_IN:
+                self.send("reject", digest=key[0], index=key[1], reason="busy")
+                return
+            self._requested.add(key)  # before asking: the host may start the upload at once
+            if not self.host.upload_request(self, *key):
+                self._requested.discard(key)
+                self.send("reject", digest=key[0], index=key[1], reason="busy")
             return
         if k == "cancel":
-            try:
-                self._uploads.remove((msg["digest"], msg["index"]))
-            except ValueError:
-                pass
+            key = (msg["digest"], msg["index"])
+            if key in self._requested and key != self._sending:
+                self._requested.discard(key)
+                try:
+                    self._uploads.remove(key)
+                except ValueError:
+                    pass
+                self.host.upload_done(self, *key)
             return
         if k in ("hello", "hello-ack", "hello-proof", "refused"):
             raise ProtocolError(f"{k} after the handshake")

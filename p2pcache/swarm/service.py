@@ -51,7 +51,14 @@ from p2pcache.discovery.gossip import GossipDriver
 from p2pcache.discovery.membership import Membership
 from p2pcache.swarm.handshake import Handshake, HandshakeError, PeerInfo, load_secret
 from p2pcache.swarm.metainfo import piece_count, piece_span
-from p2pcache.swarm.peer import PeerConnection, PeerGone, PieceRejected, handshake, open_peer_socket
+from p2pcache.swarm.peer import (
+    MAX_REQUESTS_IN,
+    PeerConnection,
+    PeerGone,
+    PieceRejected,
+    handshake,
+    open_peer_socket,
+)
 from p2pcache.swarm.picker import mask_of
 from p2pcache.swarm.ratelimit import TokenBucket
 from p2pcache.swarm.scheduler import (
@@ -66,7 +73,9 @@ from p2pcache.swarm.scheduler import (
     Fail,
     FetchUpstream,
     Request,
+    Serve,
     StopUpstream,
+    UploadSlots,
 )
 from p2pcache.swarm.tracker import ClaimGranted, Tracker
 from p2pcache.swarm.wire import FrameDecoder, Message, ProtocolError
@@ -90,6 +99,7 @@ MAX_CONNS_PER_PEER = 2  # one each way is normal; more is a misbehaving or loopi
 MAX_INCOMING = 512  # total accepted connections: a flood on the peer port cannot exhaust descriptors
 TRACKER_EXPIRE_EVERY = 2.0  # housekeeping of the tracker shard
 METAINFO_POLL = 0.2  # how often a leecher refreshes piece hashes while the claim holder is still publishing
+UPLOAD_SLOTS = 4  # pieces uploaded at once: a cold blob's first holder finishes pieces fast so they spread
 HOLDERS_LIMIT = 50  # holders asked for per lookup; the tracker samples them at random so load spreads
 
 
@@ -133,6 +143,7 @@ class SwarmService:
         self.up_bucket = TokenBucket(settings.upload_limit, now=trio.current_time())
         self.down_bucket = TokenBucket(settings.download_limit, now=trio.current_time())
         self.conns: dict[str, list[PeerConnection]] = {}
+        self.uploads = UploadSlots(slots=UPLOAD_SLOTS, per_peer=MAX_REQUESTS_IN)
         self.bans = BanList()  # node ids that sent bad pieces or lying piece lists, shared by all downloads
         self._dial_locks: dict[str, trio.Lock] = {}
         self._incoming = 0
@@ -383,6 +394,24 @@ class SwarmService:
         if d is not None and d.partial is not None:
             return d.partial.bitfield()
         return b""
+
+    # -- upload slots (UploadSlots decides, connections send) ---------------------------------------------------
+    def upload_request(self, conn: PeerConnection, digest: str, index: int) -> bool:
+        serves = self.uploads.request(conn, digest, index)
+        if serves is None:
+            return False
+        self._start_uploads(serves)
+        return True
+
+    def upload_done(self, conn: PeerConnection, digest: str, index: int) -> None:
+        if (conn, digest, index) in self.uploads.active:
+            self._start_uploads(self.uploads.finished(conn, digest, index))
+        else:
+            self._start_uploads(self.uploads.cancel(conn, digest, index))
+
+    def _start_uploads(self, serves: list[Serve]) -> None:
+        for sv in serves:
+            sv.peer.start_upload(sv.key, sv.index)
 
     def on_message(self, conn: PeerConnection, msg: Message) -> list[tuple[str, dict[str, Any], bytes]]:
         k = msg.kind
@@ -1063,57 +1092,75 @@ class _Fill:
         self._apply(sched.piece_received(node, index, ok, len(data), trio.current_time()))
 
     async def _upstream(self, start: int) -> None:
-        """Stream pieces start, start+1, ... from upstream until the scheduler says stop; hash, write, publish."""
-        from p2pcache.fetch import FetchFailed
+        """Stream pieces start, start+1, ... from upstream until the scheduler says stop; hash, write, publish.
 
+        A reader task cuts the body into pieces one piece ahead of this task, which hashes (in a thread), writes
+        and reports them, so the network and the CPU work at the same time.
+        """
         svc, d, sched = self.svc, self.download, self.sched
         assert sched is not None and d.size is not None and d.piece_size is not None
         index = start
-        offset, length = piece_span(index, d.size, d.piece_size)
-        buf = bytearray()
         try:
-            async with svc.upstream.open_blob(self.repo, self.digest, offset) as resp:
-                if resp.size != d.size:
-                    raise FetchFailed(f"upstream size of {self.digest} is {resp.size}, metainfo says {d.size}")
-                chunks = resp.__aiter__()
-                while True:
-                    while len(buf) < length:
-                        try:
-                            chunk = await chunks.__anext__()
-                        except StopAsyncIteration:
-                            raise FetchFailed(f"upstream body of {self.digest} ended early") from None
-                        if svc.settings.download_limit:
-                            await svc._throttle_rx(len(chunk))
-                        if getattr(svc.fetcher, "count_upstream_bytes", False):
-                            svc.metrics.upstream_bytes.inc(len(chunk))
-                        buf += chunk
-                    piece = bytes(buf[:length])
-                    del buf[:length]
-                    h = await trio.to_thread.run_sync(_sha256, piece)
-                    if self.hashes and self.hashes[index] is not None and self.hashes[index] != h:
-                        # the published hash (from an earlier claim holder) is wrong, or upstream changed
-                        log.error("%s: upstream piece %d differs from the published hash", self.digest[:19], index)
-                    if not d.have(index):
-                        await d.write_piece(index, piece, h)
-                    if self.hashes:
-                        self.hashes[index] = h
-                    if self.claimed:
-                        svc._spawn(self._publish, index, [h])
-                    self._apply(sched.upstream_progress(index, length, trio.current_time()))
-                    if self.upstream_stop or sched.upstream != index + 1 or self.done.is_set():
-                        return
-                    index += 1
-                    offset, length = piece_span(index, d.size, d.piece_size)
-        except trio.Cancelled:
-            raise
+            send, recv = trio.open_memory_channel[tuple[int, bytes]](UPSTREAM_READ_AHEAD)
+            async with trio.open_nursery() as nursery:
+                errors: list[BaseException] = []
+                nursery.start_soon(self._upstream_reader, start, send, errors)
+                async with recv:
+                    async for index, piece in recv:
+                        h = await trio.to_thread.run_sync(_sha256, piece)
+                        if self.hashes and self.hashes[index] is not None and self.hashes[index] != h:
+                            # the published hash (from an earlier claim holder) is wrong, or upstream changed
+                            log.error("%s: upstream piece %d differs from the published hash",
+                                      self.digest[:19], index)
+                        if not d.have(index):
+                            await d.write_piece(index, piece, h)
+                        if self.hashes:
+                            self.hashes[index] = h
+                        if self.claimed:
+                            svc._spawn(self._publish, index, [h])
+                        self._apply(sched.upstream_progress(index, len(piece), trio.current_time()))
+                        if self.upstream_stop or sched.upstream != index + 1 or self.done.is_set():
+                            nursery.cancel_scope.cancel()
+                            return
+                if errors:
+                    raise errors[0]
         except Exception as e:
             log.warning("%s: upstream stream failed at piece %d: %s", self.digest[:19], index, e)
-            from p2pcache.oci.errors import OciError
-
-            if isinstance(e, OciError) and d.size is None:
-                self._finish(e)
-                return
             self._apply(sched.upstream_failed(str(e), trio.current_time()))
+
+    async def _upstream_reader(self, start: int, send: trio.MemorySendChannel[tuple[int, bytes]],
+                               errors: list[BaseException]) -> None:
+        from p2pcache.fetch import FetchFailed
+
+        svc, d = self.svc, self.download
+        assert d.size is not None and d.piece_size is not None
+        index = start
+        offset, length = piece_span(index, d.size, d.piece_size)
+        buf = bytearray()
+        count = getattr(svc.fetcher, "count_upstream_bytes", False)
+        async with send:
+            try:
+                async with svc.upstream.open_blob(self.repo, self.digest, offset) as resp:
+                    if resp.size != d.size:
+                        raise FetchFailed(f"upstream size of {self.digest} is {resp.size}, not {d.size}")
+                    async for chunk in resp:
+                        if svc.settings.download_limit:
+                            await svc._throttle_rx(len(chunk))
+                        if count:
+                            svc.metrics.upstream_bytes.inc(len(chunk))
+                        buf += chunk
+                        while len(buf) >= length and index < d.n_pieces:
+                            await send.send((index, bytes(buf[:length])))
+                            del buf[:length]
+                            index += 1
+                            if index < d.n_pieces:
+                                offset, length = piece_span(index, d.size, d.piece_size)
+                        if index >= d.n_pieces:
+                            return
+                if index < d.n_pieces:
+                    raise FetchFailed(f"upstream body of {self.digest} ended early")
+            except Exception as e:  # handed to the consumer, which reports it to the scheduler
+                errors.append(e)
 
     async def _publish(self, index: int, hashes: list[bytes]) -> None:
         svc, d = self.svc, self.download
@@ -1127,12 +1174,13 @@ class _Fill:
 
 
 RPC_META_TIMEOUT = 3.0
+UPSTREAM_READ_AHEAD = 1  # pieces cut ahead of hashing: overlap network and CPU, waste at most this on a stop
 BAN_SECONDS = 600.0  # like the scheduler's: a liar stays out for ten minutes
 
 
 def _request_failed(sched: DownloadScheduler, node: str, index: int, now: float) -> list[Decision]:
     """The peer refused a request (it no longer holds the piece, or is busy): not a ban, just ask elsewhere."""
-    hook = getattr(sched, "request_failed", None)
+    hook = getattr(sched, "piece_refused", None)
     if hook is not None:
         return hook(node, index, now)
     # Until the scheduler has that event: the same bookkeeping its own timeout path does.
