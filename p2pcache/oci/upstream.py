@@ -18,8 +18,10 @@ It never retries a 429 (the limit belongs to the user's account, the client deci
 `MAX_REDIRECTS` hops, never reads an unbounded manifest into memory, and never logs a credential or a token.
 
 Throughput: httpcore 1.0 reads the socket in 64 KiB pieces, which caps a stream at ~0.4-1.1 GB/s on loopback;
-`enable_large_reads()` raises that to 1 MiB (~4 GB/s measured), and blob bodies are iterated with `aiter_raw()`
-(no decoding: we ask for `identity` encoding), whose chunks are then single socket reads of up to 1 MiB.
+`enable_large_reads()` raises that to 1 MiB (~4.2 GB/s on an idle machine of ours), and blob bodies are iterated
+with `aiter_raw()` (no decoding: we ask for `identity` encoding), whose chunks are then single socket reads of up
+to 1 MiB. Against docker-registry on a loaded 2-core machine this path took 2.6x less CPU per byte than 64 KiB
+reads, and 1.5x less than `aiter_raw(1 MiB)`, which copies every byte through a BytesIO.
 """
 
 from __future__ import annotations
