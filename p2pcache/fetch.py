@@ -172,6 +172,8 @@ class Download:
         self._piece_index = 0
         self._piece_pos = 0
         self._marked_since_save = 0
+        self._save_due = False
+        self._saving = False
         self._peer_pieces = 0  # pieces that came through write_piece (the swarm), for blame on a mismatch
         self._too_long = False  # upstream sent more bytes than the size it announced
 
@@ -246,8 +248,11 @@ class Download:
         settings = self.fetcher.settings
         piece_size = piece_size or settings.piece_size or piece_size_for(size)
         store = self.fetcher.store
-        store.make_room(size)
-        partial = store.partial(self.digest, size, piece_size)
+        try:
+            store.make_room(size)
+            partial = store.partial(self.digest, size, piece_size)
+        except (OSError, ValueError) as e:  # no space, an absurd size announced by upstream or metainfo
+            raise FetchFailed(f"cannot hold {self.digest} ({size} bytes): {e}") from e
         self.partial = partial
         self.size = partial.size
         self.piece_size = partial.piece_size
@@ -276,6 +281,8 @@ class Download:
         self._peer_pieces += 1
         self._mark(index, sha256)
         self._wake()
+        if self._save_due:
+            await self._save_state()
         if not self._streaming:
             await self._advance_whole_hash(index, data)
 
@@ -401,6 +408,19 @@ class Download:
         """Where this download's bytes came from: "swarm" if any piece came through write_piece, else "upstream"."""
         return "swarm" if self._peer_pieces else "upstream"
 
+    async def _save_state(self) -> None:
+        """Persist the bitfield for a resume after a restart; off the event loop, one save at a time."""
+        partial = self.partial
+        if self._saving or partial is None:
+            return
+        self._saving, self._save_due = True, False
+        try:
+            await trio.to_thread.run_sync(partial.save)
+        except (OSError, ValueError) as e:
+            log.warning("cannot save partial state of %s: %s", self.digest, e)
+        finally:
+            self._saving = False
+
     def _require_started(self) -> PartialBlob:
         if self.partial is None:
             raise FetchFailed(f"{self.digest}: download not started (or already discarded)")
@@ -426,7 +446,7 @@ class Download:
         self._marked_since_save += 1
         if self._marked_since_save >= SAVE_EVERY_PIECES:
             self._marked_since_save = 0
-            partial.save()
+            self._save_due = True  # saved by the writer or write_piece, in a worker thread (it fsyncs)
         for cb in self._listeners:
             cb(index, sha256)
 
@@ -540,6 +560,8 @@ class Download:
                 for index, digest in done:
                     self._mark(index, digest)
                 self._wake()
+                if self._save_due:
+                    nursery.start_soon(self._save_state)
                 if not flushing and self._stream_end - flushed >= WRITEBACK_BYTES:
                     flushing, flushed = True, self._stream_end
                     nursery.start_soon(writeback)

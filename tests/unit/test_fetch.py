@@ -75,6 +75,7 @@ class FakeUpstream:
         self.error: BaseException | None = None
         self.pause_at: int | None = None
         self.release = trio.Event()
+        self.announce: int | None = None  # a size to announce instead of the real one
 
     async def head_blob(self, repo: Repo, digest: str) -> int:
         self.heads.append(digest)
@@ -94,7 +95,10 @@ class FakeUpstream:
             raise OciError("BLOB_UNKNOWN", "blob unknown to registry")
         data = self.lies.get(digest, self.blobs[digest])
         cut = self.cuts.pop(0) if self.cuts else None
-        yield FakeResponse(self, data, offset, cut, self.cut_how)
+        resp = FakeResponse(self, data, offset, cut, self.cut_how)
+        if self.announce is not None:
+            resp.size = self.announce
+        yield resp
 
 
 @pytest.fixture
@@ -442,3 +446,17 @@ async def test_the_swarm_can_stream_the_missing_part_from_upstream(settings: Set
         fetcher.swarm = ClaimSwarm(data, up)
         assert await fetch(fetcher, d) == data
         assert up.opens == [(d, 2 * PIECE)]
+
+
+async def test_an_absurd_announced_size_is_a_clear_error_not_a_crash(settings: Settings) -> None:
+    data = blob(PIECE)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    up.announce = 1 << 62
+    async with running(settings, up) as fetcher:
+        with pytest.raises(OciError) as e:
+            async with fetcher.open_blob(REPO, d):
+                pass
+        assert e.value.code == "UNAVAILABLE"
+        up.announce = None
+        assert await fetch(fetcher, d) == data
