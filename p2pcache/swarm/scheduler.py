@@ -142,6 +142,7 @@ class SchedulerConfig:
     timeout_min: float = 10.0  # no request is given up before this (a busy uploader queues requests)
     timeout_factor: float = 4.0  # ... nor before 4x the time the peer's measured rate says it needs
     assumed_rate: float = 4e6  # bytes/s assumed of a peer not measured yet (a congested 1 Gbit/s uploader)
+    busy_backoff: float = 0.5  # a peer that refused a request (upload queue full) is not asked again before this
     silence_timeout: float = 30.0  # a peer asked but silent this long is snubbed
     snub_seconds: float = 60.0
     ban_seconds: float = 600.0  # a peer that sent a bad piece is refused for 10 minutes
@@ -179,7 +180,7 @@ class BanList:
 
 
 class _PeerState:
-    __slots__ = ("zone", "rate", "last_recv", "reqs", "snubbed_until", "same_zone")
+    __slots__ = ("zone", "rate", "last_recv", "reqs", "snubbed_until", "same_zone", "busy_until")
 
     def __init__(self, zone: str | None, same_zone: bool, now: float) -> None:
         self.zone = zone
@@ -188,6 +189,7 @@ class _PeerState:
         self.last_recv = now  # last time this peer delivered (or connected)
         self.reqs: dict[int, float] = {}  # index -> time requested
         self.snubbed_until = 0.0
+        self.busy_until = 0.0  # the peer refused a request (its upload queue is full): not before this
 
 
 class DownloadScheduler:
@@ -209,6 +211,7 @@ class DownloadScheduler:
         self._active: set[Peer] = set()  # peers with requests outstanding
         self._deadlines: list[tuple[float, int, Peer, int, float]] = []
         self._seq = 0
+        self._busy_wake: float | None = None  # earliest time a refusing peer may be asked again
         self.claim = "none"  # none | asked | held | denied
         self.claim_holder: Peer | None = None
         self._next_claim = now
@@ -255,7 +258,9 @@ class DownloadScheduler:
 
     def _fill(self, peer: Peer, now: float, out: list) -> None:
         st = self.peers.get(peer)
-        if st is None or self.done or self.failed or self.upstream_only or st.snubbed_until > now:
+        if st is None or self.done or self.failed or self.upstream_only:
+            return
+        if st.snubbed_until > now or st.busy_until > now:
             return
         if not st.reqs and len(self._active) >= self.cfg.max_sources:
             return
@@ -264,9 +269,36 @@ class DownloadScheduler:
             self._request(peer, st, idx, now, out)
 
     def _fill_all(self, now: float, out: list) -> None:
+        """Fill the peers that could take a request: the current sources, then the best others up to
+        `max_sources`. O(peers) cheap mask checks, then a partial sort of the candidates."""
         if self.done or self.failed or self.upstream_only:
             return
-        for peer in sorted(self.peers, key=self._score, reverse=True):
+        p = self.picker
+        free = p.wanted & p.known & ~p.inflight_mask
+        if not free:
+            if not p.endgame():
+                return
+            free = p.wanted & p.known
+        limit = self.cfg.pipeline
+        peers = self.peers
+        active = self._active
+        fresh = []
+        for peer, m in p.peers.items():
+            if m & free:
+                st = peers.get(peer)
+                if st is None or st.busy_until > now or st.snubbed_until > now:
+                    continue
+                if peer in active:
+                    if len(st.reqs) < p.limits.get(peer, limit):
+                        self._fill(peer, now, out)
+                else:
+                    fresh.append(peer)
+        room = self.cfg.max_sources - len(active)
+        if room <= 0 or not fresh:
+            return
+        if len(fresh) > room:
+            fresh = heapq.nlargest(room, fresh, key=self._score)
+        for peer in fresh:
             self._fill(peer, now, out)
 
     def _finish_if_complete(self, out: list) -> None:
@@ -394,10 +426,28 @@ class DownloadScheduler:
                 self._forget(p, lst, index)
         self._finish_if_complete(out)
         if not self.done:
+            n = len(out)
             self._fill(peer, now, out)
             for p in losers:
                 if p is not UPSTREAM:
                     self._fill(p, now, out)
+            if len(out) == n and len(self._active) < self.cfg.max_sources:
+                self._fill_all(now, out)  # the sender had nothing more for us: a source slot is free
+        return out
+
+    def piece_refused(self, peer: Peer, index: int, now: float) -> list[Decision]:
+        """`peer` refused the request (its upload queue is full): ask others; retry it after busy_backoff."""
+        out: list[Decision] = []
+        st = self.peers.get(peer)
+        if st is None:
+            return out
+        self.picker.failed(peer, index)
+        self._forget(peer, st, index)
+        st.busy_until = now + self.cfg.busy_backoff
+        if self._busy_wake is None or st.busy_until < self._busy_wake:
+            self._busy_wake = st.busy_until
+        if len(self._active) < self.cfg.max_sources:
+            self._fill_all(now, out)
         return out
 
     def upstream_progress(self, index: int, nbytes: int, now: float) -> list[Decision]:
@@ -543,16 +593,20 @@ class DownloadScheduler:
             else:  # nobody else has it: cancelling would only restart the same transfer
                 self._seq += 1
                 heapq.heappush(dl, (now + cfg.timeout_min, self._seq, peer, i, sent))
+        if self._busy_wake is not None and now >= self._busy_wake:
+            self._busy_wake = None
+            refill = True
         if refill:
             self._fill_all(now, out)
         if now >= self._next_claim:
             if self.claim == "held" and not self.done:
                 self._next_claim = now + cfg.claim_renew
                 out.append(AskClaim())
-            elif self.claim != "held" and self.upstream is None and self._needs_claim():
+            else:
                 self._next_claim = now + cfg.claim_retry
-                self.claim = "asked"
-                out.append(AskClaim())
+                if self.claim != "held" and self.upstream is None and self._needs_claim():
+                    self.claim = "asked"
+                    out.append(AskClaim())
         if self.upstream is None and now - self.last_progress >= cfg.stall_timeout and not self.done:
             self.last_progress = now  # one fallback per stall period
             self._start_upstream("stall", out)
@@ -574,6 +628,8 @@ class DownloadScheduler:
             t = min(t, dl[0][0])
         if self.upstream is None:
             t = min(t, self.last_progress + self.cfg.stall_timeout)
+        if self._busy_wake is not None:
+            t = min(t, self._busy_wake)
         return t
 
 
@@ -589,20 +645,28 @@ class Serve:
 class UploadSlots:
     """At most `slots` piece uploads at once per node; further requests wait, first come first served.
 
+    The next upload is the queued request whose piece this node has served least often (first come among
+    equals), so the first holder of a cold blob sends each piece out about once and its peers spread it.
     `request` returns the uploads to start now; `finished` and `cancel` free a slot and return what starts next.
-    A peer may have at most `per_peer` requests queued (what its pipeline allows); more are refused (False).
+    At most `queue` requests wait in all, and at most `per_peer` from one peer; more are refused (None): the
+    driver answers "busy" and the requester's scheduler (`piece_refused`) asks elsewhere or later. A short queue
+    is what spreads a cold blob: the first holder's upload goes to a few peers at a time, who pass pieces on,
+    instead of every requester waiting in one long line for the same node.
     """
 
-    def __init__(self, slots: int = 4, per_peer: int = 8) -> None:
+    def __init__(self, slots: int = 4, per_peer: int = 8, queue: int = 8) -> None:
         self.slots = slots
         self.per_peer = per_peer
+        self.max_queue = queue
         self.active: set[tuple[Peer, Hashable, int]] = set()
         self.queue: deque[tuple[Peer, Hashable, int]] = deque()
         self.queued: dict[Peer, int] = {}
+        self.served: dict[tuple[Hashable, int], int] = {}  # (key, index) -> uploads started
 
     def request(self, peer: Peer, key: Hashable, index: int) -> list[Serve] | None:
         """A peer asks for a piece. None if refused (too many queued), else the uploads to start now."""
-        if self.queued.get(peer, 0) >= self.per_peer:
+        if self.queued.get(peer, 0) >= self.per_peer or len(self.queue) >= self.max_queue + max(
+                0, self.slots - len(self.active)):
             return None
         self.queue.append((peer, key, index))
         self.queued[peer] = self.queued.get(peer, 0) + 1
@@ -611,12 +675,22 @@ class UploadSlots:
     def _start(self) -> list[Serve]:
         out = []
         q = self.queue
+        served = self.served
         while q and len(self.active) < self.slots:
-            item = q.popleft()
-            if item[0] is None:  # cancelled while queued
-                continue
+            # least-served piece first (ties: first come): a node's upload goes to pieces it has not sent yet,
+            # which its peers then pass on, rather than to the 10th copy of the newest piece
+            best = 0
+            if len(q) > 1:
+                best_n = served.get(q[0][1:], 0)
+                for j in range(1, len(q)):
+                    n = served.get(q[j][1:], 0)
+                    if n < best_n:
+                        best, best_n = j, n
+            item = q[best]
+            del q[best]
             self._dequeued(item[0])
             self.active.add(item)
+            served[item[1:]] = served.get(item[1:], 0) + 1
             out.append(Serve(*item))
         return out
 

@@ -4,6 +4,7 @@ Rules:
 - Sans-IO: every call takes `now` (seconds, any monotonic origin shared by the caller's calls) and returns an
   answer. No sockets, no clock, no background task; the driver (swarm/service.py, or the simulator) calls
   `expire(now)` now and then to drop what nobody renewed.
+- Node ids are opaque hashables (node-id strings in the node, small ints in the simulator).
 - Everything here is soft state. Losing it (a restarted shard, a shard that rendezvous hashing no longer picks)
   costs one re-announce per holder and nothing else, so nothing here is ever persisted.
 - `claim` is atomic by construction: the shard is single-threaded and answers one call at a time, so of N nodes
@@ -206,13 +207,18 @@ class Tracker:
 
     def holders(
         self, digest: str, now: float, limit: int = 50, prefer_zone: str | None = None,
-        exclude: str | Iterable[str] | None = None,
+        exclude: str | int | Iterable[str] | None = None,
     ) -> list[Holder]:
         """Up to `limit` live holders in random order, those in `prefer_zone` first."""
         entry = self._holders.get(digest)
         if entry is None or limit <= 0:
             return []
-        skip = {exclude} if isinstance(exclude, str) else set(exclude or ())
+        if exclude is None:
+            skip: set = set()
+        elif isinstance(exclude, str | bytes | int):
+            skip = {exclude}
+        else:
+            skip = set(exclude)
         out: list[Holder] = []
         seen: set[str] = set()
         pools: list[list[str]] = []

@@ -1,0 +1,117 @@
+"""`p2pcache simulate`: load a scenario, run it (and its no-p2p baseline), print/write the results.
+
+Bad input (a scenario key, a --sweep spec, a missing matplotlib for --plot) is one line on stderr naming the
+problem and exit status 2, never a traceback. A sweep runs its grid points in parallel processes, one row each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+from typing import Any
+
+from p2pcache.sim.engine import simulate
+from p2pcache.sim.report import plot, summary, sweep_row, table
+from p2pcache.sim.scenario import ScenarioError, load_scenario
+
+__all__ = ["run_simulate", "run_point"]
+
+
+def _fail(msg: str) -> int:
+    print(f"p2pcache: simulate: {msg}", file=sys.stderr)
+    return 2
+
+
+def parse_sweep(specs: list[str]) -> list[tuple[str, list[str]]]:
+    out = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key.strip() or not vals:
+            raise ScenarioError(f"--sweep {spec!r}: expected KEY=V1,V2,... (e.g. cluster.nodes=100,500)")
+        out.append((key.strip(), vals))
+    return out
+
+
+def run_point(args: tuple[str, dict[str, str], int | None, bool]) -> dict[str, Any]:
+    """Run one scenario (with overrides) and its baseline; return the summary. Used by sweeps' workers."""
+    path, overrides, seed, progress = args
+    sc = load_scenario(path, overrides)
+    if seed is not None:
+        sc.seed = seed
+    r = simulate(sc, progress=progress, label="p2p      ")
+    base = simulate(sc, p2p=False, progress=progress, label="baseline ") if sc.p2p else None
+    return summary(sc, r, base, source=path)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    try:
+        sweep = parse_sweep(list(getattr(args, "sweep", None) or []))
+        sc = load_scenario(args.scenario)  # validate before anything runs
+        if sweep:
+            for key, vals in sweep:
+                for v in vals:
+                    load_scenario(args.scenario, {key: v})
+    except ScenarioError as e:
+        return _fail(str(e))
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return _fail("--plot needs matplotlib (pip install 'p2pcache[plot]')")
+    progress = sys.stderr.isatty()
+    if not sweep:
+        seed = args.seed
+        if seed is not None:
+            sc.seed = seed
+        r = simulate(sc, progress=progress, label="p2p      ")
+        base = simulate(sc, p2p=False, progress=progress, label="baseline ") if sc.p2p else None
+        s = summary(sc, r, base, source=args.scenario)
+        print(table(s))
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(s, f, indent=1)
+        if args.plot:
+            plot(args.plot, sc, r, base, title=args.scenario)
+        return 0
+    keys = [k for k, _ in sweep]
+    points = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in sweep))]
+    jobs = [(args.scenario, p, args.seed, False) for p in points]
+    procs = min(len(jobs), os.cpu_count() or 1)
+    rows = []
+    header = [*keys, "p50", "p99", "max", "bound", "max/bound", "upstream/image", "baseline", "unfinished"]
+    print("  ".join(f"{h:>12}" for h in header))
+    ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
+    with ctx.Pool(procs) if procs > 1 else _Serial() as pool:
+        for p, s in zip(points, pool.imap(run_point, jobs), strict=True):
+            row = sweep_row(p, s)
+            rows.append({"point": p, "summary": s})
+            cells = [*(str(p[k]) for k in keys)]
+            for k in ("p50", "p99", "max", "bound"):
+                cells.append("-" if row[k] is None else f"{row[k]:.2f}")
+            cells.append("-" if row["max_over_bound"] is None else f"{row['max_over_bound']:.2f}")
+            cells.append(f"{row['upstream_over_image']:.2f}")
+            cells.append("-" if row["baseline"] is None else f"{row['baseline']:.2f}")
+            cells.append(str(row["unfinished"]))
+            print("  ".join(f"{c:>12}" for c in cells), flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"sweep": rows}, f, indent=1)
+    if args.plot:
+        print("p2pcache: simulate: --plot is ignored with --sweep", file=sys.stderr)
+    return 0
+
+
+class _Serial:
+    def __enter__(self) -> _Serial:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def imap(self, fn, items):
+        return map(fn, items)

@@ -1,0 +1,196 @@
+"""The simulator's network: flows sharing capacities, in virtual time.
+
+Rules:
+- No clock and no I/O: the engine passes `now` and pops the completion events this module pushes on its heap.
+- An allocation is always feasible (no resource ever carries more than its capacity), so the simulator can be
+  pessimistic but never faster than physics: a simulated rollout can never beat the Kumar-Ross bound.
+
+Theory of operation (and the approximation it makes):
+- A resource is a capacity in bytes/s: each node's upload and download, the upstream's egress, the link between
+  two zones. A flow crosses a few resources (a peer piece: the uploader's upload, then the downloader's
+  download, and the zone link if it crosses zones) and carries a number of bytes.
+- Rates are max-min fair (TCP-like, "progressive filling"), but recomputed *locally*: when flows start or end at
+  some resources, those resources are marked dirty, and once every event of the current instant has run, the
+  flows touching a dirty resource are re-shared by progressive filling, with every other flow's rate frozen (its
+  share is subtracted from the capacities it crosses). Capacity a re-share frees at a far resource is used there
+  at that resource's next event, not at once; in a busy swarm every node has events every few hundred
+  milliseconds, so the lag is small, and it only ever errs on the slow side.
+- Each flow keeps the bytes left and the time they were counted; a rate change counts the bytes sent so far and
+  pushes a new completion event (older ones are recognised as stale by a version number). Re-sharing that
+  leaves a rate unchanged (within 1e-9) pushes nothing, which is what keeps the event count near one per piece.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+__all__ = ["Flow", "Net"]
+
+FLOW_DONE = 0  # event kind on the engine's heap: (time, seq, FLOW_DONE, flow, version)
+
+
+class Flow:
+    __slots__ = ("res", "rate", "left", "t", "ver", "size", "info", "mark", "active")
+
+    def __init__(self, res: tuple[int, ...], size: float, info: Any) -> None:
+        self.res = res
+        self.size = size
+        self.left = float(size)
+        self.rate = 0.0
+        self.t = 0.0
+        self.ver = 0
+        self.info = info
+        self.mark = 0
+        self.active = True
+
+
+class Net:
+    def __init__(self, heap: list, counter) -> None:
+        self.cap: list[float] = []
+        self.used: list[float] = []  # sum of the rates of the flows at each resource (kept incrementally)
+        self.at: list[set[Flow]] = []
+        self.dirty: set[int] = set()
+        self.heap = heap
+        self.counter = counter  # itertools.count shared with the engine (event order = creation order)
+        self._epoch = 0
+        self.bytes_by_res: list[float] = []  # bytes carried so far, per resource
+
+    def resource(self, capacity: float) -> int:
+        self.cap.append(float(capacity))
+        self.used.append(0.0)
+        self.at.append(set())
+        self.bytes_by_res.append(0.0)
+        return len(self.cap) - 1
+
+    def start(self, flow: Flow, now: float) -> None:
+        flow.t = now
+        for r in flow.res:
+            self.at[r].add(flow)
+        self.dirty.update(flow.res)
+        if flow.left <= 0:
+            flow.ver += 1
+            heapq.heappush(self.heap, (now, next(self.counter), FLOW_DONE, flow, flow.ver))
+
+    def _advance(self, f: Flow, now: float) -> None:
+        if f.rate > 0 and now > f.t:
+            sent = f.rate * (now - f.t)
+            if sent > f.left:
+                sent = f.left
+            f.left -= sent
+            for r in f.res:
+                self.bytes_by_res[r] += sent
+        f.t = now
+
+    def stop(self, flow: Flow, now: float) -> float:
+        """End a flow (completed or aborted); returns the bytes it had carried."""
+        if not flow.active:
+            return flow.size - flow.left
+        self._advance(flow, now)
+        flow.active = False
+        flow.ver += 1
+        used = self.used
+        for r in flow.res:
+            self.at[r].discard(flow)
+            used[r] -= flow.rate
+        flow.rate = 0.0
+        self.dirty.update(flow.res)
+        return flow.size - flow.left
+
+    def finish(self, flow: Flow, now: float) -> None:
+        """The flow's completion event fired: count its last bytes exactly and remove it."""
+        if flow.rate > 0:
+            for r in flow.res:
+                self.bytes_by_res[r] += flow.left
+        flow.left = 0.0
+        flow.t = now
+        flow.active = False
+        flow.ver += 1
+        used = self.used
+        for r in flow.res:
+            self.at[r].discard(flow)
+            used[r] -= flow.rate
+        flow.rate = 0.0
+        self.dirty.update(flow.res)
+
+    def rebalance(self, now: float) -> None:
+        """Re-share the flows touching dirty resources (progressive filling), others frozen."""
+        dirty = self.dirty
+        if not dirty:
+            return
+        self.dirty = set()
+        self._epoch += 1
+        ep = self._epoch
+        at = self.at
+        flows: list[Flow] = []
+        for r in dirty:
+            for f in at[r]:
+                if f.mark != ep:
+                    f.mark = ep
+                    flows.append(f)
+        if not flows:
+            return
+        avail: dict[int, float] = {}
+        count: dict[int, int] = {}
+        cap = self.cap
+        used = self.used
+        for f in flows:
+            rate = f.rate
+            for r in f.res:
+                c = count.get(r)
+                if c is None:
+                    avail[r] = cap[r] - used[r] + rate
+                    count[r] = 1
+                else:
+                    avail[r] += rate
+                    count[r] = c + 1
+        for r, a in avail.items():
+            if a < 0:
+                avail[r] = 0.0
+        heap = [(avail[r] / c, r) for r, c in count.items()]
+        heapq.heapify(heap)
+        new: dict[Flow, float] = {}
+        while heap:
+            share, r = heapq.heappop(heap)
+            c = count[r]
+            if c == 0:
+                continue
+            cur = avail[r] / c
+            if cur != share:
+                heapq.heappush(heap, (cur, r))
+                continue
+            for f in at[r]:
+                if f.mark != ep or f in new:
+                    continue
+                new[f] = share
+                for r2 in f.res:
+                    if r2 != r:
+                        a = avail[r2] - share
+                        avail[r2] = a if a > 0 else 0.0
+                        c2 = count[r2] - 1
+                        count[r2] = c2
+                        if c2:
+                            heapq.heappush(heap, (avail[r2] / c2, r2))
+            count[r] = 0
+        push = heapq.heappush
+        ev = self.heap
+        counter = self.counter
+        for f, rate in new.items():
+            old = f.rate
+            if old > 0 and abs(rate - old) <= 1e-9 * old:
+                continue
+            self._advance(f, now)
+            for r in f.res:
+                used[r] += rate - old
+            f.rate = rate
+            f.ver += 1
+            if rate > 0:
+                push(ev, (now + f.left / rate, next(counter), FLOW_DONE, f, f.ver))
+
+    def resync(self) -> None:
+        """Recompute `used` from scratch (float drift); cheap enough to call every few thousand events."""
+        for r, flows in enumerate(self.at):
+            self.used[r] = sum(f.rate for f in flows)
+
+    def utilisation(self, r: int) -> float:
+        return sum(f.rate for f in self.at[r]) / self.cap[r]
