@@ -48,6 +48,10 @@ itself, then `download.finish()` (whole-hash check + commit) if `fill` did not c
   bytes are wrong, after discarding the partial, so the swarm can blame its sources.
 - `download.add_piece_listener(cb)`: `cb(index, sha256)` after each piece is marked (publish "have").
 - read-only state: `digest`, `size`, `piece_size`, `n_pieces`, `partial`, `have(index)`, `piece_hashes()`.
+  Serving pieces to peers while downloading: `partial.read(offset, n)` for held pieces; once `committed` the
+  partial is gone and the bytes are in the store (`store.open(digest)`).
+A failed `fill` fails the download like any other error; a whole-blob mismatch of bytes that came through
+`write_piece` makes the node's next download of that digest skip the swarm (`upstream_only`).
 """
 
 from __future__ import annotations
@@ -195,7 +199,7 @@ class Download:
         if self.committed:
             return self.size
         last_start, _ = piece_span(self.n_pieces - 1, self.size, self.piece_size or 1)
-        return min(self._stream_end if self._stream_end > self._pieces_end else self._pieces_end, last_start)
+        return min(max(self._stream_end, self._pieces_end), last_start)
 
     async def readable(self, offset: int) -> int:
         """Wait until the readable end is > offset (or the blob is complete); FetchFailed if the download failed."""

@@ -7,6 +7,7 @@ and can pause, break, truncate or lie, so each test says what a client of the no
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -51,7 +52,7 @@ class FakeResponse:
                 if self._how == "raise":
                     raise UpstreamUnavailable("connection reset mid-body")
                 return  # the body just ends early
-            n = min(CHUNK, self.size - pos)
+            n = min(next(self._up.chunk_sizes), self.size - pos)
             if self._up.pause_at is not None and pos < self._up.pause_at:
                 n = min(n, self._up.pause_at - pos)
             if self._cut is not None:
@@ -76,6 +77,7 @@ class FakeUpstream:
         self.pause_at: int | None = None
         self.release = trio.Event()
         self.announce: int | None = None  # a size to announce instead of the real one
+        self.chunk_sizes = itertools.cycle([CHUNK])
 
     async def head_blob(self, repo: Repo, digest: str) -> int:
         self.heads.append(digest)
@@ -460,3 +462,30 @@ async def test_an_absurd_announced_size_is_a_clear_error_not_a_crash(settings: S
         assert e.value.code == "UNAVAILABLE"
         up.announce = None
         assert await fetch(fetcher, d) == data
+
+
+class ListeningSwarm:
+    """Holds the claim: streams everything from upstream and records the piece hashes it would publish."""
+
+    def __init__(self, up: FakeUpstream) -> None:
+        self.up = up
+        self.published: dict[int, bytes] = {}
+
+    async def fill(self, download: Download, repo: Repo) -> None:
+        download.add_piece_listener(lambda i, h: self.published.__setitem__(i, h))
+        await download.fetch_from_upstream(self.up, repo)  # type: ignore[arg-type]
+
+
+async def test_piece_hashes_are_right_whatever_the_chunk_boundaries(settings: Settings) -> None:
+    data = blob(6 * PIECE + 777)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    up.chunk_sizes = itertools.cycle([1, 7, PIECE - 1, PIECE + 3, 3 * PIECE, 5000])
+    up.cuts = [2 * PIECE + 11]  # and a resume in the middle of a piece
+    async with running(settings, up) as fetcher:
+        swarm = ListeningSwarm(up)
+        fetcher.swarm = swarm
+        assert await fetch(fetcher, d) == data
+    want = {i: hashlib.sha256(data[i * PIECE:(i + 1) * PIECE]).digest() for i in range(7)}
+    assert swarm.published == want
+    assert up.opens == [(d, 0), (d, 2 * PIECE + 11)]
