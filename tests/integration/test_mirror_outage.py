@@ -15,7 +15,7 @@ def test_upstream_down_cached_image_still_pulls_by_tag(make_registry, make_node,
     reg = make_registry()
     image = im.small_image("outage", docker=True)
     im.push(reg.url, "library/outage", "1", image)
-    node = make_node({"docker.io": reg.url}, args=["--tag-ttl", "0s"])
+    node = make_node({"docker.io": reg.url}, args=["--tag-ttl", "0s"], env={"P2PCACHE_UPSTREAM_RETRIES": "1"})
     sk = skopeo_via(node)
     sk.copy("docker://docker.io/library/outage:1", tmp_path / "warm")
     assert {b.digest for b in image.blobs} <= set(verify_dir_blobs(tmp_path / "warm"))
