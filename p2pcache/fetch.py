@@ -171,6 +171,7 @@ class Download:
         self._whole_pos = 0
         self._whole_lock = trio.Lock()
         self._streaming = False
+        self._hashing_soon = False  # a background _advance_whole_hash is scheduled or running
         # Per-piece hash of the piece the stream is in, over bytes [start of piece, _piece_pos).
         self._piece_hasher = hashlib.sha256()
         self._piece_index = 0
@@ -288,7 +289,7 @@ class Download:
         if self._save_due:
             await self._save_state()
         if not self._streaming:
-            await self._advance_whole_hash(index, data)
+            self._kick_whole_hash()
 
     async def fetch_from_upstream(self, upstream: Upstream, repo: Repo) -> None:
         """Stream the rest of the blob from upstream; resume with Range on a short body (bounded)."""
@@ -454,19 +455,37 @@ class Download:
         for cb in self._listeners:
             cb(index, sha256)
 
-    async def _advance_whole_hash(self, index: int | None = None, data: bytes | None = None) -> None:
-        """Feed the whole-blob hash up to the contiguous prefix, from `data` (piece `index`) or from disk."""
+    async def _advance_whole_hash(self) -> None:
+        """Feed the whole-blob hash from disk up to the contiguous prefix."""
         async with self._whole_lock:
             end = self._resume_offset()
-            if self._whole_pos >= end:
-                return
-            assert self.piece_size is not None
-            if index is not None and data is not None and index * self.piece_size == self._whole_pos:
-                await trio.to_thread.run_sync(self._whole.update, data)
-                self._whole_pos += len(data)
-            if self._whole_pos < end:
-                await trio.to_thread.run_sync(self._hash_from_disk, self._whole_pos, end)
+            if self._whole_pos < end and self.partial is not None:  # None: closed or discarded meanwhile
+                start = self._whole_pos
+                try:
+                    await trio.to_thread.run_sync(self._hash_from_disk, start, end)
+                except BaseException:
+                    # The hash may hold part of the range: start it over (finish() rehashes from disk).
+                    self._whole, self._whole_pos = hashlib.sha256(), 0
+                    raise
                 self._whole_pos = end
+
+    def _kick_whole_hash(self) -> None:
+        """Advance the whole-blob hash in the background, so write_piece's caller (the swarm) goes on at once;
+        finish() catches up whatever is left."""
+        nursery = self.fetcher._nursery
+        if nursery is None or self._hashing_soon or self._whole_pos >= self._resume_offset():
+            return
+        self._hashing_soon = True
+
+        async def advance() -> None:
+            try:
+                await self._advance_whole_hash()
+            except Exception as e:  # e.g. the download failed and closed its file meanwhile
+                log.debug("background hashing of %s stopped: %s", self.digest, e)
+            finally:
+                self._hashing_soon = False
+
+        nursery.start_soon(advance)
 
     def _hash_from_disk(self, start: int, end: int) -> None:
         # Worker thread: only this function touches self._whole while _whole_lock is held by its caller.
