@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from p2pcache.config import Settings
+from p2pcache.fetch import FetchFailed
 from p2pcache.proxy.server import BlobBody, Request, Response, serve_http
 
 
@@ -36,7 +37,7 @@ class FakeHandle:
     async def readable(self, offset: int) -> int:
         while True:
             if self.fail_at is not None and offset >= self.fail_at:
-                raise RuntimeError("FetchFailed: digest mismatch")  # any exception must abort the body
+                raise FetchFailed("digest mismatch")  # the whole-blob check failed: the body must be cut short
             if self.fail_at is not None:
                 return self.fail_at
             if self.end > offset or self.end == self.size:
