@@ -730,6 +730,8 @@ class _Fill:
         self.error: BaseException | None = None
         self._nursery: trio.Nursery | None = None
         self._wake_tick = trio.Event()
+        self._writes = 0  # verified pieces being written
+        self._writes_idle = trio.Event()
         self._early: list[tuple[PeerConnection, Message]] = []  # bitfields that came before the scheduler
 
     # -- entry ------------------------------------------------------------------------------------------------
@@ -1015,13 +1017,22 @@ class _Fill:
         self._wake_tick.set()
 
     def _done_pieces(self) -> None:
+        if self._writes == 0:
+            self._finish()
+        else:
+            self._nursery_spawn(self._finish_after_writes)
+
+    async def _finish_after_writes(self) -> None:
+        while self._writes:
+            await self._writes_idle.wait()
         self._finish()
 
     async def _tick_loop(self) -> None:
         while True:
             assert self.sched is not None
             nxt = self.sched.next_deadline()
-            wait = 1.0 if nxt is None else max(0.0, min(1.0, nxt - trio.current_time()))
+            # at least TICK_MIN: a deadline already past (say, a claim retry nobody needs) must not spin the loop
+            wait = 1.0 if nxt is None else max(TICK_MIN, min(1.0, nxt - trio.current_time()))
             with trio.move_on_after(wait):
                 await self._wake_tick.wait()
             self._wake_tick = trio.Event()
@@ -1078,18 +1089,26 @@ class _Fill:
         want = self.hashes[index] if index < len(self.hashes) else None
         got = await trio.to_thread.run_sync(_sha256, data)
         ok = want is not None and got == want and len(data) == sched.piece_len(index)
-        if ok:
-            self.svc.metrics.pieces_verified.inc()
-            if not self.download.have(index):
-                try:
-                    await self.download.write_piece(index, data, got)
-                except Exception as e:
-                    self._finish(e)
-                    return
-        else:
+        if not ok:
             self.svc.metrics.pieces_rejected.inc()
             log.warning("%s: piece %d from %s failed its hash check", self.digest[:19], index, node)
-        self._apply(sched.piece_received(node, index, ok, len(data), trio.current_time()))
+            self._apply(sched.piece_received(node, index, False, len(data), trio.current_time()))
+            return
+        self.svc.metrics.pieces_verified.inc()
+        # Verified: tell the scheduler now, so the next request goes out while this piece is written (the write
+        # is in a worker thread). "Done" waits for the writes in flight (see _done_pieces).
+        self._writes += 1
+        try:
+            self._apply(sched.piece_received(node, index, True, len(data), trio.current_time()))
+            if not self.download.have(index):
+                await self.download.write_piece(index, data, got)
+        except Exception as e:
+            self._finish(e)
+        finally:
+            self._writes -= 1
+            if self._writes == 0:
+                self._writes_idle.set()
+                self._writes_idle = trio.Event()
 
     async def _upstream(self, start: int) -> None:
         """Stream pieces start, start+1, ... from upstream until the scheduler says stop; hash, write, publish.
@@ -1174,6 +1193,7 @@ class _Fill:
 
 
 RPC_META_TIMEOUT = 3.0
+TICK_MIN = 0.05  # the scheduler's timeouts are seconds; 50 ms of slack costs nothing and bounds the wakeups
 UPSTREAM_READ_AHEAD = 1  # pieces cut ahead of hashing: overlap network and CPU, waste at most this on a stop
 BAN_SECONDS = 600.0  # like the scheduler's: a liar stays out for ten minutes
 

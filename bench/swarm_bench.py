@@ -1,0 +1,306 @@
+"""Swarm benchmark (issue 3): N node processes pull one image at the same moment through a throttled upstream.
+
+What it prints:
+  (a) with the swarm: N nodes (`--peer-listen`, `--join`, `--upload-limit`/`--download-limit RATE`) in front of a
+      real docker-registry behind a throttling proxy (RATE, shared by all its connections): the slowest node's
+      pull time, next to the Kumar-Ross lower bound max(F/u_s, F/d_min, N*F/(u_s + sum u_i)), and the upstream's
+      bytes / the image's bytes (from the registry's access log);
+  (b) without the swarm: the same N nodes as plain mirrors (no `--peer-listen`), same limits: slowest pull time;
+  (c) unthrottled peer-to-peer throughput on loopback: the wire alone (two PeerConnections in one process, pieces
+      sent with sendfile and received into their buffers), and node to node (a node pulls a blob that only one
+      other node holds: receive + SHA-256 + write, end to end).
+
+    /opt/p2pvenv/bin/python bench/swarm_bench.py                         # 8 nodes, 200 MB image (the small variant)
+    /opt/p2pvenv/bin/python bench/swarm_bench.py --image-mb 500          # the issue's 500 MB
+    /opt/p2pvenv/bin/python bench/swarm_bench.py --nodes 4 --image-mb 64 --skip-baseline   # a quick check
+
+Everything listens on 127.0.0.1 only, works in a scratch directory and stops only the processes it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MB = 10**6
+
+
+# --- (the throttling upstream proxy: `swarm_bench.py _proxy LISTEN_PORT TARGET_PORT RATE`) ---------------------
+def run_proxy(listen_port: int, target_port: int, rate: float) -> None:
+    """TCP proxy on 127.0.0.1:listen_port -> 127.0.0.1:target_port; server-to-client bytes share one bucket."""
+    import trio
+
+    from p2pcache.swarm.ratelimit import TokenBucket
+
+    bucket = TokenBucket(rate, burst=256 * 1024, now=0.0)  # trio's clock starts near 0 in trio.run
+
+    async def pipe(src: trio.SocketStream, dst: trio.SocketStream, limited: bool) -> None:
+        try:
+            while True:
+                data = await src.receive_some(65536)
+                if not data:
+                    break
+                if limited:
+                    delay = bucket.take(len(data), trio.current_time())
+                    if delay > 0:
+                        await trio.sleep(delay)
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            with trio.move_on_after(1):
+                await dst.aclose()
+
+    async def handle(client: trio.SocketStream) -> None:
+        try:
+            server = await trio.open_tcp_stream("127.0.0.1", target_port)
+        except OSError:
+            await client.aclose()
+            return
+        async with trio.open_nursery() as n:
+            n.start_soon(pipe, client, server, False)
+            n.start_soon(pipe, server, client, True)
+
+    async def main() -> None:
+        await trio.serve_tcp(handle, listen_port, host="127.0.0.1")
+
+    trio.run(main)
+
+
+# --- (c1) the wire alone ----------------------------------------------------------------------------------------
+def wire_throughput(total: int, piece: int = 8 << 20, inflight: int = 8) -> float:
+    """Bytes/s of pieces over one loopback PeerConnection pair (sendfile out, recv_into in), no hashing."""
+    import trio
+
+    from p2pcache.swarm.handshake import Handshake, PeerInfo
+    from p2pcache.swarm.peer import PeerConnection, handshake
+    from p2pcache.swarm.wire import FrameDecoder
+
+    tmp = tempfile.NamedTemporaryFile(prefix="swarm-bench-", delete=False)
+    tmp.write(os.urandom(piece))
+    tmp.close()
+    digest = "sha256:" + "0" * 64
+
+    class Host:
+        def __init__(self) -> None:
+            self.fd = os.open(tmp.name, os.O_RDONLY)
+
+        def piece_source(self, d: str, index: int):
+            return os.dup(self.fd), 0, piece
+
+        def on_message(self, conn, msg):
+            return []
+
+        def on_closed(self, conn) -> None:
+            pass
+
+        def upload_request(self, conn, d, index) -> bool:
+            conn.start_upload(d, index)
+            return True
+
+        def upload_done(self, conn, d, index) -> None:
+            pass
+
+    async def main() -> float:
+        lsock = trio.socket.socket()
+        await lsock.bind(("127.0.0.1", 0))
+        lsock.listen(4)
+        port = lsock.getsockname()[1]
+        host = Host()
+        conns: dict[str, PeerConnection] = {}
+        async with trio.open_nursery() as nursery:
+            async def serve() -> None:
+                s, _ = await lsock.accept()
+                dec = FrameDecoder()
+                peer = await handshake(s, Handshake("server", b"k", PeerInfo("srv", "a:1", None)), dec)
+                conns["srv"] = c = PeerConnection(s, peer, host, dec, outgoing=False)
+                await c.run()
+
+            nursery.start_soon(serve)
+            from p2pcache.swarm.peer import open_peer_socket
+
+            s = await open_peer_socket(f"127.0.0.1:{port}")
+            dec = FrameDecoder()
+            peer = await handshake(s, Handshake("client", b"k", PeerInfo("cli", "b:1", None)), dec)
+            cli = PeerConnection(s, peer, host, dec, outgoing=True)
+            nursery.start_soon(cli.run)
+            n = total // piece
+            t0 = trio.current_time()
+            got = 0
+
+            async def worker(indices: range) -> None:
+                nonlocal got
+                for i in indices:
+                    data = await cli.request_piece(digest, i)
+                    got += len(data)
+
+            async with trio.open_nursery() as w:
+                for k in range(inflight):
+                    w.start_soon(worker, range(k, n, inflight))
+            dt = trio.current_time() - t0
+            nursery.cancel_scope.cancel()
+        lsock.close()
+        assert got == n * piece
+        return got / dt
+
+    try:
+        return trio.run(main)
+    finally:
+        os.unlink(tmp.name)
+
+
+# --- the cluster runs ------------------------------------------------------------------------------------------
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes so far (to tell CPU-starved from waiting)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def kumar_ross(F: float, n: int, u_s: float, d_min: float, u_peers: list[float]) -> float:
+    return max(F / u_s, F / d_min, n * F / (u_s + sum(u_peers)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "_proxy":
+        run_proxy(int(argv[1]), int(argv[2]), float(argv[3]))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nodes", type=int, default=8)
+    p.add_argument("--image-mb", type=float, default=200, help="image size in MB (split over --layers layers)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--rate", default="50MB/s", help="per-node upload and download limit, and the upstream's")
+    p.add_argument("--skip-baseline", action="store_true", help="skip the run without the swarm")
+    p.add_argument("--p2p-mb", type=float, default=512, help="blob size for the unthrottled peer-to-peer figures")
+    p.add_argument("--log-level", default="warning", help="the nodes' log level (their logs stay in the scratch dir)")
+    p.add_argument("--skip-p2p", action="store_true", help="skip the unthrottled peer-to-peer figures")
+    args = p.parse_args(argv)
+
+    from p2pcache.units import parse_rate
+    from tests.integration.harness.node import Node
+    from tests.integration.harness.registry import Registry
+    from tests.integration.harness.util import free_port, wait_until
+    from tests.integration.swarm_harness import Cluster, fetch_blob, pull_everywhere, push_random_image
+
+    rate = parse_rate(args.rate)
+    work = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
+    procs: list[subprocess.Popen] = []
+    reg = Registry(work / "reg").start()
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    try:
+        size = int(args.image_mb * MB / args.layers)
+        say(f"# swarm bench: {args.nodes} nodes, image {args.image_mb:g} MB in {args.layers} layers, "
+            f"limits {args.rate} (nodes up/down, upstream), load avg {os.getloadavg()[0]:.1f} on "
+            f"{os.cpu_count()} cores")
+        image = push_random_image(reg, "library/bench", "1", [size] * args.layers)
+        F = sum(b.size for b in image.blobs) + len(image.manifest.data)
+        proxy_port = free_port()
+        procs.append(subprocess.Popen([sys.executable, __file__, "_proxy", str(proxy_port), str(reg.port),
+                                       str(rate)], stdin=subprocess.DEVNULL))
+        proxied = type("Proxied", (), {"url": f"http://127.0.0.1:{proxy_port}", "accesses_since":
+                                       reg.accesses_since, "log_mark": reg.log_mark})()
+        from tests.integration.harness.util import port_open
+
+        wait_until(lambda: port_open("127.0.0.1", proxy_port), 10, "the throttling proxy")
+
+        # (a) with the swarm
+        limits = ["--upload-limit", args.rate,
+                  "--download-limit", args.rate, "--log-level", args.log_level]
+        cluster = Cluster(work / "swarm", proxied, args.nodes, extra_args=limits)  # type: ignore[arg-type]
+        cluster.start()
+        try:
+            cluster.wait_members(timeout=30)
+            time.sleep(2)  # let gossip settle so every node sees every other
+            mark = reg.log_mark()
+            pids = [n.proc.pid for n in cluster.nodes]
+            cpu0 = cpu_seconds(pids)
+            t0 = time.monotonic()
+            results = pull_everywhere(cluster.nodes, "library/bench", "1", timeout=900)
+            wall = time.monotonic() - t0
+            cpu = cpu_seconds(pids) - cpu0
+            bad = [r for r in results if isinstance(r, BaseException)]
+            assert not bad, bad
+            times = sorted(n.pull_seconds for n in cluster.nodes)
+            up_bytes = sum(a.size for a in reg.accesses_since(mark) if "/blobs/" in a.path and a.method == "GET")
+            bound = kumar_ross(F, args.nodes, rate, rate, [rate] * args.nodes)
+            say(f"swarm:     slowest {times[-1]:.1f} s, median {times[len(times) // 2]:.1f} s, fastest "
+                f"{times[0]:.1f} s (wall {wall:.1f} s; the nodes used {cpu:.1f} CPU-seconds in that time)")
+            say(f"bound:     Kumar-Ross {bound:.1f} s  -> slowest / bound = {times[-1] / bound:.2f}")
+            say(f"upstream:  {up_bytes / MB:.1f} MB of blobs for a {F / MB:.1f} MB image = "
+                f"{up_bytes / F:.3f}x the image")
+        finally:
+            cluster.stop()
+
+        # (b) without the swarm
+        if not args.skip_baseline:
+            plain = [Node(work / f"plain{i}", {"docker.io": proxied.url},
+                          args=["--download-limit", args.rate, "--log-level", "warning"]) for i in range(args.nodes)]
+            for n in plain:
+                n.start()
+            try:
+                mark = reg.log_mark()
+                results = pull_everywhere(plain, "library/bench", "1", timeout=1800)
+                assert not [r for r in results if isinstance(r, BaseException)]
+                times = sorted(n.pull_seconds for n in plain)
+                up_bytes = sum(a.size for a in reg.accesses_since(mark) if "/blobs/" in a.path)
+                say(f"no swarm:  slowest {times[-1]:.1f} s (theory N*F/u_s = {args.nodes * F / rate:.1f} s), "
+                    f"upstream {up_bytes / F:.2f}x the image")
+            finally:
+                for n in plain:
+                    n.stop(check=False)
+
+        # (c) unthrottled peer-to-peer
+        if args.skip_p2p:
+            return 0
+        bps = wire_throughput(int(args.p2p_mb * MB))
+        say(f"p2p wire:  {bps / 1e9:.2f} GB/s (one connection, 8 MiB pieces, 8 in flight, sendfile -> recv_into)")
+        big = push_random_image(reg, "library/p2p", "1", [int(args.p2p_mb * MB)]).layers[0]
+        pair = Cluster(work / "pair", reg, 2, extra_args=["--log-level", "warning"])
+        pair.start()
+        try:
+            pair.wait_members(timeout=30)
+            a, b = pair.nodes
+            assert fetch_blob(a, "library/p2p", big.digest, timeout=600) == big.data
+            mark = reg.log_mark()
+            t0 = time.monotonic()
+            data = fetch_blob(b, "library/p2p", big.digest, timeout=600)
+            dt = time.monotonic() - t0
+            assert hashlib.sha256(data).hexdigest() == big.digest.split(":")[1]
+            assert pair.upstream_blob_gets(big.digest, mark) == 0, "B went upstream"
+            say(f"p2p nodes: {big.size / dt / 1e9:.2f} GB/s node to node ({big.size / MB:.0f} MB blob held by one "
+                f"node, pulled by another: receive + SHA-256 + write + serve to the client)")
+        finally:
+            pair.stop()
+    finally:
+        for pr in procs:
+            pr.terminate()
+            pr.wait(5)
+        reg.stop()
+    (work / "results.txt").write_text("\n".join(lines) + "\n")
+    print(f"(scratch and logs in {work})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
