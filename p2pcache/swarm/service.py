@@ -16,7 +16,7 @@ replaces rendezvous with that one node.
 
 A download (`fill`): announce ourselves to X's owners and learn the holders; if nobody holds X and nobody claims it,
 ask for the claim. Granted: stream X from upstream (`Download.fetch_from_upstream`), publish each piece's hash as it
-is cut and tell interested peers we have it, renew the claim every `CLAIM_RENEW` seconds, release it at the end.
+is cut and tell interested peers we have it, renew the claim when the scheduler says so, release it at the end.
 Not granted: get the metainfo, connect to the holders (the claim holder among them), ask for their bitfields and
 drive the scheduler: every piece that arrives is hashed (in a worker thread) and checked against the metainfo
 before `Download.write_piece`; a mismatch bans the peer. When the scheduler says nobody can deliver (the claim
@@ -93,8 +93,7 @@ log = logging.getLogger(__name__)
 TRACKER_REPLICAS = 2  # owners per digest: holders survive the loss of one owner without a re-announce gap
 ANNOUNCE_TTL = 30.0  # soft state: a holder that stops renewing is forgotten after this
 ANNOUNCE_EVERY = 10.0  # a third of the TTL, so one lost announce costs nothing
-CLAIM_TTL = 6.0  # a dead claim holder delays the takeover by at most this (plus one renewal period)
-CLAIM_RENEW = 2.0  # renew three times per TTL
+CLAIM_TTL = 12.0  # > 2x the scheduler's claim_renew (5 s): one slow renewal must not hand the fetch to a second node
 MAX_CONNS_PER_PEER = 2  # one each way is normal; more is a misbehaving or looping peer
 MAX_INCOMING = 512  # total accepted connections: a flood on the peer port cannot exhaust descriptors
 TRACKER_EXPIRE_EVERY = 2.0  # housekeeping of the tracker shard
