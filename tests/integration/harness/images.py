@@ -97,8 +97,7 @@ def make_layer(files: dict[str, bytes | Symlink], *, docker: bool = False, compr
     """A gzip'd tar layer holding `files` (path -> bytes, or a Symlink); parent directories are added."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        dirs = sorted({str(Path(p).parent) for p in files if str(Path(p).parent) not in (".", "/")}
-                      | {str(q) for p in files for q in Path(p).parents if str(q) not in (".", "/")})
+        dirs = sorted({str(q) for p in files for q in Path(p.lstrip("/")).parents if str(q) != "."})
         for d in dirs:
             ti = tarfile.TarInfo(d.lstrip("/"))
             ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, MTIME
