@@ -511,6 +511,7 @@ class Simulation:
                 s = d.dl.get(lid)
                 if d.alive and s is not None:
                     self.apply(d, lid, s.piece_refused(uid, idx, now), now)
+                    self._schedule_tick(d, lid, now)  # the retry after busy_backoff is a deadline
             elif kind == CANCEL:
                 _, _, _, uid, did, lid, idx = ev
                 u = nodes[uid]

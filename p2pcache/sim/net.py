@@ -23,6 +23,7 @@ Theory of operation (and the approximation it makes):
 from __future__ import annotations
 
 import heapq
+import itertools
 from typing import Any
 
 __all__ = ["Flow", "Net"]
@@ -31,9 +32,10 @@ FLOW_DONE = 0  # event kind on the engine's heap: (time, seq, FLOW_DONE, flow, v
 
 
 class Flow:
-    __slots__ = ("res", "rate", "left", "t", "ver", "size", "info", "mark", "active")
+    __slots__ = ("res", "rate", "left", "t", "ver", "size", "info", "mark", "active", "serial")
 
     def __init__(self, res: tuple[int, ...], size: float, info: Any) -> None:
+        self.serial = 0  # set by Net.start, before the flow enters any set
         self.res = res
         self.size = size
         self.left = float(size)
@@ -43,6 +45,10 @@ class Flow:
         self.info = info
         self.mark = 0
         self.active = True
+
+    def __hash__(self) -> int:
+        # sets of flows must iterate in the same order on every run (id() would not): hash by start order
+        return self.serial
 
 
 class Net:
@@ -54,6 +60,7 @@ class Net:
         self.heap = heap
         self.counter = counter  # itertools.count shared with the engine (event order = creation order)
         self._epoch = 0
+        self._serials = itertools.count()
         self.bytes_by_res: list[float] = []  # bytes carried so far, per resource
 
     def resource(self, capacity: float) -> int:
@@ -64,6 +71,7 @@ class Net:
         return len(self.cap) - 1
 
     def start(self, flow: Flow, now: float) -> None:
+        flow.serial = next(self._serials)
         flow.t = now
         for r in flow.res:
             self.at[r].add(flow)

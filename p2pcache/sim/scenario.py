@@ -45,7 +45,7 @@ The keys (all optional unless marked; sizes take MB/MiB/GB/GiB, rates MB/s/MiB/s
     pipeline = 2                   # SchedulerConfig fields; see swarm/scheduler.py
     max_sources = 8
     upload_slots = 4               # concurrent piece uploads per node (UploadSlots)
-    upload_queue = 8               # requests a node queues beyond those; more are refused ("busy")
+    upload_queue = 0               # requests a node queues beyond those; more are refused ("busy")
     peers = 10                     # holders asked of the tracker per download (others connect to us too)
     [sim]
     max_time = "2 h"               # stop there; unfinished pulls are reported as such
@@ -118,7 +118,7 @@ class Scenario:
     p2p: bool = True
     piece_size: int | None = None
     upload_slots: int = 4
-    upload_queue: int = 8
+    upload_queue: int = 0
     peers: int = 10
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
     max_time: float = 7200.0
@@ -318,7 +318,7 @@ def parse_scenario(doc: dict) -> Scenario:
     if ps != "auto":
         s.piece_size = _get(p, "p2p", "piece_size", _positive(parse_size))
     s.upload_slots = _get(p, "p2p", "upload_slots", _positive(_int), 4)
-    s.upload_queue = _get(p, "p2p", "upload_queue", _nonneg(_int), 8)
+    s.upload_queue = _get(p, "p2p", "upload_queue", _nonneg(_int), 0)
     s.peers = _get(p, "p2p", "peers", _positive(_int), 10)
     cfg = SchedulerConfig()
     for k in sched_fields:

@@ -136,13 +136,14 @@ Decision = Request | Cancel | Ban | AskClaim | FetchUpstream | StopUpstream | Di
 
 @dataclass
 class SchedulerConfig:
-    pipeline: int = 2  # requests outstanding per peer: one in transfer, one queued behind it hides the round trip
+    pipeline: int = 1  # requests outstanding per peer: uploaders refuse what they cannot start (no queues), and
+    # more requests per peer only piled up behind busy peers in the simulator (1.28x vs 1.41x the bound)
     max_sources: int = 8  # peers downloaded from at once: enough to fill a NIC, few enough to measure each
     endgame_dups: int = 2  # at the tail a piece may be asked of two peers; the loser is cancelled
     timeout_min: float = 10.0  # no request is given up before this (a busy uploader queues requests)
     timeout_factor: float = 4.0  # ... nor before 4x the time the peer's measured rate says it needs
     assumed_rate: float = 4e6  # bytes/s assumed of a peer not measured yet (a congested 1 Gbit/s uploader)
-    busy_backoff: float = 0.5  # a peer that refused a request (upload queue full) is not asked again before this
+    busy_backoff: float = 0.05  # a peer that refused a request (all upload slots busy) is not asked before this
     silence_timeout: float = 30.0  # a peer asked but silent this long is snubbed
     snub_seconds: float = 60.0
     ban_seconds: float = 600.0  # a peer that sent a bad piece is refused for 10 minutes
@@ -654,7 +655,7 @@ class UploadSlots:
     instead of every requester waiting in one long line for the same node.
     """
 
-    def __init__(self, slots: int = 4, per_peer: int = 8, queue: int = 8) -> None:
+    def __init__(self, slots: int = 4, per_peer: int = 8, queue: int = 0) -> None:
         self.slots = slots
         self.per_peer = per_peer
         self.max_queue = queue

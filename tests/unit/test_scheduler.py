@@ -177,8 +177,24 @@ def test_upstream_stop_when_peers_have_the_rest():
     assert s.picker.inflight.get(2) == [UPSTREAM]
 
 
+def test_upload_slots_refuse_when_full_by_default():
+    u = UploadSlots(slots=1)
+    assert u.request("a", "d", 0) == [Serve("a", "d", 0)]
+    assert u.request("b", "d", 0) is None
+    assert u.finished("a", "d", 0) == []
+    assert u.request("b", "d", 0) == [Serve("b", "d", 0)]
+
+
+def test_upload_slots_least_served_piece_first():
+    u = UploadSlots(slots=1, queue=4)
+    assert u.request("a", "d", 0) == [Serve("a", "d", 0)]
+    assert u.request("b", "d", 0) == []
+    assert u.request("c", "d", 1) == []
+    assert u.finished("a", "d", 0) == [Serve("c", "d", 1)]  # piece 1 was never sent, piece 0 was
+
+
 def test_upload_slots_first_come_first_served():
-    u = UploadSlots(slots=2, per_peer=2)
+    u = UploadSlots(slots=2, per_peer=2, queue=8)
     assert u.request("a", "d", 0) == [Serve("a", "d", 0)]
     assert u.request("b", "d", 0) == [Serve("b", "d", 0)]
     assert u.request("c", "d", 0) == []

@@ -1,0 +1,117 @@
+"""Scenario files and the `p2pcache simulate` command: what a user types and sees."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from p2pcache.sim.scenario import ScenarioError, load_scenario, parse_scenario
+
+ISSUE_EXAMPLE = """
+seed = 7
+[cluster]
+nodes = 500
+upload = "1 Gbit/s"      # per node
+download = "1 Gbit/s"
+latency = "1 ms"
+[upstream]
+bandwidth = "1 Gbit/s"   # the registry's egress toward the cluster
+[[image]]
+name = "app:1"
+layers = ["400 MB", "100 MB"]
+[rollout]
+start = "all"            # every node asks for every image at t = 0
+[p2p]
+enabled = true
+"""
+
+SMALL = ISSUE_EXAMPLE.replace("nodes = 500", "nodes = 4").replace('["400 MB", "100 MB"]', '["20 MB", "5 MB"]')
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_issue_example_is_accepted_as_written(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text(ISSUE_EXAMPLE)
+    sc = load_scenario(p)
+    assert sc.nodes == 500 and sc.upload == 125e6 and sc.latency == 0.001 and sc.seed == 7
+    assert [la.size for la in sc.images[0].layers] == [400 * 10**6, 100 * 10**6]
+    assert sc.start == "all" and sc.p2p
+
+
+def test_every_shipped_scenario_parses():
+    files = sorted((REPO / "simulations").glob("*.toml"))
+    assert len(files) >= 8
+    for f in files:
+        load_scenario(f)
+
+
+@pytest.mark.parametrize("doc,key", [
+    ({"cluster": {"nodes": 2, "upload": "1 Gbit/s", "download": "fast"}}, "cluster.download"),
+    ({"cluster": {"nodes": 2, "upload": "1 Gbit/s", "download": "1 Gbit/s", "colour": 1}}, "cluster.colour"),
+    ({"cluster": {"nodes": 0, "upload": "1 Gbit/s", "download": "1 Gbit/s"}}, "cluster.nodes"),
+    ({"cluster": {"nodes": 2, "upload": "1 Gbit/s", "download": "1 Gbit/s"}, "rollout": {"start": "soon"}},
+     "rollout.start"),
+    ({"cluster": {"nodes": 2, "upload": "1 Gbit/s", "download": "1 Gbit/s"}, "p2p": {"piece_size": "big"}},
+     "p2p.piece_size"),
+])
+def test_bad_values_name_their_key(doc, key):
+    doc.setdefault("upstream", {"bandwidth": "1 Gbit/s"})
+    doc.setdefault("image", [{"name": "a", "layers": ["1 MB"]}])
+    with pytest.raises(ScenarioError) as e:
+        parse_scenario(doc)
+    assert str(e.value).startswith(key)
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "p2pcache", "simulate", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def test_cli_table_and_json(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text(SMALL)
+    out = tmp_path / "r.json"
+    r = run(str(p), "--json", str(out), "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert "pull time p99" in r.stdout and "Kumar-Ross" in r.stdout
+    d = json.loads(out.read_text())
+    for k in ("p50", "p95", "p99", "max"):
+        assert d["pull_seconds"][k] > 0
+    assert d["upstream_bytes"] == pytest.approx(25e6)
+    assert d["baseline_upstream_bytes"] == pytest.approx(100e6)
+    assert d["baseline_seconds"] >= d["lower_bound_seconds"]
+    assert len(d["node_upload_bytes"]) == 4 and d["seed"] == 3
+
+
+def test_cli_bad_scenario_is_one_line_and_exit_2(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text(SMALL.replace('upload = "1 Gbit/s"', 'upload = "1 Gbit"'))
+    r = run(str(p))
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "cluster.upload" in r.stderr
+    r = run(str(p.with_name("missing.toml")))
+    assert r.returncode == 2 and "cannot read" in r.stderr
+    p.write_text(SMALL)
+    r = run(str(p), "--sweep", "cluster.nodes")
+    assert r.returncode == 2 and "--sweep" in r.stderr
+
+
+def test_cli_sweep_one_row_per_point(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text(SMALL)
+    r = run(str(p), "--sweep", "cluster.nodes=2,3", "--sweep", "p2p.piece_size=1MiB,2MiB")
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.strip().splitlines()
+    assert len(rows) == 1 + 4
+
+
+def test_cli_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    p = tmp_path / "s.toml"
+    p.write_text(SMALL)
+    png = tmp_path / "out.png"
+    r = run(str(p), "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:4] == b"\x89PNG"
