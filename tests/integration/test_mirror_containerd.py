@@ -38,6 +38,9 @@ def test_ctr_pull_through_node(containerd, node, upstream):
     _check_content(containerd, "plain", image)
     images = containerd.ctr("-n", "plain", "images", "ls", "-q").stdout.decode().split()
     assert "docker.io/library/small:1" in images
+    # Unpacked, too: the layers became snapshots.
+    snaps = containerd.ctr("-n", "plain", "snapshots", "ls").stdout.decode().strip().splitlines()
+    assert len(snaps) - 1 >= len(image.layers), snaps
 
 
 def test_ctr_pull_arm64_from_index(containerd, node, upstream):

@@ -50,3 +50,12 @@ def test_docker_pull_build_push_pull(dockerd, node, upstream, tmp_path):
         "the node never asked the upstream for library/built"
     run = dockerd.docker("run", "--rm", "--network", "none", "built:1").stdout.decode()
     assert run.strip() == "built-through-p2pcache"
+
+
+def test_docker_pulls_its_platform_from_an_index(dockerd, node, upstream):
+    idx = upstream.images["library/multi:1"]
+    out = dockerd.docker("pull", "multi:1").stdout.decode()
+    assert idx.digest in out, out
+    image_id = dockerd.docker("image", "inspect", "-f", "{{.Id}} {{.Architecture}}", "multi:1").stdout.decode()
+    assert image_id.split() == [idx.for_arch("amd64").config.digest, "amd64"]
+    dockerd.docker("rmi", "multi:1")
