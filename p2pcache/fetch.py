@@ -577,7 +577,10 @@ class Download:
                         batch.append(rx.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                done = await trio.to_thread.run_sync(self._write_batch, batch)
+                try:
+                    done = await trio.to_thread.run_sync(self._write_batch, batch)
+                except OSError as e:  # a full or failing disk: not the upstream's fault, do not resume
+                    raise FetchFailed(f"cannot write {self.digest}: {e}") from e
                 last_pos, last = batch[-1]
                 self._stream_end = last_pos + len(last)
                 for index, digest in done:

@@ -489,3 +489,21 @@ async def test_piece_hashes_are_right_whatever_the_chunk_boundaries(settings: Se
     want = {i: hashlib.sha256(data[i * PIECE:(i + 1) * PIECE]).digest() for i in range(7)}
     assert swarm.published == want
     assert up.opens == [(d, 0), (d, 2 * PIECE + 11)]
+
+
+async def test_a_full_disk_fails_the_download_without_refetching(settings: Settings,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    data = blob(3 * PIECE)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+
+    def no_space(fd: int, data: object, offset: int) -> int:
+        raise OSError(28, "No space left on device")
+
+    async with running(settings, up) as fetcher:
+        monkeypatch.setattr("p2pcache.fetch._pwrite_all", no_space)
+        async with fetcher.open_blob(REPO, d) as h:
+            with pytest.raises(FetchFailed):
+                await read_all(h)
+        assert up.opens == [(d, 0)]
+        assert fetcher.store.stat(d) is None
