@@ -4,6 +4,7 @@ Range from a nonzero offset, and the blob completes byte-exact."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -39,12 +40,16 @@ def test_restart_resumes_download(make_registry, make_node):
         n_requests = liar.gets(layer.digest)
 
         liar.mode = "honest"
+        mark = reg.log_mark()
         node.start()
         got = fetch_blob(node.url, path, timeout=120)
         assert got.complete and "sha256:" + got.sha256 == layer.digest, got
         ranges = liar.ranges_for(layer.digest)[n_requests:]
         offsets = [int(r.split("=", 1)[1].split("-", 1)[0]) for r in ranges if r and r.startswith("bytes=")]
         assert any(o > 0 for o in offsets), f"the restarted node did not resume: upstream requests {ranges}"
+        time.sleep(0.3)
+        assert [a.status for a in reg.accesses_since(mark) if a.path == path and a.method == "GET"][:1] == [206], \
+            "the registry did not answer the resumed request with 206 Partial Content"
         refetched = liar.blob_bytes_sent[path] - before
         assert refetched < layer.size - 4 * 1024 * 1024, f"fetched {refetched} bytes again after the restart"
         files = node.store_files(layer.digest)
