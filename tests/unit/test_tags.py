@@ -228,3 +228,33 @@ async def test_bad_references_are_refused_before_any_upstream_request(settings: 
         await r.resolve(REPO, "sha256:ABC", ACCEPT)
     assert e.value.code == "DIGEST_INVALID"
     assert up.calls == []
+
+
+async def test_an_outage_between_head_and_get_still_serves_the_last_known_digest(settings: Settings) -> None:
+    up, clock = FakeUpstream(), Clock()
+    old = up.publish("latest", 1)
+    r = make(settings, up, clock)
+    await r.resolve(REPO, "latest", ACCEPT)
+    up.publish("latest", 2)  # the tag moved, and the registry dies right after answering the HEAD
+
+    real_get = up.get_manifest
+
+    async def get_fails(repo: Repo, ref: str, accept: list[str]) -> tuple[ManifestInfo, bytes]:
+        raise UpstreamUnavailable("connection reset")
+
+    up.get_manifest = get_fails  # type: ignore[method-assign]
+    clock.now += 60
+    info, _ = await r.resolve(REPO, "latest", ACCEPT)
+    assert info.digest == old and stale_serves(r) == 1
+    up.get_manifest = real_get  # type: ignore[method-assign]
+    assert (await r.resolve(REPO, "latest", ACCEPT))[0].digest != old
+
+
+async def test_a_clock_that_went_back_does_not_stretch_the_ttl(settings: Settings) -> None:
+    up, clock = FakeUpstream(), Clock()
+    up.publish("latest", 1)
+    r = make(settings, up, clock)
+    await r.resolve(REPO, "latest", ACCEPT)
+    clock.now -= 3600
+    await r.resolve(REPO, "latest", ACCEPT)
+    assert [c for c in up.calls if c[0] == "HEAD"] == [("HEAD", "latest")] * 2
