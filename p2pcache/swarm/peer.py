@@ -404,8 +404,9 @@ class PeerConnection:
             self.send(kind, payload, **fields)
 
     # -- our requests ------------------------------------------------------------------------------------------
-    async def request_piece(self, digest: str, index: int) -> bytes | bytearray:
-        """The peer's bytes for piece `index` (unverified!). Raises PieceRejected, PeerGone."""
+    async def request_piece(self, digest: str, index: int) -> Message:
+        """The peer's "piece" message for `index`: its payload (unverified!) and the payload's SHA-256, computed as
+        it arrived. Raises PieceRejected, PeerGone."""
         key = (digest, index)
         async with self._slots:
             if self.closed:
@@ -431,7 +432,7 @@ class PeerConnection:
         if w.error is not None:
             raise w.error
         assert w.value is not None
-        return w.value.payload
+        return w.value
 
     async def call(self, kind: str, timeout: float = RPC_TIMEOUT, **fields: Any) -> Message:
         """Send an RPC and wait for its answer. Raises PeerGone (closed, stalled or timed out)."""

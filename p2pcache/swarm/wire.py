@@ -23,6 +23,7 @@ repeats; matching answers to questions is the driver's business, not this module
 
 from __future__ import annotations
 
+import hashlib
 import re
 import struct
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ MAX_HEADER = 1 << 20  # a metainfo answer of a 100 GB blob in 16 MiB pieces is ~
 MAX_PAYLOAD = MAX_PIECE  # one piece; manifests (≤ 4 MiB by the distribution spec) fit as well
 HASH_LEN = 32
 
+_EMPTY_SHA256 = hashlib.sha256(b"").digest()
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -190,6 +192,7 @@ class Message:
     kind: str
     fields: dict[str, Any] = field(default_factory=dict)
     payload: bytes | bytearray = b""
+    sha256: bytes | None = None  # of the payload, for kinds the decoder hashes (pieces): computed as bytes arrive
 
     def __getitem__(self, key: str) -> Any:
         return self.fields[key]
@@ -240,9 +243,14 @@ NEED_DATA = _NeedData()
 class FrameDecoder:
     """Bytes in, `Message`s out. Raises ProtocolError on the first malformed frame; the decoder is then dead."""
 
-    def __init__(self, max_header: int = MAX_HEADER, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(self, max_header: int = MAX_HEADER, max_payload: int = MAX_PAYLOAD,
+                 hash_kinds: frozenset[str] = frozenset({"piece"})) -> None:
         self.max_header = max_header
         self.max_payload = max_payload
+        # Payloads of these kinds are hashed while they arrive, a chunk at a time, so the hash is ready with the
+        # last byte (no second pass over the piece, no wait for a worker thread before the next request).
+        self.hash_kinds = hash_kinds
+        self._hasher: Any = None
         self._buf = bytearray()
         self._pending: tuple[str, dict[str, Any]] | None = None  # header parsed, payload being received
         self._payload: bytearray | None = None
@@ -256,6 +264,7 @@ class FrameDecoder:
         if self._payload is not None:
             n = min(len(data), len(self._payload) - self._have)
             self._payload[self._have:self._have + n] = data[:n]
+            self._hash(self._have, n)
             self._have += n
             data = data[n:]
         if data:
@@ -270,7 +279,13 @@ class FrameDecoder:
     def payload_written(self, n: int) -> None:
         """`n` bytes were written into the view `payload_space()` returned."""
         assert self._payload is not None and self._have + n <= len(self._payload)
+        self._hash(self._have, n)
         self._have += n
+
+    def _hash(self, start: int, n: int) -> None:
+        if self._hasher is not None and n:
+            assert self._payload is not None
+            self._hasher.update(memoryview(self._payload)[start:start + n])
 
     def eof(self) -> None:
         """The peer closed its side: fine between frames, a ProtocolError inside one."""
@@ -304,13 +319,14 @@ class FrameDecoder:
                     n = min(len(self._buf), len(self._payload) - self._have)
                     self._payload[self._have:self._have + n] = self._buf[:n]
                     del self._buf[:n]
+                    self._hash(self._have, n)
                     self._have += n
                 if self._have < len(self._payload):
                     return NEED_DATA
             assert self._pending is not None
             kind, fields = self._pending
-            msg = Message(kind, fields, self._payload)
-            self._pending, self._payload, self._have = None, None, 0
+            msg = Message(kind, fields, self._payload, self._hasher.digest() if self._hasher is not None else None)
+            self._pending, self._payload, self._have, self._hasher = None, None, 0, None
             return msg
         if len(self._buf) < FRAME_HEAD.size:
             return NEED_DATA
@@ -332,8 +348,9 @@ class FrameDecoder:
         fields = validate(kind, header, payload_len)
         del self._buf[:end]
         if payload_len == 0:
-            return Message(kind, fields, b"")
+            return Message(kind, fields, b"", _EMPTY_SHA256 if kind in self.hash_kinds else None)
         self._pending = (kind, fields)
         self._payload = bytearray(payload_len)
         self._have = 0
+        self._hasher = hashlib.sha256() if kind in self.hash_kinds else None
         return self._next()

@@ -3,6 +3,7 @@ fails its waiters at once (no 30-second stall), a malformed frame closes only it
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -92,7 +93,9 @@ async def test_pieces_answers_and_refusals(blob):
         got = {}
 
         async def get(i):
-            got[i] = bytes(await cli.request_piece(D, i))
+            msg = await cli.request_piece(D, i)
+            assert msg.sha256 == hashlib.sha256(msg.payload).digest()
+            got[i] = bytes(msg.payload)
 
         async with trio.open_nursery() as n:
             for i in range(4):

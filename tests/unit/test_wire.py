@@ -1,5 +1,6 @@
 """The peer protocol's framing: round trips, byte-at-a-time feeding, raw payloads, and garbage refused."""
 
+import hashlib
 import struct
 
 import msgpack
@@ -39,6 +40,7 @@ def test_round_trip_header_and_raw_payload():
         assert [m.kind for m in msgs] == ["request", "piece", "ping"]
         assert msgs[0]["index"] == 3 and msgs[1]["digest"] == D
         assert bytes(msgs[1].payload) == piece and msgs[2]["id"] == 7
+        assert msgs[1].sha256 == hashlib.sha256(piece).digest() and msgs[0].sha256 is None
 
 
 def test_payload_follows_header_verbatim():
@@ -65,6 +67,7 @@ def test_recv_into_payload_space():
         rest = rest[n:]
     msg = dec.next_event()
     assert msg.kind == "piece" and msg.payload == piece
+    assert msg.sha256 == hashlib.sha256(piece).digest()
 
 
 def frame(header_obj, payload=b"", header_len=None, payload_len=None):
