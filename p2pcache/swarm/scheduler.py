@@ -40,6 +40,26 @@ first and names the holder to the others. Then:
   fails, `digest_failed(now)`: every piece is discarded (`Discard`), the metainfo's source banned, and the blob
   fetched again from upstream only; a second failure (upstream itself) is `Fail`.
 
+Driving it (what swarm/service.py does; the simulator in sim/engine.py does the same in virtual time):
+    s = DownloadScheduler(download.size, download.piece_size, rng=random.Random(), zone=settings.zone,
+                          have=[i for i in range(n) if download.partial.have(i)], known=<indices with hashes>,
+                          bans=node_wide_banlist)
+    act(s.start(now))                              # -> AskClaim
+    tracker answers         -> s.claim_granted(now) / s.claim_denied(holder, now)
+    connection up + bitfield-> s.peer_added(peer, zone, bitfield, now);  HAVE -> s.peer_has(peer, i, now)
+    connection lost         -> s.peer_gone(peer, now)
+    piece bytes in          -> hash, write_piece if ok -> s.piece_received(peer, i, ok, len, now)
+    "busy" answer           -> s.piece_refused(peer, i, now)
+    upstream piece verified -> publish its hash, s.upstream_progress(i, len, now); broken -> s.upstream_failed
+    hash list learnt        -> s.metainfo_known(hashes, now, source) or s.piece_known(i, now)
+    whole blob hashed       -> digest mismatch: s.digest_failed(now)
+    timer                   -> s.tick(now) at s.next_deadline() (or every second)
+  and act() on each decision: Request/Cancel -> send to the peer; Ban -> close + refuse the peer until `until`;
+  AskClaim -> tracker.claim; FetchUpstream(i)/StopUpstream -> start/stop a ranged upstream stream from piece i;
+  Discard -> drop those pieces of the partial file; Done -> verify the digest, announce complete, release the
+  claim; Fail -> abort the clients. On the serving side, every incoming request goes through the node's one
+  `UploadSlots`: `Serve` -> send the piece; None -> answer "busy"; `finished`/`cancel` when an upload ends.
+
 The uploader side has its own small sans-IO piece here: `UploadSlots` serves at most `slots` piece uploads at
 once, first come first served, so a node that many peers ask (the first holder of a cold blob) finishes pieces
 quickly and lets them spread, instead of trickling every piece to everybody at once.
@@ -138,7 +158,8 @@ Decision = Request | Cancel | Ban | AskClaim | FetchUpstream | StopUpstream | Di
 class SchedulerConfig:
     pipeline: int = 1  # requests outstanding per peer: uploaders refuse what they cannot start (no queues), and
     # more requests per peer only piled up behind busy peers in the simulator (1.28x vs 1.41x the bound)
-    max_sources: int = 8  # peers downloaded from at once: enough to fill a NIC, few enough to measure each
+    max_sources: int = 4  # peers downloaded from at once; as many as a peer has upload slots, so that no
+    # downloader holds more slots than its fair share (8 made the slowest node 5-10% slower in the simulator)
     endgame_dups: int = 2  # at the tail a piece may be asked of two peers; the loser is cancelled
     timeout_min: float = 10.0  # no request is given up before this (a busy uploader queues requests)
     timeout_factor: float = 4.0  # ... nor before 4x the time the peer's measured rate says it needs
