@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 from .util import require_binary, tail, wait_until
@@ -38,6 +40,19 @@ def sha256_file(path: Path) -> str:
 
 # --- skopeo ---
 
+def write_registries_conf(path: Path, mirrors: dict[str, str] | None = None,
+                          insecure: list[str] | None = None) -> Path:
+    """registries.conf (v2) sending namespace prefix -> mirror location (plain HTTP allowed)."""
+    parts = []
+    for prefix, location in (mirrors or {}).items():
+        parts.append(f'[[registry]]\nprefix = "{prefix}"\nlocation = "{prefix}"\n'
+                     f'[[registry.mirror]]\nlocation = "{location}"\ninsecure = true\n')
+    for loc in insecure or []:
+        parts.append(f'[[registry]]\nlocation = "{loc}"\ninsecure = true\n')
+    path.write_text("\n".join(parts))
+    return path
+
+
 class Skopeo:
     """skopeo with a private registries.conf mapping namespace -> mirror location (e.g. "127.0.0.1:5000")."""
 
@@ -46,14 +61,7 @@ class Skopeo:
         self.bin = require_binary("skopeo")
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.conf = self.dir / "registries.conf"
-        parts = []
-        for prefix, location in (mirrors or {}).items():
-            parts.append(f'[[registry]]\nprefix = "{prefix}"\nlocation = "{prefix}"\n'
-                         f'[[registry.mirror]]\nlocation = "{location}"\ninsecure = true\n')
-        for loc in insecure or []:
-            parts.append(f'[[registry]]\nlocation = "{loc}"\ninsecure = true\n')
-        self.conf.write_text("\n".join(parts))
+        self.conf = write_registries_conf(self.dir / "registries.conf", mirrors, insecure)
 
     def cmd(self, *args: str) -> list[str]:
         return [self.bin, "--registries-conf", str(self.conf), *args]
@@ -191,3 +199,25 @@ class Dockerd:
         e["DOCKER_CONFIG"] = str(self.dir / "client-config")
         e.update(env or {})
         return run([self.docker_bin, "-H", f"unix://{self.sock}", *args], check=check, timeout=timeout, env=e)
+
+
+# --- podman ---
+
+class Podman:
+    """podman with private storage (vfs) and a registries.conf passed the way podman reads it: the environment."""
+
+    def __init__(self, workdir: Path, mirrors: dict[str, str]) -> None:
+        self.bin = require_binary("podman")
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.conf = write_registries_conf(self.dir / "registries.conf", mirrors)
+        self.env = dict(os.environ, CONTAINERS_REGISTRIES_CONF=str(self.conf))
+        self.storage = Path(tempfile.mkdtemp(prefix="p2pm-"))  # podman wants a runroot under 50 characters
+
+    def close(self) -> None:
+        shutil.rmtree(self.storage, ignore_errors=True)
+
+    def podman(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
+        cmd = [self.bin, "--root", str(self.storage / "root"), "--runroot", str(self.storage / "run"),
+               "--storage-driver", "vfs", "--events-backend", "none", "--cgroup-manager", "cgroupfs", *args]
+        return run(cmd, check=check, timeout=timeout, env=self.env)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-INSTALL_HINT = "scripts/test installs it (apt-get install docker-registry skopeo containerd docker.io busybox-static)"
+INSTALL_HINT = ("scripts/test installs it "
+                "(apt-get install docker-registry skopeo containerd docker.io busybox-static podman)")
 
 
 def free_port() -> int:
