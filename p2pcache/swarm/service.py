@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import random
 import time
@@ -100,6 +101,7 @@ MAX_INCOMING = 512  # total accepted connections: a flood on the peer port canno
 TRACKER_EXPIRE_EVERY = 2.0  # housekeeping of the tracker shard
 METAINFO_POLL = 0.2  # how often a leecher refreshes piece hashes while the claim holder is still publishing
 UPLOAD_SLOTS = 4  # pieces uploaded at once: a cold blob's first holder finishes pieces fast so they spread
+MAX_STORED_ANNOUNCED = 10_000  # blobs found in the store at start-up that are announced (one small RPC each)
 HOLDERS_LIMIT = 50  # holders asked for per lookup; the tracker samples them at random so load spreads
 
 
@@ -187,7 +189,14 @@ class SwarmService:
             sock.close()
 
     async def _housekeeping(self) -> None:
-        last_announce = trio.current_time()
+        # What the store already holds (a restarted node) is announced like everything else, from the first
+        # round on: tracker state is soft and the owners may never have heard of it.
+        try:
+            for digest in self.store.digests()[-MAX_STORED_ANNOUNCED:]:  # the most recently used
+                self._announced.setdefault(digest, True)
+        except OSError as e:
+            log.warning("swarm: cannot list the store: %s", e)
+        last_announce = -math.inf
         while True:
             await trio.sleep(TRACKER_EXPIRE_EVERY)
             now = trio.current_time()
@@ -195,7 +204,10 @@ class SwarmService:
             if now - last_announce >= ANNOUNCE_EVERY:
                 last_announce = now
                 for digest, complete in list(self._announced.items()):
-                    self._spawn(self._announce, digest, complete)
+                    if complete and self.store.stat(digest, touch=False) is None:
+                        self._spawn(self._withdraw, digest)  # evicted or deleted since: stop sending peers here
+                    elif digest not in self._fills:
+                        self._spawn(self._announce, digest, complete)
 
     def _spawn(self, fn: Any, *args: Any) -> None:
         """A background task of the service: its failure is logged, never the node's end."""

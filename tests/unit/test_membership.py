@@ -35,3 +35,11 @@ def test_dead_are_forgotten_and_not_gossiped():
     hb = m.me.heartbeat
     m.tick(6)
     assert m.me.heartbeat == hb + 1
+
+
+async def test_join_dns_names_resolve_to_peer_addresses():
+    from p2pcache.discovery.dns import resolve, split_name
+
+    assert split_name("peers.default.svc", 5002) == ("peers.default.svc", 5002)
+    assert split_name("peers.default.svc:7000", 5002) == ("peers.default.svc", 7000)
+    assert "127.0.0.1:5002" in await resolve("127.0.0.1", 5002)
