@@ -21,6 +21,6 @@ def test_podman_pull_through_node(node, upstream, tmp_path):
     finally:
         pm.close()
     assert out.endswith(image.config.digest.split(":", 1)[1]), out
-    assert f"docker.io/library/busybox@{image.digest}" in info["RepoDigests"]
+    assert f"docker.io/library/dsmall@{image.digest}" in info["RepoDigests"]
     assert info["Architecture"] == "amd64"
     assert node.metric("p2pcache_served_bytes_total") - served0 >= image.config.size
