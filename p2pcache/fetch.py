@@ -68,6 +68,7 @@ import trio
 
 from p2pcache.oci.errors import OciError, UpstreamUnavailable
 from p2pcache.oci.reference import parse_digest
+from p2pcache.store.blobs import DigestMismatch
 from p2pcache.swarm.metainfo import piece_count, piece_size_for, piece_span
 
 if TYPE_CHECKING:
@@ -181,6 +182,7 @@ class Download:
         self._saving = False
         self._peer_pieces = 0  # pieces that came through write_piece (the swarm), for blame on a mismatch
         self._too_long = False  # upstream sent more bytes than the size it announced
+        self._mismatch: BlobDigestMismatch | None = None  # what finish() found, if the bytes were wrong
 
     def __repr__(self) -> str:
         return f"<Download {self.digest[:19]} size={self.size} upstream_only={self.upstream_only}>"
@@ -343,6 +345,8 @@ class Download:
         """Check the whole-blob hash and commit; BlobDigestMismatch (partial discarded) when it is wrong."""
         if self.committed:
             return
+        if self._mismatch is not None:
+            raise self._mismatch  # finish() already ran (from inside the swarm's fill) and found bad bytes
         partial = self._require_started()
         assert self.size is not None
         if self.size == 0 and not partial.have(0):
@@ -357,9 +361,8 @@ class Download:
             partial.discard()
             partial.close()  # handles read through their own file objects
             self.partial = None
-            raise BlobDigestMismatch(f"bytes of {self.digest} hash to sha256:{got}; discarded")
-        from p2pcache.store.blobs import DigestMismatch
-
+            self._mismatch = BlobDigestMismatch(f"bytes of {self.digest} hash to sha256:{got}; discarded")
+            raise self._mismatch
         try:
             # commit fsyncs the blob (seconds for a large one on a slow disk): keep the loop serving meanwhile.
             await trio.to_thread.run_sync(self.fetcher.store.commit, partial, got)
@@ -367,7 +370,8 @@ class Download:
             self.fetcher.metrics.digest_mismatches.labels(source=self.source()).inc()
             partial.close()
             self.partial = None
-            raise BlobDigestMismatch(str(e)) from e
+            self._mismatch = BlobDigestMismatch(str(e))
+            raise self._mismatch from e
         self.committed = True
         self._wake()
 
@@ -730,9 +734,6 @@ class Fetcher:
         except BlobDigestMismatch as e:
             log.error("%s: %s", download.digest, e)
             download._fail(e)
-            if download.source() == "swarm":
-                # The pieces came (at least partly) from peers: the next download of it trusts upstream only.
-                self._distrust_swarm.add(download.digest)
         except (OciError, UpstreamUnavailable, FetchFailed) as e:
             log.warning("download of %s failed: %s", download.digest, e)
             download._fail(e)
@@ -741,6 +742,10 @@ class Fetcher:
             log.exception("download of %s crashed", download.digest)
             download._fail(e)
         finally:
+            if download._mismatch is not None and download.source() == "swarm":
+                # The bytes came (at least partly) from peers: the next download of it trusts upstream only.
+                # Checked here, not by exception type: the swarm's fill may have wrapped the mismatch.
+                self._distrust_swarm.add(download.digest)
             download._fail(FetchFailed("download cancelled"))  # no-op unless it stopped unfinished
             download._close()
             if self._downloads.get(download.digest) is download:

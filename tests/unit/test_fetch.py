@@ -507,3 +507,27 @@ async def test_a_full_disk_fails_the_download_without_refetching(settings: Setti
                 await read_all(h)
         assert up.opens == [(d, 0)]
         assert fetcher.store.stat(d) is None
+
+
+class WrappingSwarm(PieceSwarm):
+    """Checks the blob itself (finish inside fill) and reports failure with an error of its own."""
+
+    async def fill(self, download: Download, repo: Repo) -> None:
+        await super().fill(download, repo)
+        try:
+            await download.finish()
+        except FetchFailed as e:
+            raise RuntimeError("swarm: the piece list lied") from e
+
+
+async def test_a_mismatch_the_swarm_wrapped_still_sends_the_next_fetch_upstream(settings: Settings) -> None:
+    data = blob(2 * PIECE)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    async with running(settings, up) as fetcher:
+        fetcher.swarm = swarm = WrappingSwarm(blob(2 * PIECE, seed=5), [1, 0])
+        async with fetcher.open_blob(REPO, d) as h:
+            with pytest.raises(FetchFailed):
+                await read_all(h)
+        assert await fetch(fetcher, d) == data
+        assert swarm.fills == 1 and up.opens == [(d, 0)]
