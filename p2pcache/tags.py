@@ -5,7 +5,9 @@ blob: served from the `ManifestStore`, else fetched once from upstream (verified
 re-checked against the upstream with a HEAD (Docker Hub does not count HEADs against its pull limit) at most every
 `settings.tag_ttl` seconds per Accept set; the answer is remembered in the persisted `TagCache`, so when the upstream
 cannot be reached the last known digest is served (stale, counted in `p2pcache_stale_tag_serves`), even after a
-restart.
+restart. With the swarm (issue 3) the node sets `resolver.peers` (`peer_tag(repo, tag, accept_key)` and
+`peer_manifest(digest)`): when the upstream is unreachable and nothing is cached here, other nodes' answers are
+used; their manifest bytes are checked against the digest here.
 
 What it must never do:
 - never serve a manifest body whose SHA-256 is not its digest (bodies come from the ManifestStore, which verified
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,7 +33,7 @@ import trio
 from p2pcache.oci.errors import OciError, UpstreamUnavailable
 from p2pcache.oci.reference import check_tag, is_digest, parse_digest
 from p2pcache.oci.upstream import ManifestInfo
-from p2pcache.store.manifests import TagCache, TagEntry
+from p2pcache.store.manifests import TagCache, TagEntry, check_media_type
 
 if TYPE_CHECKING:
     from p2pcache.config import Settings
@@ -148,12 +151,8 @@ class ManifestResolver:
                 self._keep(info, body)
         except UpstreamUnavailable as e:
             stale = self._stale(repo, tag, key, entry)
-            if stale is None and self.peers is not None:
-                peer_entry = await self.peers.peer_tag(repo, tag, key)
-                if peer_entry is not None and (held := await self._from_peers(peer_entry.digest)) is not None:
-                    self.metrics.stale_tag_serves.inc()
-                    self.tags.put(repo, tag, key, peer_entry)
-                    stale = held
+            if stale is None:
+                stale = await self._tag_from_peers(repo, tag, key)
             if stale is None:
                 raise OciError("UNAVAILABLE", "upstream registry unreachable and tag not cached") from e
             log.warning("upstream unreachable (%s); serving %s:%s from cache as %s", e, repo, tag, stale[0].digest)
@@ -184,14 +183,47 @@ class ManifestResolver:
 
     # ---- helpers ----
 
-    async def _from_peers(self, digest: str) -> tuple[ManifestInfo, bytes] | None:
-        """A manifest by digest from another node (the swarm checks its bytes against the digest), kept."""
+    async def _tag_from_peers(self, repo: Repo, tag: str, key: str) -> tuple[ManifestInfo, bytes] | None:
+        """What other nodes last resolved this tag to (upstream unreachable, nothing cached here), kept."""
         if self.peers is None:
             return None
-        got = await self.peers.peer_manifest(digest)
+        try:
+            peer_entry = await self.peers.peer_tag(repo, tag, key)
+        except Exception as e:  # a peer failing must not turn "unavailable" into a crash
+            log.warning("asking peers for %s:%s failed: %s", repo, tag, e)
+            return None
+        if not isinstance(peer_entry, TagEntry):
+            return None
+        held = await self._from_peers(peer_entry.digest)
+        if held is None:
+            return None
+        self.metrics.stale_tag_serves.inc()
+        try:
+            self.tags.put(repo, tag, key, TagEntry(held[0].digest, held[0].media_type, held[0].size,
+                                                   peer_entry.checked_at))
+        except (OSError, OciError) as e:
+            log.warning("cannot remember %s:%s from peers: %s", repo, tag, e)
+        return held
+
+    async def _from_peers(self, digest: str) -> tuple[ManifestInfo, bytes] | None:
+        """A manifest by digest from another node, checked here against the digest (peers are not trusted)."""
+        if self.peers is None:
+            return None
+        try:
+            got = await self.peers.peer_manifest(digest)
+        except Exception as e:
+            log.warning("asking peers for manifest %s failed: %s", digest, e)
+            return None
         if got is None:
             return None
         media_type, body = got
+        try:
+            check_media_type(media_type)
+        except OciError:
+            return None
+        if not isinstance(body, bytes) or "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+            log.warning("a peer sent a manifest that is not %s; ignored", digest)
+            return None
         info = ManifestInfo(digest, media_type, len(body))
         self._keep(info, body)
         return info, body

@@ -19,7 +19,7 @@ from p2pcache.oci.errors import OciError, UpstreamUnavailable
 from p2pcache.oci.reference import Repo
 from p2pcache.oci.upstream import ManifestInfo
 from p2pcache.store.blobs import BlobStore
-from p2pcache.store.manifests import ManifestStore, TagCache
+from p2pcache.store.manifests import ManifestStore, TagCache, TagEntry
 from p2pcache.tags import ManifestResolver, accept_key
 
 REPO = Repo("docker.io", "library/alpine")
@@ -258,3 +258,42 @@ async def test_a_clock_that_went_back_does_not_stretch_the_ttl(settings: Setting
     clock.now -= 3600
     await r.resolve(REPO, "latest", ACCEPT)
     assert [c for c in up.calls if c[0] == "HEAD"] == [("HEAD", "latest")] * 2
+
+
+class FakePeers:
+    def __init__(self, entry: TagEntry | None, manifest: tuple[str, bytes] | None, fail: bool = False) -> None:
+        self.entry, self.manifest, self.fail = entry, manifest, fail
+
+    async def peer_tag(self, repo: Repo, tag: str, key: str) -> TagEntry | None:
+        if self.fail:
+            raise ConnectionResetError("peer gone")
+        return self.entry
+
+    async def peer_manifest(self, digest: str) -> tuple[str, bytes] | None:
+        return self.manifest
+
+
+async def test_peers_answer_a_tag_when_upstream_is_down_and_their_bytes_are_checked(settings: Settings) -> None:
+    up, clock = FakeUpstream(), Clock()
+    up.error = UpstreamUnavailable("down")
+    digest, body = manifest(7)
+    entry = TagEntry(digest, OCI_INDEX, len(body), clock.now)
+    r = make(settings, up, clock)
+
+    r.peers = FakePeers(entry, (OCI_INDEX, body[:-1] + b" "))  # a peer that lies about the bytes
+    with pytest.raises(OciError) as e:
+        await r.resolve(REPO, "latest", ACCEPT)
+    assert e.value.code == "UNAVAILABLE"
+    assert r.manifests.get(digest) is None
+
+    r.peers = FakePeers(entry, (OCI_INDEX, body), fail=True)  # a peer that dies while asked
+    with pytest.raises(OciError) as e:
+        await r.resolve(REPO, "latest", ACCEPT)
+    assert e.value.code == "UNAVAILABLE"
+
+    r.peers = FakePeers(entry, (OCI_INDEX, body))
+    info, got = await r.resolve(REPO, "latest", ACCEPT)
+    assert (info.digest, got) == (digest, body)
+    assert stale_serves(r) == 1
+    r.peers = None  # now known here: served from this node's cache
+    assert (await r.resolve(REPO, "latest", ACCEPT))[0].digest == digest
