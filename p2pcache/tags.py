@@ -93,9 +93,6 @@ class ManifestResolver:
         # `peer_manifest(digest)` answer from other nodes when the upstream is unreachable and we hold nothing.
         self.peers: Any = None
         self._flights: dict[tuple[str, str, str, str], _Flight[tuple[ManifestInfo, bytes]]] = {}
-        # Accept keys seen per tag, for the stale fallback "same tag, any Accept set" when the TagCache cannot
-        # list them itself (TagCache.entries); in memory only.
-        self._keys_seen: dict[tuple[str, str, str], set[str]] = {}
 
     async def resolve(self, repo: Repo, ref: str, accept: Sequence[str]) -> tuple[ManifestInfo, bytes]:
         """(what the manifest is, its bytes verbatim) for a tag or a digest; OciError for the client otherwise."""
@@ -158,21 +155,12 @@ class ManifestResolver:
             log.warning("upstream unreachable (%s); serving %s:%s from cache as %s", e, repo, tag, stale[0].digest)
             return stale
         self.tags.put(repo, tag, key, TagEntry(info.digest, info.media_type, info.size, self._clock()))
-        self._keys_seen.setdefault((repo.ns, repo.name, tag), set()).add(key)
         return info, body
 
     def _stale(self, repo: Repo, tag: str, key: str, entry: TagEntry | None) -> tuple[ManifestInfo, bytes] | None:
         """The last known answer for this tag: same Accept set first, then any other, newest first."""
         candidates = [entry] if entry is not None else []
-        others: list[TagEntry] = []
-        entries_of = getattr(self.tags, "entries", None)
-        if callable(entries_of):
-            listed = entries_of(repo, tag)
-            others.extend(listed.values() if isinstance(listed, dict) else listed)
-        else:
-            for k in self._keys_seen.get((repo.ns, repo.name, tag), ()):
-                if k != key and (e := self.tags.get(repo, tag, k)) is not None:
-                    others.append(e)
+        others = [e for k, e in self.tags.entries(repo, tag).items() if k != key]
         candidates += sorted(others, key=lambda e: e.checked_at, reverse=True)
         for candidate in candidates:
             held = self.manifests.get(candidate.digest)

@@ -197,15 +197,8 @@ class Admin:
                            **report})
 
     def _cached_tag_digests(self, repo: Repo, tag: str) -> list[str]:
-        # TagCache.get needs an accept_key, and one tag may be cached under several (docker, containerd and
-        # skopeo send different Accept sets). TagCache.entries(repo, tag), when the store offers it, lists them
-        # all; without it the caller falls back to the resolver.
-        entries_of = getattr(self.tags, "entries", None)
-        if not callable(entries_of):
-            return []
-        listed = entries_of(repo, tag)
-        entries = listed.values() if isinstance(listed, dict) else listed
-        return list(dict.fromkeys(e.digest for e in entries))
+        # One tag may be cached under several Accept sets (docker, containerd and skopeo differ): take them all.
+        return list(dict.fromkeys(e.digest for e in self.tags.entries(repo, tag).values()))
 
     def _delete_tree(self, digest: str, report: dict[str, list[str]], seen: set[str], depth: int) -> None:
         if digest in seen:

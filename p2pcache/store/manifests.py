@@ -165,6 +165,11 @@ class TagCache:
             entry = self._mem.get((repo.ns, repo.name, tag), {}).get(accept_key)
             return None if entry is None else TagEntry(**asdict(entry))  # a copy: callers cannot alter ours
 
+    def entries(self, repo: Repo, tag: str) -> dict[str, TagEntry]:
+        """Every Accept variant known for a tag (docker, containerd and skopeo each send their own Accept set)."""
+        with self._lock:
+            return {k: TagEntry(**asdict(e)) for k, e in self._mem.get((repo.ns, repo.name, tag), {}).items()}
+
     def put(self, repo: Repo, tag: str, accept_key: str, entry: TagEntry) -> None:
         digest_hex(entry.digest)
         check_media_type(entry.media_type)

@@ -81,6 +81,10 @@ def test_tag_cache_persists_across_instances(tmp_path: Path) -> None:
     assert tc2.get(ALPINE, "3.19", "application/vnd.docker.distribution.manifest.v2+json") == entry(other)
     assert tc2.get(ALPINE, "3.20", INDEX) is None
     assert tc2.get(Repo("ghcr.io", "library/alpine"), "3.19", INDEX) is None
+    # every Accept variant of a tag is listed (stale serves and admin rmi need all of them)
+    assert tc2.entries(ALPINE, "3.19") == {
+        INDEX: entry(), "application/vnd.docker.distribution.manifest.v2+json": entry(other)}
+    assert tc2.entries(ALPINE, "3.20") == {}
 
 
 def test_tag_files_are_named_by_hash_not_by_name(tmp_path: Path) -> None:
