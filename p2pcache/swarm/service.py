@@ -32,6 +32,7 @@ is down (`peer_manifest`, `peer_tag`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -91,6 +92,7 @@ if TYPE_CHECKING:
     from p2pcache.store.blobs import BlobStore
 
 log = logging.getLogger(__name__)
+_TRACE = bool(os.environ.get("SWARM_TRACE"))  # log every scheduler decision (debugging the driver)
 
 TRACKER_REPLICAS = 2  # owners per digest: holders survive the loss of one owner without a re-announce gap
 ANNOUNCE_TTL = 30.0  # soft state: a holder that stops renewing is forgotten after this
@@ -101,6 +103,7 @@ MAX_INCOMING = 512  # total accepted connections: a flood on the peer port canno
 TRACKER_EXPIRE_EVERY = 2.0  # housekeeping of the tracker shard
 METAINFO_POLL = 0.2  # how often a leecher refreshes piece hashes while the claim holder is still publishing
 UPLOAD_SLOTS = 4  # pieces uploaded at once: a cold blob's first holder finishes pieces fast so they spread
+UPSTREAM_PRIORITY = 1.0  # seconds of download-limit debt the upstream stream may run ahead of peer reads
 MAX_STORED_ANNOUNCED = 10_000  # blobs found in the store at start-up that are announced (one small RPC each)
 HOLDERS_LIMIT = 50  # holders asked for per lookup; the tracker samples them at random so load spreads
 
@@ -224,6 +227,15 @@ class SwarmService:
 
     async def _throttle_rx(self, n: int) -> None:
         delay = self.down_bucket.take(n, trio.current_time())
+        if delay > 0:
+            await trio.sleep(delay)
+
+    async def _throttle_upstream(self, n: int) -> None:
+        """Upstream bytes count against the download limit like peer bytes, but go first: they only wait for the
+        debt beyond UPSTREAM_PRIORITY seconds' worth, and the debt they leave makes peer reads wait. The cluster's
+        upstream link is its scarcest resource (every node needs what only the claim holder can fetch), so the
+        claim holder's share of its own download link must not shrink with the number of peers it reads from."""
+        delay = self.down_bucket.take(n, trio.current_time()) - UPSTREAM_PRIORITY
         if delay > 0:
             await trio.sleep(delay)
 
@@ -549,13 +561,29 @@ class SwarmService:
                 pass
 
     async def _claim(self, digest: str, release: bool = False) -> dict[str, Any] | None:
-        """Ask the first owner that answers for the claim. None when no owner answers."""
+        """Ask every owner of `digest` (as we see them) for the claim; granted only if every owner that answers
+        grants it. Two nodes whose member lists differ for a moment (a join still gossiping) compute different
+        owners, but rendezvous sets of two almost always share one, and that one grants only one of them. Where we
+        were granted but the answer is no, we release at once so the grant does not block others. None when no
+        owner answers (we are on our own)."""
+        answers: list[tuple[str, dict[str, Any]]] = []
         for owner in await self._owner_conns(digest):
             try:
-                return await self._tracker_call(owner, "claim", digest=digest, release=release)
+                ans = await self._tracker_call(owner, "claim", digest=digest, release=release)
             except PeerGone as e:
                 log.info("claim of %s at %s failed: %s", digest[:19], owner, e)
-        return None
+                continue
+            assert ans is not None
+            answers.append((owner, ans))
+        if not answers:
+            return None
+        denied = [a for _, a in answers if not a["granted"]]
+        if release or not denied:
+            return answers[0][1]
+        for owner, a in answers:
+            if a["granted"]:
+                self._spawn(functools.partial(self._tracker_call, owner, "claim", digest=digest, release=True))
+        return max(denied, key=lambda a: a["complete"])  # a complete holder is the better news
 
     # -- metainfo ---------------------------------------------------------------------------------------------
     def _metainfo_answer(self, digest: str) -> tuple[int, int, list[bytes | None]] | None:
@@ -1000,6 +1028,8 @@ class _Fill:
 
     # -- decisions --------------------------------------------------------------------------------------------
     def _apply(self, decisions: list[Decision]) -> None:
+        if _TRACE and decisions:
+            log.info("%s: decisions %s", self.digest[:19], decisions)
         for dec in decisions:
             if isinstance(dec, Request):
                 self._nursery_spawn(self._get_piece, dec.peer, dec.index)
@@ -1180,7 +1210,7 @@ class _Fill:
                         raise FetchFailed(f"upstream size of {self.digest} is {resp.size}, not {d.size}")
                     async for chunk in resp:
                         if svc.settings.download_limit:
-                            await svc._throttle_rx(len(chunk))
+                            await svc._throttle_upstream(len(chunk))
                         if count:
                             svc.metrics.upstream_bytes.inc(len(chunk))
                         buf += chunk

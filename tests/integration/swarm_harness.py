@@ -60,11 +60,13 @@ class Cluster:
         return self
 
     def wait_members(self, nodes: list[Node] | None = None, timeout: float = 15) -> None:
-        """Until every node sees every other node connected (gossip has spread the member list)."""
+        """Until every node has connections to (about) every other, i.e. gossip has spread the member list; then
+        two more gossip rounds so every node computes the same tracker owners."""
         nodes = nodes or [n for n in self.nodes if n.running]
         want = len(nodes) - 1
-        wait_until(lambda: all(n.metric("p2pcache_peers_connected") >= min(want, 1) for n in nodes), timeout,
+        wait_until(lambda: all(n.metric("p2pcache_peers_connected") >= want for n in nodes), timeout,
                    "peers to connect")
+        time.sleep(2)
 
     def stop(self) -> None:
         for n in self.nodes:
