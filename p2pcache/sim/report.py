@@ -10,6 +10,8 @@ The figures:
   sum_n F_n / (u_s + sum u_i)). It is a bound for an all-at-once rollout; with waves or arrivals spread out it
   is only a reference.
 - baseline_*: the same rollout with p2p disabled (every node pulls through its own cache from upstream).
+  `baseline_seconds` is the slowest node that finished; check `baseline_unfinished` (a run stops at
+  sim.max_time, 2 h by default).
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def summary(sc: Scenario, r: Result, base: Result | None, source: str = "") -> d
         out["baseline_upstream_bytes"] = base.upstream_bytes
         out["baseline_upstream_requests"] = base.upstream_requests
         out["baseline_unfinished"] = base.unfinished
-        if bp["max"] and pulls["max"]:
+        if bp["max"] and pulls["max"] and not base.unfinished:
             out["speedup_over_baseline"] = bp["max"] / pulls["max"]
     return out
 
@@ -124,6 +126,8 @@ def table(s: dict[str, Any]) -> str:
                  f"slowest node at {ratio:.2f}x the bound" if ratio else ""))
     if s.get("speedup_over_baseline"):
         rows.append(("slowest node vs baseline", f"{s['speedup_over_baseline']:.1f}x faster", ""))
+    elif s.get("baseline_unfinished"):
+        rows.append(("baseline", f"{s['baseline_unfinished']} nodes had not finished at sim.max_time", ""))
     rows.append(("simulated", f"{s['sim']['events']} events in {s['sim']['wall_seconds']:.1f} s wall", ""))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
