@@ -142,7 +142,7 @@ class Simulation:
         self.counter = itertools.count()
         self.net = Net(self.heap, self.counter)
         master = random.Random(sc.seed)
-        self.tracker = Tracker(rng=random.Random(master.getrandbits(64)), announce_ttl=30.0, claim_ttl=15.0)
+        self.tracker = Tracker(rng=random.Random(master.getrandbits(64)), announce_ttl=30.0, claim_ttl=sc.claim_ttl)
         self.upstream_res = self.net.resource(sc.upstream_bandwidth)
         self.bucket = (
             TokenBucket(sc.upstream_rps, sc.upstream_burst or max(1.0, sc.upstream_rps))
@@ -553,7 +553,7 @@ class Simulation:
                 node = nodes[nid]
                 if not node.alive:
                     continue  # a dead node's question never arrives
-                ans = tracker.claim(lid, nid, now, ttl=15.0)
+                ans = tracker.claim(lid, nid, now, ttl=self.sc.claim_ttl)
                 if isinstance(ans, ClaimGranted):
                     self.first_claim.setdefault(lid, nid)
                     self.push(now + self.lat, CLAIM_A, nid, lid, True, None)

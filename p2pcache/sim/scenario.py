@@ -47,6 +47,7 @@ The keys (all optional unless marked; sizes take MB/MiB/GB/GiB, rates MB/s/MiB/s
     upload_slots = 4               # concurrent piece uploads per node (UploadSlots)
     upload_queue = 0               # requests a node queues beyond those; more are refused ("busy")
     peers = 10                     # holders asked of the tracker per download (others connect to us too)
+    claim_ttl = "12 s"             # a dead claim holder is replaced after at most this (swarm/service.py uses 12 s)
     [sim]
     max_time = "2 h"               # stop there; unfinished pulls are reported as such
 """
@@ -120,6 +121,7 @@ class Scenario:
     upload_slots: int = 4
     upload_queue: int = 0
     peers: int = 10
+    claim_ttl: float = 12.0
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
     max_time: float = 7200.0
 
@@ -312,7 +314,7 @@ def parse_scenario(doc: dict) -> Scenario:
     s.kill_claim_holder = _get(ch, "churn", "kill_claim_holder", _nonneg(parse_duration))
     sched_fields = {f.name: f.type for f in fields(SchedulerConfig)}
     p = _table(doc, "p2p", {"enabled", "piece_size", "upload_slots", "upload_queue", "peers",
-                                  *sched_fields})
+                                  "claim_ttl", *sched_fields})
     s.p2p = _get(p, "p2p", "enabled", _bool, True)
     ps = p.get("piece_size", "auto")
     if ps != "auto":
@@ -320,6 +322,7 @@ def parse_scenario(doc: dict) -> Scenario:
     s.upload_slots = _get(p, "p2p", "upload_slots", _positive(_int), 4)
     s.upload_queue = _get(p, "p2p", "upload_queue", _nonneg(_int), 0)
     s.peers = _get(p, "p2p", "peers", _positive(_int), 10)
+    s.claim_ttl = _get(p, "p2p", "claim_ttl", _positive(parse_duration), 12.0)
     cfg = SchedulerConfig()
     for k in sched_fields:
         if k in p:
