@@ -351,7 +351,10 @@ class PeerConnection:
                     return
                 self.bytes_in += n
                 if self._waiting:
-                    self._stall.deadline = trio.current_time() + STALL_TIMEOUT
+                    # push the stall deadline back, but not on every read (moving a deadline has a cost)
+                    deadline = trio.current_time() + STALL_TIMEOUT
+                    if deadline - self._stall.deadline > STALL_TIMEOUT / 10:
+                        self._stall.deadline = deadline
                 if self.throttle_rx is not None and space is not None:
                     await self.throttle_rx(n)
                 for msg in self.dec.events():

@@ -526,6 +526,9 @@ class SwarmService:
         return (await conn.call(kind, **fields)).fields
 
     async def _owner_conns(self, digest: str) -> list[str]:
+        if self.settings.tracker and self._tracker_node is None and self.settings.tracker in (
+                self.addr, self.settings.peer_listen):
+            self._tracker_node = self.node_id  # we are the --tracker
         if self.settings.tracker and self._tracker_node is None:
             try:
                 conn = await self.connect_addr(self.settings.tracker)
@@ -769,7 +772,6 @@ class _Fill:
         self.done = trio.Event()
         self.error: BaseException | None = None
         self._nursery: trio.Nursery | None = None
-        self._wake_tick = trio.Event()
         self._writes = 0  # verified pieces being written
         self._writes_idle = trio.Event()
         self._early: list[tuple[PeerConnection, Message]] = []  # bitfields that came before the scheduler
@@ -1057,7 +1059,6 @@ class _Fill:
                 from p2pcache.fetch import FetchFailed
 
                 self._finish(FetchFailed(f"{self.digest}: {dec.reason}"))
-        self._wake_tick.set()
 
     def _done_pieces(self) -> None:
         if self._writes == 0:
@@ -1074,11 +1075,10 @@ class _Fill:
         while True:
             assert self.sched is not None
             nxt = self.sched.next_deadline()
-            # at least TICK_MIN: a deadline already past (say, a claim retry nobody needs) must not spin the loop
-            wait = 1.0 if nxt is None else max(TICK_MIN, min(1.0, nxt - trio.current_time()))
-            with trio.move_on_after(wait):
-                await self._wake_tick.wait()
-            self._wake_tick = trio.Event()
+            # Between TICK_MIN (a deadline already past, say a claim retry nobody needs, must not spin the loop)
+            # and TICK_MAX (new deadlines set by events are seconds away, so waking this often is soon enough).
+            wait = TICK_MAX if nxt is None else max(TICK_MIN, min(TICK_MAX, nxt - trio.current_time()))
+            await trio.sleep(wait)
             self._apply(self.sched.tick(trio.current_time()))
 
     async def _ask_claim(self) -> None:
@@ -1243,6 +1243,7 @@ RPC_META_TIMEOUT = 3.0
 # busy host a round trip also holds two wake-ups of the event loops (tens of ms at load), so 4 keeps a peer's
 # pipe full (measured node to node from one peer on the shared, loaded 2-core machine: 31 MB/s at 2, 38 at 4).
 PIPELINE = 4
+TICK_MAX = 0.5  # the scheduler's busy back-off is 0.5 s, its timeouts seconds
 TICK_MIN = 0.05  # the scheduler's timeouts are seconds; 50 ms of slack costs nothing and bounds the wakeups
 UPSTREAM_READ_AHEAD = 1  # pieces cut ahead of hashing: overlap network and CPU, waste at most this on a stop
 BAN_SECONDS = 600.0  # like the scheduler's: a liar stays out for ten minutes
