@@ -13,9 +13,10 @@ Rules:
 Theory of operation:
 - Holders. A node that holds or is fetching a digest calls `announce(...)` with how many pieces it has (or
   complete=True) every `ttl / 3` or so; an entry it stops renewing expires at `expires_at`. `holders(...)` answers
-  a random sample of live holders (same zone first when asked), so that in a rollout of thousands of nodes every
-  newcomer gets a different set of peers and load spreads; the randomness comes from the seeded `rng` given to the
-  constructor, so the simulator is deterministic. Sampling is O(limit), not O(holders): each digest keeps its
+  a random sample of live holders (up to 3/4 from the asker's zone when asked, the rest from anywhere, so
+  zones stay linked), so that in a rollout of thousands of nodes every newcomer gets a different set of peers
+  and load spreads; the randomness comes from the seeded `rng` given to the constructor, so the simulator is
+  deterministic. Sampling is O(limit), not O(holders): each digest keeps its
   holders in an indexed list (swap-remove), and expired entries are dropped lazily when sampled.
 - Claim. `claim(digest, node, now, ttl)` grants the right to fetch the digest from upstream to the first asker.
   The holder renews by asking again (same node: granted, expiry pushed back). When the holder stops renewing
@@ -209,7 +210,7 @@ class Tracker:
         self, digest: str, now: float, limit: int = 50, prefer_zone: str | None = None,
         exclude: str | int | Iterable[str] | None = None,
     ) -> list[Holder]:
-        """Up to `limit` live holders in random order, those in `prefer_zone` first."""
+        """Up to `limit` live holders in random order: up to 3/4 of them from `prefer_zone`, then any."""
         entry = self._holders.get(digest)
         if entry is None or limit <= 0:
             return []
@@ -221,13 +222,15 @@ class Tracker:
             skip = set(exclude)
         out: list[Holder] = []
         seen: set[str] = set()
-        pools: list[list[str]] = []
+        pools: list[tuple[list[str], int]] = []
         if prefer_zone is not None and prefer_zone in entry.zones:
-            pools.append(entry.zones[prefer_zone].order)
-        pools.append(entry.order)
-        for pool in pools:
+            # at most 3/4 from the asker's zone: the rest is drawn from everyone, so every zone keeps some
+            # links to the others (a zone whose nodes only know each other waits for the rest to reach it)
+            pools.append((entry.zones[prefer_zone].order, limit - limit // 4))
+        pools.append((entry.order, limit))
+        for pool, cap in pools:
             for _attempt in range(3):
-                want = limit - len(out)
+                want = cap - len(out)
                 if want <= 0 or not pool:
                     break
                 k = min(len(pool), want + len(skip) + len(seen))
@@ -241,7 +244,7 @@ class Tracker:
                         continue
                     seen.add(node)
                     out.append(h)
-                    if len(out) >= limit:
+                    if len(out) >= cap:
                         break
                 if not dropped:
                     break

@@ -35,9 +35,9 @@ def test_holders_sample_expire_and_prefer_zone():
     for i in range(100):
         t.announce(0, D, f"n{i}", f"10.0.0.{i}:5002", zone="z1" if i < 10 else "z2", pieces=i)
     got = t.holders(D, now=1, limit=10, prefer_zone="z1", exclude="n0")
-    assert len(got) == 10
-    assert {h.zone for h in got} == {"z1"} and "n0" not in {h.node for h in got} or len(got) == 10
-    assert sum(h.zone == "z1" for h in got) == 9  # all of z1 but the asker, then one other
+    assert len(got) == 10 and "n0" not in {h.node for h in got}
+    # up to 3/4 (8) from the asker's zone, the rest from anywhere (so zones stay linked to each other)
+    assert 8 <= sum(h.zone == "z1" for h in got) <= 9
     t.announce(50, D, "n5", "x", zone="z1")
     got = t.holders(D, now=40, limit=50)
     assert [h.node for h in got] == ["n5"]
