@@ -20,7 +20,8 @@ changed. A node's life:
 - Request(peer, i) travels a latency to the uploader, whose `UploadSlots` starts the upload (a flow from its
   upload to the requester's download), queues it, or refuses it (a "busy" answer travels back:
   `piece_refused`). A finished upload frees the slot; the piece lands a latency later (`piece_received`), and
-  the receiver's HAVE reaches its connections a latency after that (one event for all of them).
+  the receiver's HAVE reaches its connections a latency after that (one event for all of them; peers that
+  already hold the piece are skipped, as the node skips them: they do not need it).
 - FetchUpstream(i) is one HTTP request (through the upstream's request-rate token bucket if it has one); after a
   round trip the pieces stream back to back as flows from the upstream resource, each reported with
   `upstream_progress`, until the scheduler stops the stream.
@@ -486,10 +487,12 @@ class Simulation:
                 node = nodes[nid]
                 if not node.alive:
                     continue
+                bit = 1 << idx
                 for pid in node.conns.get(lid, ()):
                     p = nodes[pid]
                     s = p.dl.get(lid)
-                    if s is not None:
+                    # HAVE suppression (as the node does): a peer that holds the piece needs no HAVE for it
+                    if s is not None and not p.have[lid] & bit:
                         dec = s.peer_has(nid, idx, now)
                         if dec:
                             self.apply(p, lid, dec, now)

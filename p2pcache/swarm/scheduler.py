@@ -392,7 +392,10 @@ class DownloadScheduler:
         out: list[Decision] = []
         if self.picker.peer_has(peer, index):
             st = self.peers[peer]
-            if len(st.reqs) < self.cfg.pipeline:
+            if st.reqs:
+                if len(st.reqs) < self.cfg.pipeline:
+                    self._fill(peer, now, out)
+            elif len(self._active) < self.cfg.max_sources:  # (the common case in a busy swarm: no room)
                 self._fill(peer, now, out)
         return out
 
