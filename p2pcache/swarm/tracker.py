@@ -223,7 +223,7 @@ class Tracker:
         out: list[Holder] = []
         seen: set[str] = set()
         pools: list[tuple[list[str], int]] = []
-        if prefer_zone is not None and prefer_zone in entry.zones:
+        if prefer_zone is not None and prefer_zone in entry.zones and len(entry.zones) > 1:
             # at most 3/4 from the asker's zone: the rest is drawn from everyone, so every zone keeps some
             # links to the others (a zone whose nodes only know each other waits for the rest to reach it)
             pools.append((entry.zones[prefer_zone].order, limit - limit // 4))
