@@ -75,7 +75,6 @@ from p2pcache.swarm.scheduler import (
     Fail,
     FetchUpstream,
     Request,
-    SchedulerConfig,
     Serve,
     StopUpstream,
     UploadSlots,
@@ -826,8 +825,7 @@ class _Fill:
         known = [i for i, h in enumerate(self.hashes) if h is not None]
         now = trio.current_time()
         self.sched = DownloadScheduler(d.size, d.piece_size, rng=random.Random(), zone=svc.zone,
-                                       have=have_mask, known=known, bans=svc.bans, now=now,
-                                       config=SchedulerConfig(pipeline=PIPELINE))
+                                       have=have_mask, known=known, bans=svc.bans, now=now)
         if self.meta_source is not None:
             self.sched.meta_source = self.meta_source
         if self.claimed:
@@ -1239,10 +1237,6 @@ class _Fill:
 
 
 RPC_META_TIMEOUT = 3.0
-# Requests in flight per peer. The scheduler's default (2) hides one network round trip; between processes on a
-# busy host a round trip also holds two wake-ups of the event loops (tens of ms at load), so 4 keeps a peer's
-# pipe full (measured node to node from one peer on the shared, loaded 2-core machine: 31 MB/s at 2, 38 at 4).
-PIPELINE = 4
 TICK_MAX = 0.5  # the scheduler's busy back-off is 0.5 s, its timeouts seconds
 TICK_MIN = 0.05  # the scheduler's timeouts are seconds; 50 ms of slack costs nothing and bounds the wakeups
 UPSTREAM_READ_AHEAD = 1  # pieces cut ahead of hashing: overlap network and CPU, waste at most this on a stop
