@@ -11,7 +11,7 @@ The figures:
   is only a reference.
 - baseline_*: the same rollout with p2p disabled (every node pulls through its own cache from upstream).
   `baseline_seconds` is the slowest node that finished; check `baseline_unfinished` (a run stops at
-  sim.max_time, 2 h by default).
+  sim.max_time, 24 h by default).
 """
 
 from __future__ import annotations

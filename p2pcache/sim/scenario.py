@@ -49,7 +49,7 @@ The keys (all optional unless marked; sizes take MB/MiB/GB/GiB, rates MB/s/MiB/s
     peers = 10                     # holders asked of the tracker per download (others connect to us too)
     claim_ttl = "12 s"             # a dead claim holder is replaced after at most this (swarm/service.py uses 12 s)
     [sim]
-    max_time = "2 h"               # stop there; unfinished pulls are reported as such
+    max_time = "24 h"              # stop there; unfinished pulls are reported as such
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class Scenario:
     peers: int = 10
     claim_ttl: float = 12.0
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
-    max_time: float = 7200.0
+    max_time: float = 86400.0
 
     def node_caps(self) -> list[tuple[float, float]]:
         """(upload, download) of every node: the groups first, then the cluster's default."""
@@ -335,7 +335,7 @@ def parse_scenario(doc: dict) -> Scenario:
             setattr(cfg, k, _get(p, "p2p", k, conv))
     s.sched = cfg
     sim = _table(doc, "sim", {"max_time"})
-    s.max_time = _get(sim, "sim", "max_time", _positive(parse_duration), 7200.0)
+    s.max_time = _get(sim, "sim", "max_time", _positive(parse_duration), 86400.0)
     return s
 
 
