@@ -161,7 +161,7 @@ class SchedulerConfig:
     max_sources: int = 4  # peers downloaded from at once; as many as a peer has upload slots, so that no
     # downloader holds more slots than its fair share (8 made the slowest node 5-10% slower in the simulator)
     endgame_dups: int = 2  # at the tail a piece may be asked of two peers; the loser is cancelled
-    timeout_min: float = 10.0  # no request is given up before this (a busy uploader queues requests)
+    timeout_min: float = 10.0  # no request is given up before this (a transfer shares its uploader's link)
     timeout_factor: float = 4.0  # ... nor before 4x the time the peer's measured rate says it needs
     assumed_rate: float = 4e6  # bytes/s assumed of a peer not measured yet (a congested 1 Gbit/s uploader)
     # a peer that refused a request (all its upload slots busy) is not asked again for about two piece transfer
@@ -215,7 +215,7 @@ class _PeerState:
         self.last_recv = now  # last time this peer delivered (or connected)
         self.reqs: dict[int, float] = {}  # index -> time requested
         self.snubbed_until = 0.0
-        self.busy_until = 0.0  # the peer refused a request (its upload queue is full): not before this
+        self.busy_until = 0.0  # the peer refused a request (all its upload slots busy): not before this
 
 
 class DownloadScheduler:
@@ -468,7 +468,7 @@ class DownloadScheduler:
         return out
 
     def piece_refused(self, peer: Peer, index: int, now: float) -> list[Decision]:
-        """`peer` refused the request (its upload queue is full): ask others; retry it after busy_backoff."""
+        """`peer` refused the request ("busy": its upload slots are taken): ask others, retry it a little later."""
         out: list[Decision] = []
         st = self.peers.get(peer)
         if st is None:
@@ -677,15 +677,16 @@ class Serve:
 
 
 class UploadSlots:
-    """At most `slots` piece uploads at once per node; further requests wait, first come first served.
+    """At most `slots` piece uploads at once per node; beyond that a request is refused ("busy") or queued.
 
-    The next upload is the queued request whose piece this node has served least often (first come among
-    equals), so the first holder of a cold blob sends each piece out about once and its peers spread it.
-    `request` returns the uploads to start now; `finished` and `cancel` free a slot and return what starts next.
-    At most `queue` requests wait in all, and at most `per_peer` from one peer; more are refused (None): the
-    driver answers "busy" and the requester's scheduler (`piece_refused`) asks elsewhere or later. A short queue
-    is what spreads a cold blob: the first holder's upload goes to a few peers at a time, who pass pieces on,
-    instead of every requester waiting in one long line for the same node.
+    By default nothing is queued: a request that finds every slot taken is refused, the driver answers "busy",
+    and the requester's scheduler (`piece_refused`) asks another peer, or this one a little later. In the
+    simulator, queues made requests wait behind busy peers while idle peers held the same pieces (1.9x -> 1.4x
+    the bound at 16 MiB pieces without them). With `queue` > 0, at most that many wait in all and `per_peer`
+    from one peer, and the next upload is the queued request whose piece this node has served least often
+    (first come among equals), so the first holder of a cold blob sends each piece out about once and its peers
+    spread it. `request` returns the uploads to start now (None: refused); `finished` and `cancel` free a slot
+    and return what starts next.
     """
 
     def __init__(self, slots: int = 4, per_peer: int = 8, queue: int = 0) -> None:
@@ -698,7 +699,7 @@ class UploadSlots:
         self.served: dict[tuple[Hashable, int], int] = {}  # (key, index) -> uploads started
 
     def request(self, peer: Peer, key: Hashable, index: int) -> list[Serve] | None:
-        """A peer asks for a piece. None if refused (too many queued), else the uploads to start now."""
+        """A peer asks for a piece. None if refused (busy), else the uploads to start now (maybe none: queued)."""
         if self.queued.get(peer, 0) >= self.per_peer or len(self.queue) >= self.max_queue + max(
                 0, self.slots - len(self.active)):
             return None
