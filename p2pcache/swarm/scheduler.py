@@ -61,8 +61,8 @@ Driving it (what swarm/service.py does; the simulator in sim/engine.py does the 
   `UploadSlots`: `Serve` -> send the piece; None -> answer "busy"; `finished`/`cancel` when an upload ends.
 
 The uploader side has its own small sans-IO piece here: `UploadSlots` serves at most `slots` piece uploads at
-once, first come first served, so a node that many peers ask (the first holder of a cold blob) finishes pieces
-quickly and lets them spread, instead of trickling every piece to everybody at once.
+once and answers "busy" beyond that, so a node that many peers ask (the first holder of a cold blob) finishes
+pieces quickly and lets them spread, instead of trickling every piece to everybody at once.
 """
 
 from __future__ import annotations
