@@ -488,6 +488,17 @@ class DownloadScheduler:
         """The upstream stream delivered piece `index` (hashed by the driver, which publishes the hash)."""
         out: list[Decision] = []
         if self.upstream != index:
+            # a piece read ahead after StopUpstream (or a stray one): still good bytes if we want them
+            if 0 <= index < self.n and not self.picker.have(index) and not self.failed:
+                self.bytes_from_upstream += nbytes
+                self.source[index] = UPSTREAM
+                self.picker.failed(UPSTREAM, index)
+                for p in self.picker.received(UPSTREAM, index):
+                    out.append(Cancel(p, index))
+                    lst = self.peers.get(p)
+                    if lst is not None:
+                        self._forget(p, lst, index)
+                self._finish_if_complete(out)
             return out
         self.upstream = None
         self.last_progress = now

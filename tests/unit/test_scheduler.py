@@ -203,3 +203,14 @@ def test_upload_slots_first_come_first_served():
     assert u.cancel("c", "d", 0) == []
     assert u.finished("a", "d", 0) == [Serve("c", "d", 1)]
     assert u.peer_gone("b") == []
+
+
+def test_a_piece_read_ahead_after_stop_upstream_still_counts():
+    s = sched(3, pipeline=1)
+    s.start(0)
+    s.claim_granted(0)
+    s.peer_added("p", None, [1], 0)
+    s.upstream_progress(0, MiB, 1)  # -> StopUpstream (1 is out there), FetchUpstream(2)
+    out = s.upstream_progress(1, MiB, 1.1)  # the driver had already read piece 1 ahead
+    assert Cancel("p", 1) in out and s.picker.have(1)
+    assert s.upstream_progress(2, MiB, 2) == [Done()]
