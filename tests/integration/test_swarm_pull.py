@@ -41,3 +41,43 @@ def test_five_nodes_pull_at_once_one_upstream_fetch_per_blob(tmp_path):
         reg.stop()
     for n in cluster.nodes:
         n.check_log()
+
+
+def test_five_skopeo_clients_through_five_nodes_at_once(tmp_path):
+    """The same, with the real client: skopeo copies the image through each node at the same moment."""
+    import threading
+
+    from .harness.clients import Skopeo, verify_dir_blobs
+
+    reg = Registry(tmp_path / "reg").start()
+    cluster = Cluster(tmp_path, reg, 5)
+    try:
+        image = push_random_image(reg, "library/skopeo5", "1", [12_000_000, 200_000])
+        cluster.start()
+        cluster.wait_members()
+        mark = reg.log_mark()
+        barrier = threading.Barrier(5)
+        outs = [tmp_path / f"out{i}" for i in range(5)]
+        errors: list[BaseException] = []
+
+        def copy(i: int) -> None:
+            sk = Skopeo(tmp_path / f"skopeo{i}", mirrors={"docker.io": cluster.nodes[i].host})
+            barrier.wait()
+            try:
+                sk.copy("docker://docker.io/library/skopeo5:1", outs[i])
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=copy, args=(i,)) for i in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not errors, errors
+        for out in outs:
+            assert set(verify_dir_blobs(out)) >= {b.digest for b in image.blobs}
+        for blob in image.blobs:
+            assert cluster.upstream_blob_gets(blob.digest, mark) == 1, blob.digest
+    finally:
+        cluster.stop()
+        reg.stop()
