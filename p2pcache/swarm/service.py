@@ -155,6 +155,7 @@ class SwarmService:
         self._fills: dict[str, Any] = {}  # digest -> the _Fill driving it (routes have/bitfield)
         self._announced: dict[str, bool] = {}  # digest -> complete, re-announced every ANNOUNCE_EVERY
         self._claims: set[str] = set()
+        self._granted: dict[str, set[str]] = {}  # node -> digests whose claim our tracker shard granted it
         self._tracker_node: str | None = None  # node id behind --tracker, once connected
         self._meta_cache: dict[str, tuple[int, int, list[bytes]]] = {}  # piece hashes of complete blobs
         self.gossip = GossipDriver(self.membership, list(settings.join), self.connect_node, self.connect_addr)
@@ -271,11 +272,11 @@ class SwarmService:
         for fill in list(self._fills.values()):
             fill.peer_closed(conn)
         if conn.peer.node not in self.conns:
-            # Its last connection is gone: a claim it holds here would stall every waiter until it expires.
-            # A live node that only lost a connection renews (and gets it back unless someone took over).
-            forget = getattr(self.tracker, "forget_node", None)
-            if forget is not None:
-                forget(conn.peer.node)
+            # Its last connection is gone (its process died, most likely): the claims we granted it would stall
+            # every waiter until they expire, so they go now. A live node that only lost a connection finds out
+            # at its next renewal; at worst two nodes fetch that blob from upstream.
+            for digest in self._granted.pop(conn.peer.node, ()):
+                self.tracker.release(digest, conn.peer.node)
 
     async def _accept_loop(self, sock: trio.socket.SocketType) -> None:
         async with trio.open_nursery() as nursery:
@@ -492,10 +493,13 @@ class SwarmService:
         if kind == "claim":
             if f["release"]:
                 t.release(digest, peer.node)
+                self._granted.get(peer.node, set()).discard(digest)
                 return "claim-answer", {"id": f["id"], "digest": digest, "granted": False, "holder": None,
                                         "addr": None, "complete": False, "ttl": 0.0}
             ans = t.claim(digest, peer.node, now, ttl=CLAIM_TTL, address=peer.addr)
             if isinstance(ans, ClaimGranted):
+                if peer.node != self.node_id:
+                    self._granted.setdefault(peer.node, set()).add(digest)
                 return "claim-answer", {"id": f["id"], "digest": digest, "granted": True, "holder": peer.node,
                                         "addr": peer.addr, "complete": False, "ttl": CLAIM_TTL}
             return "claim-answer", {"id": f["id"], "digest": digest, "granted": False, "holder": ans.holder,
