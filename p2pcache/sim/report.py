@@ -127,7 +127,8 @@ def table(s: dict[str, Any]) -> str:
     if s.get("speedup_over_baseline"):
         rows.append(("slowest node vs baseline", f"{s['speedup_over_baseline']:.1f}x faster", ""))
     elif s.get("baseline_unfinished"):
-        rows.append(("baseline", f"{s['baseline_unfinished']} nodes had not finished at sim.max_time", ""))
+        rows.append(("baseline", f"{s['baseline_unfinished']} nodes did not finish "
+                                 "(killed, or still pulling at sim.max_time)", ""))
     rows.append(("simulated", f"{s['sim']['events']} events in {s['sim']['wall_seconds']:.1f} s wall", ""))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
