@@ -97,19 +97,23 @@ def test_claim_holder_killed_mid_fetch_another_node_completes(cluster_of, reg):
 def test_node_killed_mid_transfer_others_finish(cluster_of, reg):
     image = push_random_image(reg, "library/kill", "1", [24_000_000])
     layer = image.layers[0]
-    c = cluster_of(4, extra_args=["--download-limit", "12MB/s", "--upload-limit", "12MB/s"])
+    c = cluster_of(4, extra_args=["--download-limit", "8MB/s", "--upload-limit", "8MB/s"])
     c.wait_members()
     threads, results = fetch_in_background(c.nodes, "library/kill", layer.digest)
     holder = wait_until(lambda: claim_holder(c.nodes), 20, "the claim holder", interval=0.05)
     others = [n for n in c.nodes if n is not holder]
 
     def busy_leecher():
+        # one that uploads to others if there is one, else one that is halfway through receiving
         for n in others:
             if n.metric("p2pcache_peer_bytes_total", direction="out") > MIB:
                 return n
+        for n in others:
+            if n.metric("p2pcache_peer_bytes_total", direction="in") > layer.size / 2:
+                return n
         return None
 
-    victim = wait_until(busy_leecher, 30, "a leecher that uploads to others", interval=0.05)
+    victim = wait_until(busy_leecher, 30, "a leecher in the middle of the transfer", interval=0.02)
     victim.kill()
     for t in threads:
         t.join(120)
