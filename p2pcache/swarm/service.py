@@ -10,9 +10,11 @@ verified, and never lets one peer's failure (or malice) reach another connection
 Theory of operation
 -------------------
 Tracker shards. Every node runs a `Tracker`. The owners of digest X are `owners(X, live members, 2)`: both hold
-X's holders (announces go to both), the first grants the claim to fetch X from upstream (the second one when the
-first does not answer) and keeps X's metainfo, which the claim holder publishes piece by piece. `--tracker ADDR`
-replaces rendezvous with that one node.
+X's holders (announces go to both), both must grant the claim to fetch X from upstream (those that answer: so two
+nodes whose member lists differ for a moment still cannot both win), and both keep X's metainfo, which the claim
+holder publishes piece by piece. A shard releases the claims it granted a node as soon as that node's last
+connection closes, so a dead claim holder is replaced in about a second. `--tracker ADDR` replaces rendezvous with
+that one node.
 
 A download (`fill`): announce ourselves to X's owners and learn the holders; if nobody holds X and nobody claims it,
 ask for the claim. Granted: stream X from upstream (`Download.fetch_from_upstream`), publish each piece's hash as it
