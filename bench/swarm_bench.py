@@ -76,6 +76,64 @@ def run_proxy(listen_port: int, target_port: int, rate: float) -> None:
     trio.run(main)
 
 
+# --- (c0) the baseline: a bare trio socket pump ----------------------------------------------------------------
+def socket_pump(total: int, chunk: int = 1 << 20) -> float:
+    """Bytes/s of one loopback TCP connection between two trio tasks: sendfile out of a file, recv_into one
+    buffer, nothing else. What the machine can do right now; every other figure is read against it."""
+    import trio
+
+    tmp = tempfile.NamedTemporaryFile(prefix="swarm-bench-", delete=False)
+    tmp.write(os.urandom(8 << 20))
+    tmp.close()
+
+    async def main() -> float:
+        lsock = trio.socket.socket()
+        await lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        port = lsock.getsockname()[1]
+        got = 0
+
+        async def sender() -> None:
+            s, _ = await lsock.accept()
+            fd = os.open(tmp.name, os.O_RDONLY)
+            try:
+                sent = 0
+                while sent < total:
+                    n = min(8 << 20, total - sent)
+                    off = 0
+                    while off < n:
+                        try:
+                            off += os.sendfile(s.fileno(), fd, off, n - off)
+                        except BlockingIOError:
+                            await trio.lowlevel.wait_writable(s)
+                    sent += n
+                    await trio.lowlevel.checkpoint()
+            finally:
+                os.close(fd)
+                s.close()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender)
+            c = trio.socket.socket()
+            await c.connect(("127.0.0.1", port))
+            buf = memoryview(bytearray(chunk))
+            t0 = trio.current_time()
+            while True:
+                n = await c.recv_into(buf)
+                if not n:
+                    break
+                got += n
+            dt = trio.current_time() - t0
+            c.close()
+        lsock.close()
+        return got / dt
+
+    try:
+        return trio.run(main)
+    finally:
+        os.unlink(tmp.name)
+
+
 # --- (c1) the wire alone ----------------------------------------------------------------------------------------
 def wire_throughput(total: int, piece: int = 8 << 20, inflight: int = 8) -> float:
     """Bytes/s of pieces over one loopback PeerConnection pair (sendfile out, recv_into in), no hashing."""
@@ -216,6 +274,55 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
+    """(c): the bare socket pump, the wire alone and node to node, each `repeat` times in turns (so a change in
+    the machine's load hits all three alike); medians printed with the spread."""
+    import statistics
+
+    from p2pcache.swarm.metainfo import piece_size_for
+    from tests.integration.swarm_harness import Cluster, fetch_blob, push_random_image
+
+    total = int(mb * MB)
+    piece = piece_size_for(total)
+    blobs = [push_random_image(reg, "library/p2p", str(k), [total]).layers[0] for k in range(repeat)]
+    pair = Cluster(work / "pair", reg, 2, extra_args=["--log-level", "warning"])
+    pair.start()
+    pump: list[float] = []
+    wire: list[float] = []
+    nodes: list[float] = []
+    try:
+        pair.wait_members(timeout=30)
+        a, b = pair.nodes
+        for big in blobs:  # A holds every blob before the timed runs
+            assert hashlib.sha256(fetch_blob(a, "library/p2p", big.digest, timeout=600)).hexdigest() == \
+                big.digest.split(":")[1]
+        for big in blobs:
+            pump.append(socket_pump(total))
+            wire.append(wire_throughput(total, piece=piece, inflight=1))
+            mark = reg.log_mark()
+            t0 = time.monotonic()
+            # curl, not httpx in this process: the client must not share a core with the bench's own Python.
+            # The node aborts a blob whose digest fails, so a full-size 200 means the right bytes.
+            out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
+                                  f"{b.url}/v2/library/p2p/blobs/{big.digest}"], capture_output=True, text=True,
+                                 timeout=600).stdout.split()
+            dt = time.monotonic() - t0
+            assert out == ["200", str(big.size)], out
+            assert pair.upstream_blob_gets(big.digest, mark) == 0, "B went upstream"
+            nodes.append(big.size / dt)
+    finally:
+        pair.stop()
+
+    def fig(xs: list[float]) -> str:
+        return f"{statistics.median(xs) / 1e9:.2f} GB/s (runs: {', '.join(f'{x / 1e9:.2f}' for x in xs)})"
+
+    say(f"p2p pump:  {fig(pump)}  bare trio sockets, sendfile -> recv_into, no framing (the baseline)")
+    say(f"p2p wire:  {fig(wire)}  one PeerConnection pair, {piece >> 20} MiB pieces, one request at a time "
+        "(sendfile -> recv_into + SHA-256)")
+    say(f"p2p nodes: {fig(nodes)}  {total / MB:.0f} MB blob held by one node, pulled by another through its "
+        "registry API (receive + SHA-256 + write + whole-blob hash + serve to curl)")
+
+
 def kumar_ross(F: float, n: int, u_s: float, d_min: float, u_peers: list[float]) -> float:
     return max(F / u_s, F / d_min, n * F / (u_s + sum(u_peers)))
 
@@ -234,13 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--p2p-mb", type=float, default=512, help="blob size for the unthrottled peer-to-peer figures")
     p.add_argument("--log-level", default="warning", help="the nodes' log level (their logs stay in the scratch dir)")
     p.add_argument("--skip-p2p", action="store_true", help="skip the unthrottled peer-to-peer figures")
+    p.add_argument("--p2p-only", action="store_true", help="only the unthrottled peer-to-peer figures")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each peer-to-peer figure (the median is printed)")
     args = p.parse_args(argv)
 
     from p2pcache.units import parse_rate
     from tests.integration.harness.node import Node
     from tests.integration.harness.registry import Registry
     from tests.integration.harness.util import free_port, wait_until
-    from tests.integration.swarm_harness import Cluster, fetch_blob, push_random_image
+    from tests.integration.swarm_harness import Cluster, push_random_image
 
     rate = parse_rate(args.rate)
     work = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
@@ -257,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"# swarm bench: {args.nodes} nodes, image {args.image_mb:g} MB in {args.layers} layers, "
             f"limits {args.rate} (nodes up/down, upstream), load avg {os.getloadavg()[0]:.1f} on "
             f"{os.cpu_count()} cores")
+        if args.p2p_only:
+            p2p_figures(reg, work, args.p2p_mb, args.repeat, say)
+            return 0
         image = push_random_image(reg, "library/bench", "1", [size] * args.layers)
         F = sum(b.size for b in image.blobs) + len(image.manifest.data)
         proxy_port = free_port()
@@ -310,28 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                     n.stop(check=False)
 
         # (c) unthrottled peer-to-peer
-        if args.skip_p2p:
-            return 0
-        bps = wire_throughput(int(args.p2p_mb * MB))
-        say(f"p2p wire:  {bps / 1e9:.2f} GB/s "
-            "(one connection, 8 MiB pieces, 8 in flight, sendfile -> recv_into + SHA-256)")
-        big = push_random_image(reg, "library/p2p", "1", [int(args.p2p_mb * MB)]).layers[0]
-        pair = Cluster(work / "pair", reg, 2, extra_args=["--log-level", "warning"])
-        pair.start()
-        try:
-            pair.wait_members(timeout=30)
-            a, b = pair.nodes
-            assert fetch_blob(a, "library/p2p", big.digest, timeout=600) == big.data
-            mark = reg.log_mark()
-            t0 = time.monotonic()
-            data = fetch_blob(b, "library/p2p", big.digest, timeout=600)
-            dt = time.monotonic() - t0
-            assert hashlib.sha256(data).hexdigest() == big.digest.split(":")[1]
-            assert pair.upstream_blob_gets(big.digest, mark) == 0, "B went upstream"
-            say(f"p2p nodes: {big.size / dt / 1e9:.2f} GB/s node to node ({big.size / MB:.0f} MB blob held by one "
-                f"node, pulled by another: receive + SHA-256 + write + serve to the client)")
-        finally:
-            pair.stop()
+        if not args.skip_p2p:
+            p2p_figures(reg, work, args.p2p_mb, args.repeat, say)
     finally:
         for pr in procs:
             pr.terminate()

@@ -53,6 +53,7 @@ MAX_REQUESTS_IN = 32  # queued piece requests one peer may have with us; bounds 
 MAX_REQUESTS_OUT = 8  # our piece requests in flight per connection: enough to fill a LAN pipe with 1-16 MiB pieces
 MAX_CONTROL_QUEUE = 4096  # frames queued for a peer that stopped reading: beyond this it is dropped
 RECV_CHUNK = 1 << 20  # socket reads: 1 MiB keeps syscalls few (trio reading a socket ~3 GB/s here)
+RECV_HEAD = 64 << 10  # reads between payloads: many control frames at once, little of a piece's payload
 SEND_CHUNK = 1 << 20  # sendfile slices: the unit the upload bucket paces
 
 # How a connection ends without it being anybody's bug.
@@ -183,6 +184,7 @@ class PeerConnection:
                  outgoing: bool, throttle_tx: Throttle | None = None, throttle_rx: Throttle | None = None,
                  on_bytes: Callable[[str, int], None] | None = None) -> None:
         self.sock = sock
+        _tune(sock)  # accepted sockets too: without TCP_NODELAY a piece's last segment waits for a delayed ACK
         self.peer = peer
         self.host = host
         self.dec = dec
@@ -343,7 +345,9 @@ class PeerConnection:
                     if n:
                         self.dec.payload_written(n)
                 else:
-                    n = await self.sock.recv_into(view)
+                    # Between payloads read at most RECV_HEAD: the rest of a piece then goes straight into its
+                    # buffer (payload_space) instead of through the decoder's header buffer (three more copies).
+                    n = await self.sock.recv_into(view[:RECV_HEAD])
                     if n:
                         self.dec.feed(view[:n])
                 if not n:

@@ -107,6 +107,16 @@ UPLOAD_SLOTS = 4  # pieces uploaded at once: a cold blob's first holder finishes
 UPSTREAM_PRIORITY = 1.0  # seconds of download-limit debt the upstream stream may run ahead of peer reads
 MAX_STORED_ANNOUNCED = 10_000  # blobs found in the store at start-up that are announced (one small RPC each)
 HOLDERS_LIMIT = 50  # holders asked for per lookup; the tracker samples them at random so load spreads
+# Piece payloads are hashed in a worker thread (`_Fill._get_piece`), not by the decoder on the event loop: SHA-256
+# runs ~1.4 GB/s on one core here, so hashing on the loop caps a node's intake near that and stalls every other
+# connection while it runs; in a thread it overlaps the next piece's receive.
+NO_LOOP_HASHING: frozenset[str] = frozenset()
+# With few peers the scheduler's one request per peer leaves the link idle for a round trip between pieces (one
+# holder served 1 MiB pieces at 0.1 GB/s on loopback): a download with at most FEW_PEERS peers keeps DEEP_PIPELINE
+# requests in flight to each (at most the uploader's UPLOAD_SLOTS, beyond which it would answer "busy"). With more
+# peers the scheduler's default stands (the simulator's choice for busy swarms, where deeper queues hurt).
+FEW_PEERS = 2
+DEEP_PIPELINE = 4
 
 
 @dataclass
@@ -297,7 +307,7 @@ class SwarmService:
     async def _serve_incoming(self, sock: trio.socket.SocketType) -> None:
         self._incoming += 1
         try:
-            dec = FrameDecoder()
+            dec = FrameDecoder(hash_kinds=NO_LOOP_HASHING)
             try:
                 peer = await handshake(sock, Handshake("server", self.secret, self.me), dec)
             except (HandshakeError, ProtocolError, PeerGone, OSError, trio.TooSlowError) as e:
@@ -356,7 +366,7 @@ class SwarmService:
             sock = await open_peer_socket(addr)
         except (OSError, trio.TooSlowError) as e:
             raise PeerGone(f"cannot connect to {addr}: {e}") from None
-        dec = FrameDecoder()
+        dec = FrameDecoder(hash_kinds=NO_LOOP_HASHING)
         try:
             peer = await handshake(sock, Handshake("client", self.secret, self.me), dec)
         except (HandshakeError, ProtocolError, PeerGone, OSError, trio.TooSlowError) as e:
@@ -1016,6 +1026,7 @@ class _Fill:
             if node not in self.peers or self.peers[node].closed:
                 self.peers[node] = conn
             self._apply(self.sched.peer_added(node, conn.peer.zone, msg["bits"], now))
+            self._set_pipelines()
         elif msg.kind == "have" and node in self.sched.peers:
             if 0 <= msg["index"] < self.sched.n:
                 self._apply(self.sched.peer_has(node, msg["index"], now))
@@ -1028,9 +1039,19 @@ class _Fill:
         self.asked.discard(node)
         if self.sched is not None:
             self._apply(self.sched.peer_gone(node, trio.current_time()))
+            self._set_pipelines()
         other = self.svc._open_conn(node)
         if other is not None and not self.done.is_set():
             self.consider(other)
+
+    def _set_pipelines(self) -> None:
+        """Deep pipelines while we have few peers, the scheduler's default otherwise (see DEEP_PIPELINE). Takes
+        effect at each peer's next fill (the next piece it delivers)."""
+        sched = self.sched
+        assert sched is not None
+        depth = DEEP_PIPELINE if len(sched.peers) <= FEW_PEERS else None
+        for node in sched.peers:
+            sched.picker.set_limit(node, depth)
 
     # -- decisions --------------------------------------------------------------------------------------------
     def _apply(self, decisions: list[Decision]) -> None:
@@ -1136,7 +1157,7 @@ class _Fill:
             self._apply(_request_failed(sched, node, index, now))
             return
         want = self.hashes[index] if index < len(self.hashes) else None
-        if got is None:  # the decoder hashes pieces as they arrive; this is only a fallback
+        if got is None:  # hashed here, in a worker thread (NO_LOOP_HASHING), while the loop receives the next
             got = await trio.to_thread.run_sync(_sha256, data)
         ok = want is not None and got == want and len(data) == sched.piece_len(index)
         if not ok:

@@ -317,7 +317,8 @@ class FrameDecoder:
                 # bytes that arrived after the header but before the payload buffer existed
                 if self._buf:
                     n = min(len(self._buf), len(self._payload) - self._have)
-                    self._payload[self._have:self._have + n] = self._buf[:n]
+                    with memoryview(self._buf) as head:
+                        self._payload[self._have:self._have + n] = head[:n]
                     del self._buf[:n]
                     self._hash(self._have, n)
                     self._have += n
