@@ -257,8 +257,13 @@ class Upstream:
         return await self._call("HEAD", repo, f"blobs/{digest}", "blob", {}, read_size)
 
     @asynccontextmanager
-    async def open_blob(self, repo: Repo, digest: str, offset: int = 0) -> AsyncIterator[BlobResponse]:
-        """Stream a blob from `offset`; the BlobResponse yields chunks of up to 1 MiB.
+    async def open_blob(self, repo: Repo, digest: str, offset: int = 0,
+                        end: int | None = None) -> AsyncIterator[BlobResponse]:
+        """Stream a blob from `offset` to `end` (exclusive; None: its end); chunks of up to 1 MiB.
+
+        `end` goes into the Range header, so the registry stops sending there (a swarm node fetching only the
+        pieces nobody else has must not pull the rest of the blob through its socket buffers); an end beyond the
+        blob is its size. A registry that ignores Range is cut off at `end` by us.
 
         Raises before yielding if the blob cannot be had (OciError / UpstreamUnavailable). While iterating,
         a broken or stalled body is resumed with a Range request (up to `upstream_retries` times), so callers
@@ -267,8 +272,10 @@ class Upstream:
         parse_digest(digest)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset must be a non-negative int, got {offset!r}")
-        resp, size, skip = await self._open_blob_response(repo, digest, offset)
-        blob = BlobResponse(self, repo, digest, offset, size, resp, skip)
+        if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end <= offset):
+            raise ValueError(f"end must be an int > offset, got {end!r}")
+        resp, size, skip = await self._open_blob_response(repo, digest, offset, end)
+        blob = BlobResponse(self, repo, digest, offset, size, resp, skip, end)
         try:
             yield blob
         finally:
@@ -276,10 +283,13 @@ class Upstream:
 
     # --- blobs ---
 
-    async def _open_blob_response(self, repo: Repo, digest: str, offset: int) -> tuple[httpx.Response, int, int]:
-        """An open response for the blob from `offset`: (response, blob size, prefix bytes to skip)."""
+    async def _open_blob_response(self, repo: Repo, digest: str, offset: int,
+                                  end: int | None = None) -> tuple[httpx.Response, int, int]:
+        """An open response for the blob from `offset` (to `end`): (response, blob size, prefix bytes to skip)."""
         headers: dict[str, str] = {}
-        if offset:
+        if end is not None:
+            headers["Range"] = f"bytes={offset}-{end - 1}"
+        elif offset:
             headers["Range"] = f"bytes={offset}-"
 
         async def check(resp: httpx.Response) -> tuple[httpx.Response, int, int]:
@@ -297,12 +307,13 @@ class Upstream:
                 m = _CONTENT_RANGE.fullmatch(resp.headers.get("content-range", "").strip())
                 if m is None or m.group(3) == "*":
                     raise UpstreamProtocolError(f"blob {digest}: 206 without a usable Content-Range")
-                start, end, total = int(m.group(1)), int(m.group(2)), int(m.group(3))
-                if start != offset or end != total - 1 or end < start:
+                start, last_got, total = int(m.group(1)), int(m.group(2)), int(m.group(3))
+                last = total - 1 if end is None else min(end, total) - 1
+                if start != offset or last_got != last or last_got < start:
                     raise UpstreamProtocolError(
                         f"blob {digest}: asked for bytes {offset}-, got Content-Range {m.group(0)!r}"
                     )
-                if length is not None and length != end - start + 1:
+                if length is not None and length != last_got - start + 1:
                     raise UpstreamProtocolError(f"blob {digest}: Content-Length {length} != range length")
                 return resp, total, 0
             raise UpstreamProtocolError(f"blob {digest}: unexpected status {resp.status_code}")
@@ -543,10 +554,12 @@ class BlobResponse:
     """
 
     def __init__(
-        self, upstream: Upstream, repo: Repo, digest: str, offset: int, size: int, resp: httpx.Response, skip: int
+        self, upstream: Upstream, repo: Repo, digest: str, offset: int, size: int, resp: httpx.Response, skip: int,
+        end: int | None = None,
     ) -> None:
         self.size = size  # total blob size
         self.offset = offset  # first byte this response yields
+        self.end = size if end is None else min(end, size)  # first byte it does not yield
         self._upstream = upstream
         self._repo = repo
         self._digest = digest
@@ -566,7 +579,7 @@ class BlobResponse:
 
     async def __anext__(self) -> bytes:
         while True:
-            if self._pos >= self.size:
+            if self._pos >= self.end:
                 raise StopAsyncIteration
             try:
                 chunk = await self._chunks.__anext__()
@@ -584,6 +597,8 @@ class BlobResponse:
                         continue
                 if self._pos + len(chunk) > self.size:
                     raise UpstreamProtocolError(f"blob {self._digest}: more bytes than its size {self.size}")
+                if self._pos + len(chunk) > self.end:  # a registry that ignored our Range end
+                    chunk = chunk[: self.end - self._pos]
                 self._pos += len(chunk)
                 return chunk
             await self._resume(problem)
@@ -595,7 +610,8 @@ class BlobResponse:
         self._resumes += 1
         log.info("blob %s: %s; resuming at byte %d", self._digest, problem, self._pos)
         await trio.sleep(self._upstream._backoff(self._resumes - 1))
-        resp, size, skip = await self._upstream._open_blob_response(self._repo, self._digest, self._pos)
+        resp, size, skip = await self._upstream._open_blob_response(
+            self._repo, self._digest, self._pos, None if self.end == self.size else self.end)
         if size != self.size:
             await resp.aclose()
             raise UpstreamProtocolError(f"blob {self._digest}: size changed from {self.size} to {size}")

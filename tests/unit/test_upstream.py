@@ -168,21 +168,22 @@ class FakeRegistry:
         rng = request.headers.get("range")
         if self.break_body_at:
             n = self.break_body_at.pop(0)
-            start = int(rng.removeprefix("bytes=").rstrip("-")) if rng else 0
+            start = int(rng.removeprefix("bytes=").partition("-")[0]) if rng else 0
             headers = {"Content-Length": str(len(BLOB) - start)}
             if rng:
                 headers["Content-Range"] = f"bytes {start}-{len(BLOB) - 1}/{len(BLOB)}"
             return httpx.Response(206 if rng else 200, headers=headers, stream=BreakingStream(BLOB[start:], n))
         if rng is None or self.range_mode == "ignore":
             return respond(200, content=BLOB)
-        start = int(rng.removeprefix("bytes=").rstrip("-"))
+        first, _, last = rng.removeprefix("bytes=").partition("-")
+        start, stop = int(first), min(len(BLOB), int(last) + 1) if last else len(BLOB)
         if start >= len(BLOB):
             return respond(416, headers={"Content-Range": f"bytes */{len(BLOB)}"})
         if self.range_mode == "wrong":  # answers a different range than asked
             start = max(0, start - 10)
         total = "*" if self.range_mode == "no-total" else str(len(BLOB))
-        return respond(206, headers={"Content-Range": f"bytes {start}-{len(BLOB) - 1}/{total}"},
-                              content=BLOB[start:])
+        return respond(206, headers={"Content-Range": f"bytes {start}-{stop - 1}/{total}"},
+                              content=BLOB[start:stop])
 
     def paths(self) -> list[str]:
         return [f"{r.method} {r.url.host}{r.url.path}" for r in self.requests]
@@ -435,6 +436,28 @@ async def test_range_honoured_or_ignored(mode: str) -> None:
     assert reg.requests[-1].headers["range"] == f"bytes={offset}-"
     received = metrics.registry.get_sample_value("p2pcache_upstream_bytes_total")
     assert received == (len(BLOB) - offset if mode == "honour" else len(BLOB))
+
+
+@pytest.mark.parametrize("mode", ["honour", "ignore"])
+async def test_range_end_is_asked_for_and_kept(mode: str) -> None:
+    # A swarm node fetching only the pieces nobody else has asks for them alone; a registry that ignores the
+    # Range is cut off at the end by us.
+    reg = FakeRegistry(range_mode=mode)
+    metrics = Metrics()
+    up = make(reg, metrics=metrics)
+    offset, end = 1_500_000, 2_000_000
+    async with up.open_blob(REPO, BLOB_DIGEST, offset, end) as blob:
+        assert (blob.size, blob.offset, blob.end) == (len(BLOB), offset, end)
+        got = b"".join([c async for c in blob])
+    assert got == BLOB[offset:end]
+    assert reg.requests[-1].headers["range"] == f"bytes={offset}-{end - 1}"
+    if mode == "honour":
+        assert metrics.registry.get_sample_value("p2pcache_upstream_bytes_total") == end - offset
+    async with up.open_blob(REPO, BLOB_DIGEST, offset, len(BLOB) + 10) as blob:  # beyond the blob: its end
+        assert b"".join([c async for c in blob]) == BLOB[offset:]
+    with pytest.raises(ValueError):
+        async with up.open_blob(REPO, BLOB_DIGEST, offset, offset):
+            pass
 
 
 @pytest.mark.parametrize("mode", ["wrong", "no-total"])
