@@ -293,8 +293,16 @@ class Download:
         if not self._streaming:
             self._kick_whole_hash()
 
-    async def fetch_from_upstream(self, upstream: Upstream, repo: Repo) -> None:
-        """Stream the rest of the blob from upstream; resume with Range on a short body (bounded)."""
+    async def fetch_from_upstream(self, upstream: Upstream, repo: Repo, *, start: int | None = None,
+                                  end: int | None = None, stop: Callable[[], bool] | None = None) -> None:
+        """Stream the rest of the blob from upstream; resume with Range on a short body (bounded).
+
+        For the swarm (the size is known): `start`, a piece boundary, begins the stream at the first piece from
+        there not held yet, even past the contiguous prefix (a takeover claim holder fetching what no peer has:
+        such a detached stream hashes and marks pieces; the whole-blob hash catches up from disk later); `end`
+        (exclusive) is the Range end, so upstream sends nothing beyond; `stop()`, checked before each chunk,
+        ends the stream cleanly (the chunks already received are written and hashed) and returns.
+        """
         if self.size is None and self._resumable_on_disk():
             # An earlier run left part of this blob: learn the size with a HEAD so the first GET already asks
             # for just the missing range (a plain GET would start sending bytes we hold).
@@ -304,12 +312,16 @@ class Download:
                 pass  # the GET below will tell
         idle = total = 0
         while True:
-            offset = self._resume_offset()
-            if self.size is not None and offset >= self.size:
+            offset = self._next_offset(start)
+            limit = self.size if self.size is None or end is None else min(end, self.size)
+            if limit is not None and offset >= limit:
+                return
+            if stop is not None and stop():
                 return
             err: BaseException | None = None
             try:
-                async with upstream.open_blob(repo, self.digest, offset) as resp:
+                ranged = {} if limit is None or limit == self.size else {"end": limit}
+                async with upstream.open_blob(repo, self.digest, offset, **ranged) as resp:
                     if self.size is None:
                         await self.start(resp.size)
                         if self._resume_offset() > offset:
@@ -319,7 +331,8 @@ class Download:
                         raise FetchFailed(f"upstream size of {self.digest} changed to {resp.size}")
                     if resp.offset != offset:
                         raise FetchFailed(f"upstream answered from offset {resp.offset}, asked {offset}")
-                    err = await self._stream(resp, offset)
+                    detached = offset > self._resume_offset()
+                    err = await self._stream(resp, offset, limit=limit, stop=stop, detached=detached)
             except OciError as e:
                 if self.size is None:
                     raise
@@ -329,8 +342,8 @@ class Download:
                     raise
                 err = e
             assert self.size is not None
-            pos = self._resume_offset()
-            if pos >= self.size:
+            pos = self._next_offset(start)
+            if pos >= (self.size if end is None else min(end, self.size)) or (stop is not None and stop()):
                 return
             total += 1
             idle = 0 if pos > offset else idle + 1
@@ -442,6 +455,16 @@ class Download:
     def _resume_offset(self) -> int:
         return max(self._stream_end, self._pieces_end)
 
+    def _next_offset(self, start: int | None) -> int:
+        """Where an upstream stream starts: the contiguous prefix's end, or the first piece not held from `start`."""
+        pos = self._resume_offset()
+        if start is None or start <= pos or self.partial is None or self.size is None or self.piece_size is None:
+            return pos
+        i = start // self.piece_size
+        while i < self.n_pieces and self.partial.have(i):
+            i += 1
+        return min(i * self.piece_size, self.size)
+
     def _refresh_pieces_end(self) -> None:
         assert self.partial is not None and self.size is not None and self.piece_size is not None
         self._pieces_end = min(self.partial.contiguous_pieces() * self.piece_size, self.size)
@@ -503,15 +526,19 @@ class Download:
             self._whole.update(view[:n])
             pos += n
 
-    async def _stream(self, chunks: AsyncIterator[bytes], offset: int) -> BaseException | None:
-        """Write and hash chunks from `offset` on; returns the error that ended the body early, if any."""
+    async def _stream(self, chunks: AsyncIterator[bytes], offset: int, *, limit: int | None = None,
+                      stop: Callable[[], bool] | None = None, detached: bool = False) -> BaseException | None:
+        """Write and hash chunks from `offset` on (to `limit`, until `stop()`); returns the error that ended the
+        body early, if any. `detached`: `offset` is past the contiguous prefix (see fetch_from_upstream)."""
         assert self.size is not None and self.piece_size is not None
-        async with self._whole_lock:
-            if self._whole_pos < offset:
-                await trio.to_thread.run_sync(self._hash_from_disk, self._whole_pos, offset)
-                self._whole_pos = offset
-        if self._whole_pos != offset:
-            raise FetchFailed(f"{self.digest}: whole hash at {self._whole_pos}, stream at {offset}")
+        limit = self.size if limit is None else limit
+        if not detached:
+            async with self._whole_lock:
+                if self._whole_pos < offset:
+                    await trio.to_thread.run_sync(self._hash_from_disk, self._whole_pos, offset)
+                    self._whole_pos = offset
+            if self._whole_pos != offset:
+                raise FetchFailed(f"{self.digest}: whole hash at {self._whole_pos}, stream at {offset}")
         if self._piece_pos != offset:
             # Starting at a piece boundary (a resumed or swarm-filled prefix): a fresh piece hash.
             if offset % self.piece_size:
@@ -519,30 +546,39 @@ class Download:
             self._piece_hasher = hashlib.sha256()
             self._piece_index = offset // self.piece_size
             self._piece_pos = offset
-        self._stream_end = offset
+        if not detached:
+            self._stream_end = offset
         err: BaseException | None = None
         too_long = False
         pos = offset
-        self._streaming = True
+        self._streaming = not detached  # a detached stream does not feed the whole-blob hash
         try:
             async with trio.open_nursery() as nursery:
                 to_writer, writer_rx = trio.open_memory_channel[tuple[int, bytes]](CHANNEL_DEPTH)
                 to_hasher, hasher_rx = trio.open_memory_channel[bytes](CHANNEL_DEPTH)
-                nursery.start_soon(self._writer, writer_rx, nursery)
-                nursery.start_soon(self._whole_hasher, hasher_rx)
+                nursery.start_soon(self._writer, writer_rx, nursery, detached)
+                if detached:
+                    hasher_rx.close()
+                else:
+                    nursery.start_soon(self._whole_hasher, hasher_rx)
                 async with to_writer, to_hasher:
                     try:
                         async for chunk in chunks:
                             if not chunk:
                                 continue
+                            if stop is not None and stop():
+                                break
                             if pos + len(chunk) > self.size:
                                 too_long = True
                                 chunk = chunk[: self.size - pos]
+                            elif pos + len(chunk) > limit:
+                                chunk = chunk[: limit - pos]
                             if chunk:
                                 await to_writer.send((pos, chunk))
-                                await to_hasher.send(chunk)
+                                if not detached:
+                                    await to_hasher.send(chunk)
                                 pos += len(chunk)
-                            if too_long:
+                            if too_long or pos >= limit:
                                 break
                     except _TRANSIENT as e:
                         err = e  # consumers still drain what arrived; the caller resumes from there
@@ -558,7 +594,8 @@ class Download:
             self._too_long = True
         return err
 
-    async def _writer(self, rx: trio.MemoryReceiveChannel[tuple[int, bytes]], nursery: trio.Nursery) -> None:
+    async def _writer(self, rx: trio.MemoryReceiveChannel[tuple[int, bytes]], nursery: trio.Nursery,
+                      detached: bool = False) -> None:
         flushed = self._stream_end
         flushing = False
 
@@ -586,10 +623,13 @@ class Download:
                 except OSError as e:  # a full or failing disk: not the upstream's fault, do not resume
                     raise FetchFailed(f"cannot write {self.digest}: {e}") from e
                 last_pos, last = batch[-1]
-                self._stream_end = last_pos + len(last)
+                if not detached:
+                    self._stream_end = last_pos + len(last)
                 for index, digest in done:
                     self._mark(index, digest)
                 self._wake()
+                if detached:
+                    self._kick_whole_hash()  # the prefix may have grown up to pieces this stream marked
                 if self._save_due:
                     nursery.start_soon(self._save_state)
                 if not flushing and self._stream_end - flushed >= WRITEBACK_BYTES:

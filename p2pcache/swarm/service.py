@@ -42,7 +42,8 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -782,8 +783,10 @@ class _Fill:
         self.meta_source: str | None = None
         self.claim_holder: str | None = None
         self.claimed = False
-        self.upstream_scope: trio.CancelScope | None = None
         self.upstream_stop = False
+        self._upstream_gen = 0  # each FetchUpstream starts a new generation; older streams stop
+        self._upstream_lock = trio.Lock()
+        self._writing: set[int] = set()  # pieces from peers being written (the piece listener skips them)
         self.done = trio.Event()
         self.error: BaseException | None = None
         self._nursery: trio.Nursery | None = None
@@ -794,7 +797,7 @@ class _Fill:
     # -- entry ------------------------------------------------------------------------------------------------
     async def run(self) -> None:
         svc, d = self.svc, self.download
-        d.add_piece_listener(lambda i, h: svc.have_piece(self.digest, i))
+        d.add_piece_listener(self._on_piece)
         t0 = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
@@ -1072,8 +1075,11 @@ class _Fill:
             elif isinstance(dec, AskClaim):
                 self._nursery_spawn(self._ask_claim)
             elif isinstance(dec, FetchUpstream):
+                # a new stream from dec.start_piece (the scheduler's `upstream`): an older one stops at its
+                # next chunk and hands over the download (_upstream_lock)
                 self.upstream_stop = False
-                self._nursery_spawn(self._upstream, dec.start_piece)
+                self._upstream_gen += 1
+                self._nursery_spawn(self._upstream, self._upstream_gen)
             elif isinstance(dec, StopUpstream):
                 self.upstream_stop = True
             elif isinstance(dec, Discard):
@@ -1169,6 +1175,7 @@ class _Fill:
         # Verified: tell the scheduler now, so the next request goes out while this piece is written (the write
         # is in a worker thread). "Done" waits for the writes in flight (see _done_pieces).
         self._writes += 1
+        self._writing.add(index)
         try:
             self._apply(sched.piece_received(node, index, True, len(data), trio.current_time()))
             if not self.download.have(index):
@@ -1176,81 +1183,81 @@ class _Fill:
         except Exception as e:
             self._finish(e)
         finally:
+            self._writing.discard(index)
             self._writes -= 1
             if self._writes == 0:
                 self._writes_idle.set()
                 self._writes_idle = trio.Event()
 
-    async def _upstream(self, start: int) -> None:
-        """Stream pieces start, start+1, ... from upstream until the scheduler says stop; hash, write, publish.
+    async def _upstream(self, gen: int) -> None:
+        """Fetch the pieces the scheduler wants from upstream, from `sched.upstream` on, until it says stop.
 
-        A reader task cuts the body into pieces one piece ahead of this task, which hashes (in a thread), writes
-        and reports them, so the network and the CPU work at the same time.
+        The bytes come through `Download.fetch_from_upstream`, the reader a node without the swarm uses (hashing
+        and writing in worker threads, whole-blob hash as it goes, resumes with Range); each piece it marks
+        reaches `_on_piece` through the download's piece listener, which publishes the hash and reports it to the
+        scheduler. The Range ends where the run of pieces that no peer has ends (for the first claim holder of a
+        cold blob: the blob's end), so a takeover holder pulls only what the swarm lacks; if the scheduler still
+        wants the piece after that run when it ends, the loop asks again from there.
         """
-        svc, d, sched = self.svc, self.download, self.sched
+        d, sched = self.download, self.sched
         assert sched is not None and d.size is not None and d.piece_size is not None
-        index = start
-        try:
-            send, recv = trio.open_memory_channel[tuple[int, bytes]](UPSTREAM_READ_AHEAD)
-            async with trio.open_nursery() as nursery:
-                errors: list[BaseException] = []
-                nursery.start_soon(self._upstream_reader, start, send, errors)
-                async with recv:
-                    async for index, piece in recv:
-                        h = await trio.to_thread.run_sync(_sha256, piece)
-                        if self.hashes and self.hashes[index] is not None and self.hashes[index] != h:
-                            # the published hash (from an earlier claim holder) is wrong, or upstream changed
-                            log.error("%s: upstream piece %d differs from the published hash",
-                                      self.digest[:19], index)
-                        if not d.have(index):
-                            await d.write_piece(index, piece, h)
-                        if self.hashes:
-                            self.hashes[index] = h
-                        if self.claimed:
-                            svc._spawn(self._publish, index, [h])
-                        self._apply(sched.upstream_progress(index, len(piece), trio.current_time()))
-                        if self.upstream_stop or sched.upstream != index + 1 or self.done.is_set():
-                            nursery.cancel_scope.cancel()
-                            return
-                if errors:
-                    raise errors[0]
-        except Exception as e:
-            log.warning("%s: upstream stream failed at piece %d: %s", self.digest[:19], index, e)
-            self._apply(sched.upstream_failed(str(e), trio.current_time()))
+        size, ps = d.size, d.piece_size
 
-    async def _upstream_reader(self, start: int, send: trio.MemorySendChannel[tuple[int, bytes]],
-                               errors: list[BaseException]) -> None:
-        from p2pcache.fetch import FetchFailed
+        def stopped() -> bool:
+            return self.upstream_stop or self.done.is_set() or gen != self._upstream_gen or sched.upstream is None
 
-        svc, d = self.svc, self.download
-        assert d.size is not None and d.piece_size is not None
-        index = start
-        offset, length = piece_span(index, d.size, d.piece_size)
-        buf = bytearray()
-        count = getattr(svc.fetcher, "count_upstream_bytes", False)
-        async with send:
-            try:
-                async with svc.upstream.open_blob(self.repo, self.digest, offset) as resp:
-                    if resp.size != d.size:
-                        raise FetchFailed(f"upstream size of {self.digest} is {resp.size}, not {d.size}")
-                    async for chunk in resp:
-                        if svc.settings.download_limit:
-                            await svc._throttle_upstream(len(chunk))
-                        if count:
-                            svc.metrics.upstream_bytes.inc(len(chunk))
-                        buf += chunk
-                        while len(buf) >= length and index < d.n_pieces:
-                            await send.send((index, bytes(buf[:length])))
-                            del buf[:length]
-                            index += 1
-                            if index < d.n_pieces:
-                                offset, length = piece_span(index, d.size, d.piece_size)
-                        if index >= d.n_pieces:
-                            return
-                if index < d.n_pieces:
-                    raise FetchFailed(f"upstream body of {self.digest} ended early")
-            except Exception as e:  # handed to the consumer, which reports it to the scheduler
-                errors.append(e)
+        async with self._upstream_lock:  # one stream at a time: the download's piece hasher is shared
+            while not stopped():
+                first = sched.upstream
+                assert first is not None
+                end = self._upstream_run_end(first)
+                try:
+                    await d.fetch_from_upstream(self._paced_upstream(), self.repo, start=first * ps,
+                                                end=min(size, end * ps), stop=stopped)
+                except Exception as e:
+                    log.warning("%s: upstream stream failed from piece %d: %s", self.digest[:19], first, e)
+                    if gen == self._upstream_gen and not self.done.is_set():
+                        self._apply(sched.upstream_failed(str(e), trio.current_time()))
+                    return
+                if not stopped() and sched.upstream == first:
+                    # the stream ended without the piece the scheduler waits for: never loop on it
+                    self._apply(sched.upstream_failed(f"no progress at piece {first}", trio.current_time()))
+                    return
+
+    def _upstream_run_end(self, first: int) -> int:
+        """The first piece after `first` the upstream stream should not fetch: one we hold, or (unless the
+        scheduler takes any piece from upstream) one a peer has."""
+        sched = self.sched
+        assert sched is not None
+        p = sched.picker
+        any_piece = sched.upstream_only or sched.upstream_reason == "stall"
+        j = first + 1
+        while j < sched.n and not p.have(j) and (any_piece or p.avail[j] == 0):
+            j += 1
+        return j
+
+    def _paced_upstream(self) -> Any:
+        if not self.svc.settings.download_limit:
+            return self.svc.upstream
+        return _PacedUpstream(self.svc)
+
+    def _on_piece(self, index: int, sha256: bytes) -> None:
+        """Download piece listener: a piece was marked (written and hashed). Peers that asked hear of it; a piece
+        the upstream stream marked (not one `_get_piece` wrote) is published and reported to the scheduler."""
+        self.svc.have_piece(self.digest, index)
+        sched = self.sched
+        if sched is None or self.done.is_set():
+            return
+        if index in self._writing and sched.upstream != index:
+            return  # from a peer: _get_piece already reported it
+        if 0 <= index < len(self.hashes):
+            if self.hashes[index] is not None and self.hashes[index] != sha256:
+                # the published hash (from an earlier claim holder) is wrong, or upstream changed
+                log.error("%s: upstream piece %d differs from the published hash", self.digest[:19], index)
+            self.hashes[index] = sha256
+        if self.claimed:
+            self.svc._spawn(self._publish, index, [sha256])
+        self._apply(sched.upstream_progress(index, sched.piece_len(index), trio.current_time()))
 
     async def _publish(self, index: int, hashes: list[bytes]) -> None:
         svc, d = self.svc, self.download
@@ -1266,8 +1273,40 @@ class _Fill:
 RPC_META_TIMEOUT = 3.0
 TICK_MAX = 0.5  # the scheduler's busy back-off is 0.5 s, its timeouts seconds
 TICK_MIN = 0.05  # the scheduler's timeouts are seconds; 50 ms of slack costs nothing and bounds the wakeups
-UPSTREAM_READ_AHEAD = 1  # pieces cut ahead of hashing: overlap network and CPU, waste at most this on a stop
 BAN_SECONDS = 600.0  # like the scheduler's: a liar stays out for ten minutes
+
+
+class _PacedUpstream:
+    """The node's Upstream for the swarm's upstream stream: each chunk is counted against the node's download
+    limit first (`SwarmService._throttle_upstream`), so peer reads wait behind it."""
+
+    def __init__(self, svc: SwarmService) -> None:
+        self._svc = svc
+
+    async def head_blob(self, repo: Repo, digest: str) -> int:
+        return await self._svc.upstream.head_blob(repo, digest)
+
+    @asynccontextmanager
+    async def open_blob(self, repo: Repo, digest: str, offset: int = 0,
+                        end: int | None = None) -> AsyncIterator[_PacedBody]:
+        async with self._svc.upstream.open_blob(repo, digest, offset, end=end) as resp:
+            yield _PacedBody(resp, self._svc)
+
+
+class _PacedBody:
+    def __init__(self, resp: Any, svc: SwarmService) -> None:
+        self.size = resp.size
+        self.offset = resp.offset
+        self._chunks = resp.__aiter__()
+        self._svc = svc
+
+    def __aiter__(self) -> _PacedBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._chunks.__anext__()
+        await self._svc._throttle_upstream(len(chunk))
+        return chunk
 
 
 def _request_failed(sched: DownloadScheduler, node: str, index: int, now: float) -> list[Decision]:
