@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -285,11 +286,12 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
     total = int(mb * MB)
     piece = piece_size_for(total)
     blobs = [push_random_image(reg, "library/p2p", str(k), [total]).layers[0] for k in range(repeat)]
-    pair = Cluster(work / "pair", reg, 2, extra_args=["--log-level", "warning"])
+    pair = Cluster(work / "pair", reg, 2, extra_args=["--log-level", "info"])  # B's log says when pieces were done
     pair.start()
     pump: list[float] = []
     wire: list[float] = []
     nodes: list[float] = []
+    pieces: list[float] = []
     try:
         pair.wait_members(timeout=30)
         a, b = pair.nodes
@@ -310,6 +312,9 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
             assert out == ["200", str(big.size)], out
             assert pair.upstream_blob_gets(big.digest, mark) == 0, "B went upstream"
             nodes.append(big.size / dt)
+            m = re.search(re.escape(big.digest[:19]) + r": pieces done after ([0-9.]+)s", b.log_text())
+            if m:
+                pieces.append(big.size / float(m.group(1)))
     finally:
         pair.stop()
 
@@ -319,8 +324,11 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
     say(f"p2p pump:  {fig(pump)}  bare trio sockets, sendfile -> recv_into, no framing (the baseline)")
     say(f"p2p wire:  {fig(wire)}  one PeerConnection pair, {piece >> 20} MiB pieces, one request at a time "
         "(sendfile -> recv_into + SHA-256)")
+    if pieces:
+        say(f"p2p swarm: {fig(pieces)}  the same pulls, B's swarm transfer alone: from its first request until "
+            "every piece was received, hashed and written (B's log)")
     say(f"p2p nodes: {fig(nodes)}  {total / MB:.0f} MB blob held by one node, pulled by another through its "
-        "registry API (receive + SHA-256 + write + whole-blob hash + serve to curl)")
+        "registry API (receive + SHA-256 + write + whole-blob hash + fsync + commit + serve to curl)")
 
 
 def kumar_ross(F: float, n: int, u_s: float, d_min: float, u_peers: list[float]) -> float:
