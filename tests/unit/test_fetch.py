@@ -450,6 +450,55 @@ async def test_the_swarm_can_stream_the_missing_part_from_upstream(settings: Set
         assert up.opens == [(d, 2 * PIECE)]
 
 
+class RangedUpstream(FakeUpstream):
+    """A FakeUpstream that honours a Range end (and records each (offset, end) asked for)."""
+
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        super().__init__(blobs)
+        self.ranges: list[tuple[int, int | None]] = []
+
+    @asynccontextmanager
+    async def open_blob(self, repo: Repo, digest: str, offset: int = 0,
+                        end: int | None = None) -> AsyncIterator[FakeResponse]:
+        self.ranges.append((offset, end))
+        async with super().open_blob(repo, digest, offset) as resp:
+            if end is not None:  # the registry stops at the end: no byte beyond it is sent
+                resp._cut, resp._how = end - offset, "return"
+            yield resp
+
+
+class TakeoverSwarm:
+    """A takeover claim holder: piece 0 came from peers; it fetches pieces 3-4 (nobody has them) with a Range
+    end, then streams from its prefix but stops once piece 1 is in, then fetches the rest."""
+
+    def __init__(self, data: bytes, up: RangedUpstream) -> None:
+        self.data, self.up = data, up
+        self.marked: list[int] = []
+
+    async def fill(self, download: Download, repo: Repo) -> None:
+        await download.start(len(self.data), PIECE)
+        download.add_piece_listener(lambda i, h: self.marked.append(i))
+        piece = self.data[:PIECE]
+        await download.write_piece(0, piece, hashlib.sha256(piece).digest())
+        await download.fetch_from_upstream(self.up, repo, start=3 * PIECE, end=5 * PIECE)  # type: ignore[arg-type]
+        assert self.marked == [0, 3, 4] and download.readable_end() == PIECE  # 3-4 are not a prefix yet
+        await download.fetch_from_upstream(self.up, repo, start=PIECE,  # type: ignore[arg-type]
+                                           stop=lambda: download.have(1))
+        assert download.have(1) and not download.have(5)
+        await download.fetch_from_upstream(self.up, repo)  # type: ignore[arg-type]
+
+
+async def test_a_takeover_fetches_ranges_past_its_prefix_and_stops_when_told(settings: Settings) -> None:
+    data = blob(6 * PIECE + 5)
+    d = digest_of(data)
+    up = RangedUpstream({d: data})
+    async with running(settings, up) as fetcher:
+        fetcher.swarm = swarm = TakeoverSwarm(data, up)
+        assert await fetch(fetcher, d) == data
+    assert up.ranges[:2] == [(3 * PIECE, 5 * PIECE), (PIECE, None)]
+    assert sorted(set(swarm.marked)) == list(range(7))
+
+
 async def test_an_absurd_announced_size_is_a_clear_error_not_a_crash(settings: Settings) -> None:
     data = blob(PIECE)
     d = digest_of(data)
