@@ -61,7 +61,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import ExitStack, asynccontextmanager
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeVar
 
 import httpx
 import trio
@@ -122,6 +122,20 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         n = os.pwrite(fd, data, offset)
         data = data[n:]
         offset += n
+
+
+_T = TypeVar("_T")
+
+
+def _drain(rx: trio.MemoryReceiveChannel[_T], first: _T) -> list[_T]:
+    """`first` plus whatever else is already queued (up to BATCH_CHUNKS): one thread hop for many chunks."""
+    batch = [first]
+    while len(batch) < BATCH_CHUNKS:
+        try:
+            batch.append(rx.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    return batch
 
 
 def _single(group: BaseExceptionGroup) -> BaseException:
@@ -612,12 +626,7 @@ class Download:
 
         async with rx:
             async for first in rx:
-                batch = [first]
-                while len(batch) < BATCH_CHUNKS:
-                    try:
-                        batch.append(rx.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+                batch = _drain(rx, first)
                 try:
                     done = await trio.to_thread.run_sync(self._write_batch, batch)
                 except OSError as e:  # a full or failing disk: not the upstream's fault, do not resume
@@ -658,12 +667,7 @@ class Download:
     async def _whole_hasher(self, rx: trio.MemoryReceiveChannel[bytes]) -> None:
         async with rx:
             async for first in rx:
-                batch = [first]
-                while len(batch) < BATCH_CHUNKS:
-                    try:
-                        batch.append(rx.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+                batch = _drain(rx, first)
                 await trio.to_thread.run_sync(self._hash_batch, batch)
                 self._whole_pos += sum(len(c) for c in batch)
 

@@ -95,14 +95,7 @@ class Net:
         if not flow.active:
             return flow.size - flow.left
         self._advance(flow, now)
-        flow.active = False
-        flow.ver += 1
-        used = self.used
-        for r in flow.res:
-            self.at[r].discard(flow)
-            used[r] -= flow.rate
-        flow.rate = 0.0
-        self.dirty.update(flow.res)
+        self._detach(flow)
         return flow.size - flow.left
 
     def finish(self, flow: Flow, now: float) -> None:
@@ -112,6 +105,10 @@ class Net:
                 self.bytes_by_res[r] += flow.left
         flow.left = 0.0
         flow.t = now
+        self._detach(flow)
+
+    def _detach(self, flow: Flow) -> None:
+        """Take an ended flow off its resources; they are re-shared at the next rebalance."""
         flow.active = False
         flow.ver += 1
         used = self.used
