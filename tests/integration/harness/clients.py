@@ -15,6 +15,7 @@ import signal
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Self
 
 from .util import require_binary, tail, wait_until
 
@@ -84,9 +85,53 @@ def verify_dir_blobs(out: Path) -> list[str]:
     return sorted("sha256:" + p.name for p in names)
 
 
+# --- daemons the tests start and stop ---
+
+class _Daemon:
+    """A long-running program with a log file and a readiness check (containerd, dockerd)."""
+
+    name = "daemon"
+    start_timeout = 30.0
+    stop_timeout = 20.0
+    log_path: Path
+    proc: subprocess.Popen | None
+
+    @property
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n{tail(self.log_path)}")
+            return self.ready()
+
+        wait_until(up, self.start_timeout, f"{self.name} to answer", interval=0.2)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
 # --- containerd ---
 
-class Containerd:
+class Containerd(_Daemon):
+    name = "containerd"
     def __init__(self, workdir: Path) -> None:
         self.bin = require_binary("containerd")
         self.ctr_bin = require_binary("ctr")
@@ -104,30 +149,12 @@ class Containerd:
         self.log_path = self.dir / "containerd.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> Containerd:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([self.bin, "--config", str(self.config)], stdout=log, stderr=log,
-                                     stdin=subprocess.DEVNULL)
-        log.close()
+    @property
+    def argv(self) -> list[str]:
+        return [self.bin, "--config", str(self.config)]
 
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"containerd exited {self.proc.returncode}:\n{tail(self.log_path)}")
-            return self.sock.exists() and self.ctr("version", check=False).returncode == 0
-
-        wait_until(up, 30, "containerd to answer", interval=0.2)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+    def ready(self) -> bool:
+        return self.sock.exists() and self.ctr("version", check=False).returncode == 0
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
         return run([self.ctr_bin, "-a", str(self.sock), *args], check=check, timeout=timeout)
@@ -152,7 +179,11 @@ class Containerd:
 
 # --- dockerd ---
 
-class Dockerd:
+class Dockerd(_Daemon):
+    name = "dockerd"
+    start_timeout = 60.0
+    stop_timeout = 30.0
+
     def __init__(self, workdir: Path, mirror: str, insecure: list[str]) -> None:
         self.bin = require_binary("dockerd")
         self.docker_bin = require_binary("docker", "/usr/bin/docker")
@@ -168,29 +199,12 @@ class Dockerd:
             self.cmd += ["--insecure-registry", reg]
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> Dockerd:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        log.close()
+    @property
+    def argv(self) -> list[str]:
+        return self.cmd
 
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"dockerd exited {self.proc.returncode}:\n{tail(self.log_path)}")
-            return self.sock.exists() and self.docker("version", check=False).returncode == 0
-
-        wait_until(up, 60, "dockerd to answer", interval=0.3)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+    def ready(self) -> bool:
+        return self.sock.exists() and self.docker("version", check=False).returncode == 0
 
     def docker(self, *args: str, check: bool = True, timeout: float = 300,
                env: dict | None = None) -> subprocess.CompletedProcess:
