@@ -7,8 +7,10 @@ and the per-piece SHA-256s as bytes arrive, and wakes every attached client so i
 disk. Clients never wait for the whole blob (time to first byte stays low).
 
 What it must never do:
-- never let a client read the blob's last piece before the whole-blob SHA-256 equals the digest and the store
-  committed it: a client can never receive a complete wrong blob, and the store never holds one;
+- never let a client read the blob's last piece before the whole-blob SHA-256 equals the digest: a client can
+  never receive a complete wrong blob. The store's commit (fsync, then rename) comes after that check, so the
+  store never holds a wrong or half-written blob either; durability (seconds on a slow disk) does not delay
+  clients, whose bytes are already verified in the page cache;
 - never run a download in a client's request task: downloads live in `Fetcher.run`'s nursery, so a client that
   disconnects cancels nothing that others wait on, and stopping the node cancels every download;
 - never start two downloads of one digest in one node (single-flight, decided without an await in between);
@@ -172,7 +174,8 @@ class Download:
         self.piece_size: int | None = None
         self.n_pieces = 0
         self.partial: PartialBlob | None = None
-        self.committed = False
+        self.verified = False  # the whole-blob SHA-256 matched: every byte may be read
+        self.committed = False  # ... and the store holds it (fsynced and renamed into blobs/)
         self.error: BaseException | None = None
         self._sized = trio.Event()  # set when the size is known, or when the download failed before that
         self._progress = trio.Event()  # replaced on every change: a broadcast to waiting clients
@@ -211,9 +214,9 @@ class Download:
         return self.size
 
     def readable_end(self) -> int:
-        """End of the bytes clients may read now: the contiguous prefix, minus the last piece until committed."""
+        """End of the bytes clients may read now: the contiguous prefix, minus the last piece until verified."""
         assert self.size is not None
-        if self.committed:
+        if self.verified:
             return self.size
         last_start, _ = piece_span(self.n_pieces - 1, self.size, self.piece_size or 1)
         return min(max(self._stream_end, self._pieces_end), last_start)
@@ -226,7 +229,7 @@ class Download:
             if self.size is None:
                 raise FetchFailed("download has no size yet")
             end = self.readable_end()
-            if end > offset or self.committed:
+            if end > offset or self.verified:
                 return end
             await self._progress.wait()
 
@@ -390,6 +393,8 @@ class Download:
             self.partial = None
             self._mismatch = BlobDigestMismatch(f"bytes of {self.digest} hash to sha256:{got}; discarded")
             raise self._mismatch
+        self.verified = True
+        self._wake()
         try:
             # commit fsyncs the blob (seconds for a large one on a slow disk): keep the loop serving meanwhile.
             await trio.to_thread.run_sync(self.fetcher.store.commit, partial, got)
@@ -413,7 +418,8 @@ class Download:
         await self.finish()
 
     def _fail(self, exc: BaseException) -> None:
-        if self.error is None and not self.committed:
+        if self.error is None and not self.verified:
+            # Once verified, clients may finish reading their own file objects even if the commit failed.
             self.error = exc
         self._sized.set()
         self._wake()

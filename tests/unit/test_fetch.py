@@ -120,6 +120,15 @@ async def running(settings: Settings, up: FakeUpstream, store: BlobStore | None 
         nursery.cancel_scope.cancel()
 
 
+async def settled_size(fetcher: Fetcher, d: str) -> int | None:
+    """The stored size once the download of `d` has ended: clients may finish reading (their bytes verified)
+    a moment before the store's commit (fsync + rename) lands."""
+    with trio.fail_after(5):
+        while d in fetcher.downloads():
+            await trio.sleep(0.005)
+    return fetcher.store.stat(d)
+
+
 async def read_all(handle: BlobHandle) -> bytes:
     out = bytearray()
     while len(out) < handle.size:
@@ -152,7 +161,7 @@ async def test_eight_clients_on_a_cold_blob_cause_one_upstream_fetch(settings: S
                 n.start_soon(client)
         assert results == [data] * 8
         assert up.opens == [(d, 0)]
-        assert fetcher.store.stat(d) == len(data)
+        assert await settled_size(fetcher, d) == len(data)
         assert sample(fetcher, "p2pcache_cache_misses_total", kind="blob") == 8
         # Now it is a hit served from the store, without asking upstream again.
         assert await fetch(fetcher, d) == data
@@ -184,7 +193,7 @@ async def test_clients_read_before_the_end_but_never_the_last_piece_before_verif
             up.release.set()
             assert await h.readable(last_piece) == len(data)
             assert os.pread(h.file.fileno(), len(data), 0) == data
-        assert fetcher.store.stat(d) == len(data)
+        assert await settled_size(fetcher, d) == len(data)
 
 
 async def test_a_lying_upstream_fails_every_client_and_stores_nothing(settings: Settings) -> None:
@@ -223,7 +232,7 @@ async def test_a_lying_upstream_fails_every_client_and_stores_nothing(settings: 
         # An honest upstream later: the next request fetches anew and succeeds.
         del up.lies[d]
         assert await fetch(fetcher, d) == data
-        assert fetcher.store.stat(d) == len(data)
+        assert await settled_size(fetcher, d) == len(data)
 
 
 async def test_refetch_after_one_mismatch_serves_later_clients(settings: Settings) -> None:
@@ -238,7 +247,7 @@ async def test_refetch_after_one_mismatch_serves_later_clients(settings: Setting
                 await read_all(h)
         assert await fetch(fetcher, d) == data
         assert up.opens == [(d, 0), (d, 0)]
-        assert fetcher.store.stat(d) == len(data)
+        assert await settled_size(fetcher, d) == len(data)
 
 
 @pytest.mark.parametrize("how", ["raise", "end"])
@@ -359,7 +368,7 @@ async def test_an_empty_blob(settings: Settings) -> None:
         async with fetcher.open_blob(REPO, d) as h:
             assert h.size == 0
             assert await h.readable(0) == 0
-        assert fetcher.store.stat(d) == 0
+        assert await settled_size(fetcher, d) == 0
 
 
 async def test_node_shutdown_cancels_downloads_and_leaves_nothing_running(settings: Settings) -> None:
@@ -405,7 +414,7 @@ async def test_the_swarm_seam_fills_pieces_out_of_order(settings: Settings) -> N
         async with fetcher.open_blob(REPO, d) as h:
             fetcher.downloads()[d].add_piece_listener(lambda i, h: published.append(i))
             assert await read_all(h) == data
-        assert fetcher.store.stat(d) == len(data)
+        assert await settled_size(fetcher, d) == len(data)
         assert up.opens == []
 
 
