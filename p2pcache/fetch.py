@@ -175,6 +175,7 @@ class Download:
         self.n_pieces = 0
         self.partial: PartialBlob | None = None
         self.verified = False  # the whole-blob SHA-256 matched: every byte may be read
+        self.done = trio.Event()  # set when the download has ended: committed to the store, or failed
         self.committed = False  # ... and the store holds it (fsynced and renamed into blobs/)
         self.error: BaseException | None = None
         self._sized = trio.Event()  # set when the size is known, or when the download failed before that
@@ -749,6 +750,21 @@ class Fetcher:
             stack.callback(reader.close)
             yield BlobHandle(size, reader, download)
 
+    async def store_blob(self, repo: Repo, digest: str) -> int:
+        """Get a blob into the store (preheat) and return its size once it is committed there.
+
+        Clients may finish reading a blob a moment before its commit lands (see `Download.finish`); a caller that
+        needs the blob on disk, not just its bytes, waits for the download to end. FetchFailed if it is not stored.
+        """
+        async with self.open_blob(repo, digest):
+            download = self._downloads.get(digest)
+            if download is not None:
+                await download.done.wait()
+        size = self.store.stat(digest)
+        if size is None:
+            raise FetchFailed(f"{digest} could not be stored")
+        return size
+
     async def stat_blob(self, repo: Repo, digest: str) -> int:
         """Size for HEAD: the store's, else an in-flight download's, else upstream's (a HEAD request)."""
         parse_digest(digest)
@@ -801,4 +817,5 @@ class Fetcher:
             if self._downloads.get(download.digest) is download:
                 del self._downloads[download.digest]
             self.metrics.downloads_in_flight.dec()
+            download.done.set()
 

@@ -255,12 +255,9 @@ class Admin:
             async with limiter:
                 try:
                     cached = self.store.stat(digest, touch=False) is not None
-                    async with self.fetcher.open_blob(repo, digest) as handle:
-                        end = await handle.readable(0)
-                        while end < handle.size:
-                            end = await handle.readable(end)
+                    size = await self.fetcher.store_blob(repo, digest)
                     summary["blobs"] += 1
-                    summary["bytes"] += handle.size
+                    summary["bytes"] += size
                     summary["already_cached"] += cached
                 except Exception as e:  # FetchFailed, OciError, …: reported, the other blobs go on
                     summary["errors"].append({"digest": digest, "error": str(e) or type(e).__name__})

@@ -589,3 +589,20 @@ async def test_a_mismatch_the_swarm_wrapped_still_sends_the_next_fetch_upstream(
                 await read_all(h)
         assert await fetch(fetcher, d) == data
         assert swarm.fills == 1 and up.opens == [(d, 0)]
+
+
+async def test_store_blob_returns_once_the_blob_is_committed(settings: Settings) -> None:
+    data = blob(5 * PIECE + 3)
+    d = digest_of(data)
+    bad = blob(2 * PIECE)
+    bad_d = digest_of(bad)
+    up = FakeUpstream({d: data, bad_d: bad})
+    up.lies[bad_d] = blob(len(bad), seed=9)
+    async with running(settings, up) as fetcher:
+        assert await fetcher.store_blob(REPO, d) == len(data)
+        assert fetcher.store.stat(d) == len(data)  # at once: no download left to settle
+        assert await fetcher.store_blob(REPO, d) == len(data)  # already stored: no second fetch
+        assert up.opens == [(d, 0)]
+        with pytest.raises(FetchFailed):
+            await fetcher.store_blob(REPO, bad_d)
+        assert fetcher.store.stat(bad_d) is None

@@ -129,7 +129,13 @@ class Node:
         return total
 
     def store_files(self, digest: str | None = None) -> list[Path]:
-        """Complete blobs in the store (`DATA/blobs/…`), optionally only those named by `digest`'s hex."""
+        """Complete blobs in the store (`DATA/blobs/…`), optionally only those named by `digest`'s hex.
+
+        Waits first until the node has no download in flight: a client's last byte is released when the blob's
+        hash matched, and the store's commit (fsync, then rename) lands a moment later.
+        """
+        if self.running:
+            wait_until(lambda: self.metric("p2pcache_downloads_in_flight") == 0, 30, "downloads to settle")
         root = self.data / "blobs"
         if not root.exists():
             return []
