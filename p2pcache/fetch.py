@@ -743,8 +743,10 @@ class Fetcher:
                 size = os.fstat(f.fileno()).st_size
                 yield BlobHandle(size, f)
                 return
-            self.metrics.cache_misses.labels(kind="blob").inc()
             download = self._join(repo, digest)
+            # A blob already verified here (its commit still landing) is a hit: nothing more is fetched for it.
+            counter = self.metrics.cache_hits if download.verified else self.metrics.cache_misses
+            counter.labels(kind="blob").inc()
             size = await download.wait_size()
             reader = download.open_reader()
             stack.callback(reader.close)
