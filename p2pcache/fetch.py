@@ -436,16 +436,11 @@ class Download:
             except OSError as e:
                 log.warning("cannot save partial state of %s: %s", self.digest, e)
         # Every handle reads through a file object of its own (open_reader), so closing this one is safe.
-        close = getattr(partial, "close", None)
-        if callable(close):
-            close()
-        else:
-            partial.file.close()
+        partial.close()
 
     def _resumable_on_disk(self) -> bool:
-        partial_dir = getattr(self.fetcher.store, "partial_dir", None)
         hex_ = self.digest.split(":", 1)[1]
-        return partial_dir is not None and os.path.exists(os.path.join(partial_dir, f"{hex_}.state"))
+        return (self.fetcher.store.partial_dir / f"{hex_}.state").exists()
 
     def source(self) -> str:
         """Where this download's bytes came from: "swarm" if any piece came through write_piece, else "upstream"."""
