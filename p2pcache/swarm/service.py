@@ -1160,7 +1160,7 @@ class _Fill:
         if data is None:
             if conn is not None and conn.closed:
                 return  # peer_closed reports it as peer_gone
-            self._apply(_request_failed(sched, node, index, now))
+            self._apply(sched.piece_refused(node, index, now))
             return
         want = self.hashes[index] if index < len(self.hashes) else None
         if got is None:  # hashed here, in a worker thread (NO_LOOP_HASHING), while the loop receives the next
@@ -1307,21 +1307,6 @@ class _PacedBody:
         chunk = await self._chunks.__anext__()
         await self._svc._throttle_upstream(len(chunk))
         return chunk
-
-
-def _request_failed(sched: DownloadScheduler, node: str, index: int, now: float) -> list[Decision]:
-    """The peer refused a request (it no longer holds the piece, or is busy): not a ban, just ask elsewhere."""
-    hook = getattr(sched, "piece_refused", None)
-    if hook is not None:
-        return hook(node, index, now)
-    # Until the scheduler has that event: the same bookkeeping its own timeout path does.
-    st = sched.peers.get(node)
-    sched.picker.failed(node, index)
-    if st is not None:
-        st.reqs.pop(index, None)
-        if not st.reqs:
-            sched._active.discard(node)
-    return sched.tick(now)
 HOLDERS_REFRESH = 3.0  # re-announce progress and pick up new holders this often while downloading
 
 
