@@ -14,25 +14,32 @@ What it must never do:
 - never run a download in a client's request task: downloads live in `Fetcher.run`'s nursery, so a client that
   disconnects cancels nothing that others wait on, and stopping the node cancels every download;
 - never start two downloads of one digest in one node (single-flight, decided without an await in between);
-- never buffer a blob in memory: chunks go through bounded channels to disk (memory stays flat in blob size);
+- never buffer a blob in memory: chunks go through bounded queues to disk (memory stays flat in blob size);
 - never hash on the event loop: hashing (~1.5 GB/s/core) is the CPU bottleneck, so both hashes run in worker
-  threads (hashlib releases the GIL on large buffers) while the loop keeps receiving and serving.
+  threads (hashlib releases the GIL on large buffers) while the loop keeps receiving and serving;
+- never hash twice what nobody checks: per-piece hashes of an upstream stream are computed only when the node
+  shares with a swarm (peers verify pieces against them); a mirror-only node marks pieces without a hash, and
+  the whole-blob digest vouches for every byte (a 1 GiB cold pull: 0.7 s less CPU);
+- never fsync while streaming: an early `fdatasync` of the data file every 64 MiB slowed the pwrites behind it
+  (a cold 1 GiB pull: 0.25 GB/s with it, 0.36 without), so the data reaches the disk in the commit's fsync,
+  after clients have their bytes.
 
 Theory of operation
 -------------------
 A `Download` is one attempt to get one digest into the store. It learns the blob's size (from upstream's first
-response, or from the swarm's metainfo via `Download.start`), asks the store for room and for a `PartialBlob`
-(which may be resumed from an earlier run: its contiguous prefix is re-hashed from disk to rebuild the running
-whole-blob hash, and upstream is asked with `Range` from there). While streaming from upstream a producer task
-reads chunks and hands each to two consumers through bounded channels: a writer (pwrite + per-piece hash, in a
-worker thread; marks completed pieces and wakes clients) and the whole-blob hasher (in another worker thread), so
-both cores work. A body that ends early or a dropped connection resumes with `Range` from the last written byte
-(bounded retries). When every piece is held the whole hash is compared with the digest: equal -> `store.commit`,
-and the last piece becomes readable; different -> the partial is discarded, `digest_mismatches` counted, every
-attached client's `readable()` raises `FetchFailed` (the proxy aborts the response before its last byte), and the
-download is forgotten: the next request refetches (from upstream only, if the bad bytes came through the swarm).
-Refetching on request rather than at once means a registry that keeps lying costs one fetch per client request,
-never a loop, and a refetch never races a client that arrives after the upstream was fixed.
+response, or from the swarm's metainfo via `Download.start`), asks the store for room and for a `PartialBlob` (which
+may be resumed from an earlier run: its contiguous prefix is re-hashed from disk to rebuild the running whole-blob
+hash, and upstream is asked with `Range` from there). While streaming from upstream a producer task reads chunks and
+hands them through bounded queues (`lane.ThreadLane`) to a writer thread (pwrite, and the whole-blob hash; the loop
+then marks completed pieces and wakes clients). In a swarm the writer also computes per-piece hashes, and the
+whole-blob hash moves to a hasher thread of its own, so both cores hash. A body that ends early or a dropped
+connection resumes with `Range` from the last written byte (bounded retries). When every piece is held the whole
+hash is compared with the digest: equal -> `store.commit`, and the last piece becomes readable; different -> the
+partial is discarded, `digest_mismatches` counted, every attached client's `readable()` raises `FetchFailed` (the
+proxy aborts the response before its last byte), and the download is forgotten: the next request refetches (from
+upstream only, if the bad bytes came through the swarm). Refetching on request rather than at once means a registry
+that keeps lying costs one fetch per client request, never a loop, and a refetch never races a client that arrives
+after the upstream was fixed.
 
 Swarm seam (issue 3)
 --------------------
@@ -61,13 +68,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
-from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import httpx
 import trio
 
+from p2pcache.lane import ThreadLane
 from p2pcache.oci.errors import OciError, UpstreamUnavailable
 from p2pcache.oci.reference import parse_digest
 from p2pcache.store.blobs import DigestMismatch
@@ -83,19 +91,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Chunks queued between the upstream reader and each consumer: with ~1 MiB chunks this bounds a download's
-# memory to a few MiB while letting the reader run ahead of a hashing thread.
-CHANNEL_DEPTH = 8
-# Chunks handed to one worker-thread call: fewer thread round trips when a consumer falls behind.
+# Chunks queued between the upstream reader and each consumer's thread (a ThreadLane): with ~1 MiB chunks this
+# bounds a download's memory to a few MiB while letting the reader run ahead of a hashing thread.
+LANE_DEPTH = 8
+# Chunks a lane's thread takes at once when it fell behind: fewer results to hand back to the loop.
 BATCH_CHUNKS = 8
-# Persist the partial's state (bitfield + piece hashes) at least this often, so a restart loses little.
-SAVE_EVERY_PIECES = 4
+# Persist the partial's state (bitfield + piece hashes) after this many newly marked bytes, so a crash loses
+# little (a clean stop saves anyway). Each save is an fsync: every 16 MiB cost a cold 1 GiB pull ~8%.
+SAVE_EVERY_BYTES = 64 << 20
 # Resume attempts after an upstream body ended early without making any progress in between.
 MAX_IDLE_RESUMES = 3
 # Hard cap on resume attempts per download, progress or not, so a flapping upstream cannot loop forever.
 MAX_RESUMES = 20
-# Start an fdatasync (in a worker thread) after this many new bytes, so the commit's fsync has little left.
-WRITEBACK_BYTES = 64 << 20
 # Reads when re-hashing a resumed prefix from disk.
 REHASH_READ = 4 << 20
 
@@ -126,18 +133,10 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
-_T = TypeVar("_T")
-
-
-def _drain(rx: trio.MemoryReceiveChannel[_T], first: _T) -> list[_T]:
-    """`first` plus whatever else is already queued (up to BATCH_CHUNKS): one thread hop for many chunks."""
-    batch = [first]
-    while len(batch) < BATCH_CHUNKS:
-        try:
-            batch.append(rx.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            break
-    return batch
+# What the writer thread reports per batch: the stream's end after it, the pieces it completed (with their
+# hashes, or None when not hashing pieces), the bytes it fed the whole-blob hash, and the OSError that stopped
+# it, if any.
+_Written = tuple[int, list[tuple[int, bytes | None]], int, OSError | None]
 
 
 def _single(group: BaseExceptionGroup) -> BaseException:
@@ -195,6 +194,8 @@ class Download:
         self._piece_hasher = hashlib.sha256()
         self._piece_index = 0
         self._piece_pos = 0
+        self._stream_hashes_pieces = True  # _write_batch computes piece hashes (decided per stream in _stream)
+        self._writer_feeds_whole = False  # ... and feeds the whole-blob hash
         self._marked_since_save = 0
         self._save_due = False
         self._saving = False
@@ -220,7 +221,10 @@ class Download:
         if self.verified:
             return self.size
         last_start, _ = piece_span(self.n_pieces - 1, self.size, self.piece_size or 1)
-        return min(max(self._stream_end, self._pieces_end), last_start)
+        # With a swarm, bytes a stream wrote count once their piece is marked: until then a peer's copy of the
+        # piece may still replace them, and a client must only ever read bytes the whole-blob hash will cover.
+        end = max(self._stream_end, self._pieces_end) if self._solo() else self._pieces_end
+        return min(end, last_start)
 
     async def readable(self, offset: int) -> int:
         """Wait until the readable end is > offset (or the blob is complete); FetchFailed if the download failed."""
@@ -290,6 +294,9 @@ class Download:
         if self._pieces_end:
             log.info("resuming %s at %d of %d bytes", self.digest, self._pieces_end, self.size)
             await self._advance_whole_hash()
+        if partial.resumed and self._hash_pieces():
+            # Pieces held from a run without the swarm have no hashes: peers need them to verify.
+            await trio.to_thread.run_sync(partial.fill_missing_hashes)
 
     async def write_piece(self, index: int, data: bytes, sha256: bytes) -> None:
         """Store piece `index`, which the caller verified against `sha256`; wake clients."""
@@ -302,14 +309,16 @@ class Download:
             raise ValueError(f"piece {index} has {len(data)} bytes, expected {length}")
         if partial.have(index):
             return
-        await trio.to_thread.run_sync(_pwrite_all, self._fd, memoryview(data), start)
+        # Written and marked in one step under the partial's write lock, so an upstream stream writing the same
+        # piece cannot mix its bytes in (see _write_batch).
+        if not await trio.to_thread.run_sync(partial.write_piece_once, index, data, sha256):
+            return
         self._peer_pieces += 1
-        self._mark(index, sha256)
+        self._after_mark(index, sha256)
         self._wake()
         if self._save_due:
             await self._save_state()
-        if not self._streaming:
-            self._kick_whole_hash()
+        self._kick_whole_hash()
 
     async def fetch_from_upstream(self, upstream: Upstream, repo: Repo, *, start: int | None = None,
                                   end: int | None = None, stop: Callable[[], bool] | None = None) -> None:
@@ -319,7 +328,8 @@ class Download:
         there not held yet, even past the contiguous prefix (a takeover claim holder fetching what no peer has:
         such a detached stream hashes and marks pieces; the whole-blob hash catches up from disk later); `end`
         (exclusive) is the Range end, so upstream sends nothing beyond; `stop()`, checked before each chunk,
-        ends the stream cleanly (the chunks already received are written and hashed) and returns.
+        ends the stream cleanly at the end of the piece in progress (the bytes received are written and hashed;
+        a stream always stops on a piece boundary, so any later stream can start where it stopped) and returns.
         """
         if self.size is None and self._resumable_on_disk():
             # An earlier run left part of this blob: learn the size with a HEAD so the first GET already asks
@@ -474,6 +484,10 @@ class Download:
     def _next_offset(self, start: int | None) -> int:
         """Where an upstream stream starts: the contiguous prefix's end, or the first piece not held from `start`."""
         pos = self._resume_offset()
+        if pos % (self.piece_size or 1) and pos != self._piece_pos:
+            # A stream that ended mid-piece, and another stream since: the piece hash state is gone, so start
+            # over at the piece (only with a swarm; a solo stream is the only one and keeps its state).
+            pos -= pos % (self.piece_size or 1)
         if start is None or start <= pos or self.partial is None or self.size is None or self.piece_size is None:
             return pos
         i = start // self.piece_size
@@ -485,23 +499,41 @@ class Download:
         assert self.partial is not None and self.size is not None and self.piece_size is not None
         self._pieces_end = min(self.partial.contiguous_pieces() * self.piece_size, self.size)
 
-    def _mark(self, index: int, sha256: bytes) -> None:
+    def _hash_pieces(self) -> bool:
+        """Whether an upstream stream computes per-piece hashes: only a node in a swarm has a use for them."""
+        return self.fetcher.swarm is not None or bool(self._listeners)
+
+    def _solo(self) -> bool:
+        """Whether the upstream stream is the blob's only writer (no swarm): then it feeds the whole-blob hash
+        from memory as it streams, and clients may read its bytes before their piece is complete."""
+        return not self._hash_pieces()
+
+    def _mark(self, index: int, sha256: bytes | None) -> None:
         partial = self._require_started()
         if partial.have(index):
             return
         partial.mark(index, sha256)
+        self._after_mark(index, sha256)
+
+    def _after_mark(self, index: int, sha256: bytes | None) -> None:
         self._refresh_pieces_end()
-        self._marked_since_save += 1
-        if self._marked_since_save >= SAVE_EVERY_PIECES:
+        assert self.size is not None and self.piece_size is not None
+        self._marked_since_save += piece_span(index, self.size, self.piece_size)[1]
+        if self._marked_since_save >= SAVE_EVERY_BYTES:
             self._marked_since_save = 0
             self._save_due = True  # saved by the writer or write_piece, in a worker thread (it fsyncs)
-        for cb in self._listeners:
-            cb(index, sha256)
+        if sha256 is not None:
+            for cb in self._listeners:
+                cb(index, sha256)
 
     async def _advance_whole_hash(self) -> None:
-        """Feed the whole-blob hash from disk up to the contiguous prefix."""
+        """Feed the whole-blob hash from disk up to the end of the contiguous marked pieces (a marked piece's
+        bytes never change again); nothing while a solo stream feeds it from memory (a background advance kicked
+        before that stream began must not hash the same bytes)."""
         async with self._whole_lock:
-            end = self._resume_offset()
+            if self._streaming:
+                return
+            end = self._pieces_end
             if self._whole_pos < end and self.partial is not None:  # None: closed or discarded meanwhile
                 start = self._whole_pos
                 try:
@@ -516,7 +548,7 @@ class Download:
         """Advance the whole-blob hash in the background, so write_piece's caller (the swarm) goes on at once;
         finish() catches up whatever is left."""
         nursery = self.fetcher._nursery
-        if nursery is None or self._hashing_soon or self._whole_pos >= self._resume_offset():
+        if nursery is None or self._hashing_soon or self._streaming or self._whole_pos >= self._pieces_end:
             return
         self._hashing_soon = True
 
@@ -548,7 +580,14 @@ class Download:
         body early, if any. `detached`: `offset` is past the contiguous prefix (see fetch_from_upstream)."""
         assert self.size is not None and self.piece_size is not None
         limit = self.size if limit is None else limit
-        if not detached:
+        # Who hashes what: the writer thread pwrites, and computes piece hashes for a swarm. A solo stream (no
+        # swarm: nobody else writes this blob) also feeds the whole-blob hash from memory, in the same thread
+        # (one thread per stream: fewer GIL hand-offs, measured faster on 2 cores). With a swarm the whole-blob
+        # hash is fed from disk over marked pieces instead (_kick_whole_hash), because peers write pieces too
+        # and the hash must cover exactly the bytes that end up on disk.
+        solo = self._solo() and not detached
+        self._stream_hashes_pieces = not self._solo()
+        if solo:
             async with self._whole_lock:
                 if self._whole_pos < offset:
                     await trio.to_thread.run_sync(self._hash_from_disk, self._whole_pos, offset)
@@ -566,116 +605,101 @@ class Download:
             self._stream_end = offset
         err: BaseException | None = None
         too_long = False
+        stopping = False
         pos = offset
-        self._streaming = not detached  # a detached stream does not feed the whole-blob hash
+        self._streaming = self._writer_feeds_whole = solo
         try:
             async with trio.open_nursery() as nursery:
-                to_writer, writer_rx = trio.open_memory_channel[tuple[int, bytes]](CHANNEL_DEPTH)
-                to_hasher, hasher_rx = trio.open_memory_channel[bytes](CHANNEL_DEPTH)
-                nursery.start_soon(self._writer, writer_rx, nursery, detached)
-                if detached:
-                    hasher_rx.close()
-                else:
-                    nursery.start_soon(self._whole_hasher, hasher_rx)
-                async with to_writer, to_hasher:
+                writer = ThreadLane(self._write_batch, depth=LANE_DEPTH, max_batch=BATCH_CHUNKS)
+                nursery.start_soon(writer.run)
+                nursery.start_soon(self._after_writes, writer.results, nursery, detached)
+                try:
                     try:
                         async for chunk in chunks:
                             if not chunk:
                                 continue
-                            if stop is not None and stop():
-                                break
+                            if stop is not None and not stopping and stop():
+                                stopping = True
+                                limit = min(limit, -(-pos // self.piece_size) * self.piece_size)
+                                if pos >= limit:
+                                    break
                             if pos + len(chunk) > self.size:
                                 too_long = True
                                 chunk = chunk[: self.size - pos]
                             elif pos + len(chunk) > limit:
                                 chunk = chunk[: limit - pos]
                             if chunk:
-                                await to_writer.send((pos, chunk))
-                                if not detached:
-                                    await to_hasher.send(chunk)
+                                await writer.put((pos, chunk))
                                 pos += len(chunk)
                             if too_long or pos >= limit:
                                 break
                     except _TRANSIENT as e:
-                        err = e  # consumers still drain what arrived; the caller resumes from there
+                        err = e  # the lanes still finish what arrived; the caller resumes from there
+                finally:
+                    writer.close()  # also when cancelled: the thread finishes what is queued and stops
         except BaseExceptionGroup as group:
             inner = _single(group)
             if inner is group:
                 raise
             raise inner from None
         finally:
-            self._streaming = False
+            self._streaming = self._writer_feeds_whole = False
         if too_long:
             # More bytes than the size upstream announced: these bytes cannot be the blob.
             self._too_long = True
         return err
 
-    async def _writer(self, rx: trio.MemoryReceiveChannel[tuple[int, bytes]], nursery: trio.Nursery,
-                      detached: bool = False) -> None:
-        flushed = self._stream_end
-        flushing = False
-
-        async def writeback() -> None:
-            # The store fsyncs the blob before commit; pushing dirty pages to disk while the download runs
-            # overlaps that disk work with the network, so the final fsync (and the client's last piece) is quick.
-            nonlocal flushing
-            try:
-                await trio.to_thread.run_sync(os.fdatasync, self._fd)
-            except OSError as e:
-                log.debug("early writeback of %s failed: %s", self.digest, e)
-            finally:
-                flushing = False
-
-        async with rx:
-            async for first in rx:
-                batch = _drain(rx, first)
-                try:
-                    done = await trio.to_thread.run_sync(self._write_batch, batch)
-                except OSError as e:  # a full or failing disk: not the upstream's fault, do not resume
-                    raise FetchFailed(f"cannot write {self.digest}: {e}") from e
-                last_pos, last = batch[-1]
+    async def _after_writes(self, results: trio.MemoryReceiveChannel[_Written], nursery: trio.Nursery,
+                            detached: bool) -> None:
+        """On the loop, after each batch the writer thread wrote: mark pieces, wake clients, save now and then."""
+        async with results:
+            async for end, done, hashed, error in results:
+                self._whole_pos += hashed
+                if error is not None:  # a full or failing disk: not the upstream's fault, do not resume
+                    raise FetchFailed(f"cannot write {self.digest}: {error}") from error
                 if not detached:
-                    self._stream_end = last_pos + len(last)
+                    self._stream_end = end
                 for index, digest in done:
                     self._mark(index, digest)
                 self._wake()
-                if detached:
-                    self._kick_whole_hash()  # the prefix may have grown up to pieces this stream marked
+                self._kick_whole_hash()  # with a swarm: the marked prefix may have grown
                 if self._save_due:
                     nursery.start_soon(self._save_state)
-                if not flushing and self._stream_end - flushed >= WRITEBACK_BYTES:
-                    flushing, flushed = True, self._stream_end
-                    nursery.start_soon(writeback)
 
-    def _write_batch(self, batch: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
-        # Worker thread: pwrite and per-piece hashing; the piece-hash state is only touched here while streaming.
-        assert self.size is not None and self.piece_size is not None
-        done: list[tuple[int, bytes]] = []
-        for pos, chunk in batch:
-            view = memoryview(chunk)
-            _pwrite_all(self._fd, view, pos)
-            while view:
-                start, length = piece_span(self._piece_index, self.size, self.piece_size)
-                take = view[: start + length - self._piece_pos]
-                self._piece_hasher.update(take)
-                self._piece_pos += len(take)
-                view = view[len(take):]
-                if self._piece_pos == start + length:
-                    done.append((self._piece_index, self._piece_hasher.digest()))
-                    self._piece_hasher = hashlib.sha256()
-                    self._piece_index += 1
-        return done
-
-    async def _whole_hasher(self, rx: trio.MemoryReceiveChannel[bytes]) -> None:
-        async with rx:
-            async for first in rx:
-                batch = _drain(rx, first)
-                await trio.to_thread.run_sync(self._hash_batch, batch)
-                self._whole_pos += sum(len(c) for c in batch)
-
-    def _hash_batch(self, batch: Iterable[bytes]) -> None:
-        for chunk in batch:
-            self._whole.update(chunk)
+    def _write_batch(self, batch: list[tuple[int, bytes]]) -> _Written:
+        # Writer thread: pwrite, per-piece hashes, and for a solo stream the whole-blob hash (see _stream); the
+        # piece-hash state, and then self._whole, are only touched here while streaming.
+        assert self.size is not None and self.piece_size is not None and self.partial is not None
+        partial, solo = self.partial, self._writer_feeds_whole
+        hashing = self._stream_hashes_pieces
+        done: list[tuple[int, bytes | None]] = []
+        end = self._stream_end
+        hashed = 0
+        try:
+            for pos, chunk in batch:
+                view = memoryview(chunk)
+                if solo:
+                    _pwrite_all(self._fd, view, pos)
+                    self._whole.update(view)
+                    hashed += len(view)
+                while view:
+                    start, length = piece_span(self._piece_index, self.size, self.piece_size)
+                    take = view[: start + length - self._piece_pos]
+                    if not solo:
+                        # Peers write pieces too: never over a piece already held (its bytes may be hashed).
+                        partial.write_unless_held(self._piece_index, self._piece_pos, take)
+                    if hashing:
+                        self._piece_hasher.update(take)
+                    self._piece_pos += len(take)
+                    view = view[len(take):]
+                    if self._piece_pos == start + length:
+                        done.append((self._piece_index, self._piece_hasher.digest() if hashing else None))
+                        self._piece_hasher = hashlib.sha256()
+                        self._piece_index += 1
+                end = pos + len(chunk)
+        except OSError as e:
+            return end, done, hashed, e  # the pieces in `done` are whole; the loop fails the download
+        return end, done, hashed, None
 
 
 class BlobHandle:

@@ -11,7 +11,8 @@ run in a worker thread.
 
 Never:
 - writes outside [0, size) of the data file;
-- claims a piece it was not told about (`mark` is the caller's statement that the piece's SHA-256 matched);
+- claims a piece it was not told about (`mark` is the caller's statement that the piece is written, and, with a
+  hash, that the piece's SHA-256 matched);
 - deletes anything under `blobs/`: becoming a complete blob is `BlobStore.commit`'s job, after the whole-blob
   digest matched.
 
@@ -19,6 +20,12 @@ Durability: `save()` does not fsync the data file (that would make a frequent ca
 the page cache still holds every written byte, so the saved bitfield is right. After a power loss it may claim
 pieces that never reached the disk: `verify_held()` (slow: run it with `trio.to_thread.run_sync`) re-checks held
 pieces against their hashes, and whatever slips through is still caught by the whole-blob check at commit.
+
+Pieces without a hash: a node that only mirrors (no swarm) has no use for per-piece hashes of bytes that came
+from upstream in order (nothing checks them but the whole-blob digest, which covers every byte anyway), and
+computing them doubled the hashing of a cold pull. Such pieces are marked with `None`. They resume like any
+other (the whole-blob hash is rebuilt from disk and checked at commit); a node that shares them with peers calls
+`fill_missing_hashes()` first.
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ class PartialBlob:
         self.data_path = directory / f"{self.hex}.data"
         self.state_path = directory / f"{self.hex}.state"
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # write_unless_held / write_piece_once: check-and-write as one step
         self._bits = bytearray((self.n_pieces + 7) // 8)
         self._hashes: list[bytes | None] = [None] * self.n_pieces
         self._contig = 0  # leading pieces held; only ever grows, so it is advanced in mark()
@@ -145,11 +153,7 @@ class PartialBlob:
         except (PartialStateError, ValueError, TypeError):
             # A corrupt or foreign state is not worth a crash: the download simply starts over.
             return None
-        # A bit set without a hash cannot be re-verified; treat that piece as missing.
         bits = bytearray(bits)
-        for i in range(self.n_pieces):
-            if _bit(bits, i) and hashes[i] is None:
-                bits[i >> 3] &= ~(0x80 >> (i & 7))
         # Bits past n_pieces must be zero so bitfield() is canonical.
         for i in range(self.n_pieces, len(bits) * 8):
             bits[i >> 3] &= ~(0x80 >> (i & 7))
@@ -190,6 +194,35 @@ class PartialBlob:
         while done < n:  # pwrite may write less than asked (signals, quotas)
             done += os.pwrite(fd, view[done:], offset + done)
 
+    def write_unless_held(self, index: int, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Write part of piece `index` at `offset` unless the piece is held already; whether it was written.
+
+        With `write_piece_once` this keeps every held piece's bytes exactly those it was marked with: an
+        upstream stream writing a piece in parts and a peer's copy of the same piece never mix.
+        """
+        self._check_index(index)
+        start, length = piece_span(index, self.size, self.piece_size)
+        if offset < start or offset + len(data) > start + length:
+            raise ValueError(f"write at {offset} (+{len(data)}) is outside piece {index}")
+        with self._write_lock:
+            if _bit(self._bits, index):
+                return False
+            self.write(offset, data)
+            return True
+
+    def write_piece_once(self, index: int, data: bytes | bytearray | memoryview, piece_sha256: bytes | None) -> bool:
+        """Write the whole piece `index` and mark it, in one step, unless it is held already; whether it was."""
+        self._check_index(index)
+        start, length = piece_span(index, self.size, self.piece_size)
+        if len(data) != length:
+            raise ValueError(f"piece {index} has {len(data)} bytes, expected {length}")
+        with self._write_lock:
+            if _bit(self._bits, index):
+                return False
+            self.write(start, data)
+            self.mark(index, piece_sha256)
+            return True
+
     def read(self, offset: int, n: int) -> bytes:
         """Up to `n` bytes at `offset`, clamped to the blob's size."""
         if offset < 0 or n < 0:
@@ -216,16 +249,18 @@ class PartialBlob:
         self._check_index(index)
         return _bit(self._bits, index)
 
-    def mark(self, index: int, piece_sha256: bytes) -> None:
-        """Record piece `index` as written and verified, with its SHA-256 (32 raw bytes)."""
+    def mark(self, index: int, piece_sha256: bytes | None) -> None:
+        """Record piece `index` as written, with its verified SHA-256 (32 raw bytes), or None when nobody needs
+        per-piece hashes (see the module docstring)."""
         self._check_index(index)
-        if not isinstance(piece_sha256, bytes | bytearray) or len(piece_sha256) != HASH_LEN:
-            raise ValueError("piece hash must be 32 raw bytes (SHA-256 digest)")
+        if piece_sha256 is not None and (
+                not isinstance(piece_sha256, bytes | bytearray) or len(piece_sha256) != HASH_LEN):
+            raise ValueError("piece hash must be 32 raw bytes (SHA-256 digest) or None")
         with self._lock:
             if self.discarded:
                 raise ValueError(f"partial {self.digest} is discarded")
             self._bits[index >> 3] |= 0x80 >> (index & 7)
-            self._hashes[index] = bytes(piece_sha256)
+            self._hashes[index] = None if piece_sha256 is None else bytes(piece_sha256)
             self._advance_contig()
 
     def _advance_contig(self) -> None:
@@ -280,6 +315,18 @@ class PartialBlob:
                 self._contig = 0
                 self._advance_contig()
         return bad
+
+    def fill_missing_hashes(self) -> int:
+        """Hash every held piece that was marked without a hash; returns how many. Slow: run in a thread."""
+        with self._lock:
+            todo = [i for i in range(self.n_pieces) if _bit(self._bits, i) and self._hashes[i] is None]
+        for i in todo:
+            start, length = piece_span(i, self.size, self.piece_size)
+            digest = hashlib.sha256(self.read(start, length)).digest()
+            with self._lock:
+                if _bit(self._bits, i) and self._hashes[i] is None:
+                    self._hashes[i] = digest
+        return len(todo)
 
     def sha256_hex(self) -> str:
         """SHA-256 of the whole data file, read with pread in 1 MiB chunks. CPU/disk heavy: run in a thread."""

@@ -606,3 +606,99 @@ async def test_store_blob_returns_once_the_blob_is_committed(settings: Settings)
         with pytest.raises(FetchFailed):
             await fetcher.store_blob(REPO, bad_d)
         assert fetcher.store.stat(bad_d) is None
+
+
+async def test_a_mirror_only_node_marks_pieces_without_hashing_them(settings: Settings) -> None:
+    """Without a swarm nothing checks per-piece hashes of upstream bytes (the whole digest covers them), so they
+    are not computed; the pieces still count for readers and for a resume."""
+    data = blob(8 * PIECE + 7)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    up.pause_at = 3 * PIECE
+    async with running(settings, up) as fetcher:
+        async with fetcher.open_blob(REPO, d) as h:
+            n = 0
+            while n < 3 * PIECE:
+                n = await h.readable(n)
+            download = fetcher.downloads()[d]
+            assert [download.have(i) for i in range(4)] == [True, True, True, False]
+            assert download.piece_hashes()[:3] == [None, None, None]
+            up.release.set()
+            assert await read_all(h) == data
+
+
+async def test_a_swarm_node_resuming_a_mirror_partial_hashes_its_pieces_first(settings: Settings) -> None:
+    data = blob(8 * PIECE + 7)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    up.pause_at = 3 * PIECE
+    async with running(settings, up) as fetcher:
+        async with fetcher.open_blob(REPO, d) as h:
+            n = 0
+            while n < 3 * PIECE:
+                n = await h.readable(n)
+
+    up2 = FakeUpstream({d: data})
+    up2.pause_at = 5 * PIECE
+    async with running(settings, up2, BlobStore(settings.data)) as fetcher2:
+        swarm = ListeningSwarm(up2)
+        fetcher2.swarm = swarm
+        async with fetcher2.open_blob(REPO, d) as h:
+            n = 0
+            while n < 5 * PIECE:
+                n = await h.readable(n)
+            hashes = fetcher2.downloads()[d].piece_hashes()
+            want = [hashlib.sha256(data[i * PIECE:(i + 1) * PIECE]).digest() for i in range(5)]
+            assert hashes[:5] == want, "peers need hashes of the pieces held from the mirror-only run too"
+            up2.release.set()
+            assert await read_all(h) == data
+
+
+class ChaosSwarm:
+    """Peers deliver random pieces while upstream streams of random ranges run, stop and restart: the way a
+    takeover claim holder's download is filled. Whatever the interleaving, the whole-blob hash must come out
+    right (it is fed from two sides: the upstream stream in order, and the disk for pieces from peers)."""
+
+    def __init__(self, data: bytes, up: RangedUpstream, seed: int) -> None:
+        import random
+
+        self.data, self.up, self.rng = data, up, random.Random(seed)
+
+    async def fill(self, download: Download, repo: Repo) -> None:
+        n = -(-len(self.data) // PIECE)
+        await download.start(len(self.data), PIECE)
+        rng = self.rng
+
+        async def peers() -> None:
+            order = list(range(n))
+            rng.shuffle(order)
+            for i in order[: n // 2]:
+                await trio.sleep(rng.random() * 0.002)
+                piece = self.data[i * PIECE:(i + 1) * PIECE]
+                await download.write_piece(i, piece, hashlib.sha256(piece).digest())
+
+        async def upstream() -> None:
+            while not all(download.have(i) for i in range(n)):
+                first = rng.randrange(n)
+                end = rng.choice([None, min(len(self.data), (first + rng.randint(1, 3)) * PIECE)])
+                budget = rng.randint(1, 4)
+                await download.fetch_from_upstream(  # type: ignore[arg-type]
+                    self.up, repo, start=first * PIECE, end=end,
+                    stop=lambda: sum(download.have(i) for i in range(n)) >= budget + rng.randint(0, n))
+                await trio.sleep(rng.random() * 0.001)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peers)
+            nursery.start_soon(upstream)
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_the_whole_hash_survives_any_mix_of_peer_pieces_and_upstream_streams(settings: Settings,
+                                                                                   seed: int) -> None:
+    data = blob(12 * PIECE + 333, seed=seed)
+    d = digest_of(data)
+    up = RangedUpstream({d: data})
+    up.chunk_sizes = itertools.cycle([PIECE // 3, PIECE, 7, 2 * PIECE + 5])
+    async with running(settings, up) as fetcher:
+        fetcher.swarm = ChaosSwarm(data, up, seed)
+        assert await fetch(fetcher, d) == data
