@@ -20,11 +20,13 @@ upgrade may cost speed, never correctness.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import h11
 import httpcore
 import httpx
+import trio
 
 
 def _h11_state(resp: httpx.Response) -> h11.Connection | None:
@@ -48,6 +50,10 @@ class RawBody:
     def __init__(self, stream: httpcore.AsyncNetworkStream, leftover: bytes, length: int, read_size: int,
                  timeout: float | None) -> None:
         self._stream = stream
+        # Plain TCP: read the trio socket itself under a bare cancel scope, skipping httpcore's per-read
+        # fail_after and exception mapping (~8% of the loop thread on a cold pull). TLS: the stream's read().
+        sock = stream.get_extra_info("socket") if stream.get_extra_info("ssl_object") is None else None
+        self._sock = sock if isinstance(sock, trio.socket.SocketType) else None
         self._leftover = leftover[:length]
         self._left = length
         self._read_size = read_size
@@ -62,17 +68,29 @@ class RawBody:
         if self._leftover:
             chunk, self._leftover = self._leftover, b""
         else:
-            try:
-                chunk = await self._stream.read(min(self._read_size, self._left), self._timeout)
-            except httpcore.TimeoutException as e:
-                raise httpx.ReadTimeout(str(e) or "read timed out") from e
-            except httpcore.NetworkError as e:
-                raise httpx.ReadError(str(e) or "read failed") from e
+            chunk = await self._read(min(self._read_size, self._left))
             if not chunk:
                 self._left = 0
                 raise StopAsyncIteration
         self._left -= len(chunk)
         return chunk
+
+    async def _read(self, n: int) -> bytes:
+        if self._sock is None:
+            try:
+                return await self._stream.read(n, self._timeout)
+            except httpcore.TimeoutException as e:
+                raise httpx.ReadTimeout(str(e) or "read timed out") from e
+            except httpcore.NetworkError as e:
+                raise httpx.ReadError(str(e) or "read failed") from e
+        deadline = math.inf if self._timeout is None else trio.current_time() + self._timeout
+        with trio.CancelScope(deadline=deadline) as scope:
+            try:
+                return await self._sock.recv(n)
+            except OSError as e:
+                raise httpx.ReadError(str(e) or "read failed") from e
+        assert scope.cancelled_caught
+        raise httpx.ReadTimeout(f"no byte from upstream for {self._timeout} s")
 
     async def aclose(self) -> None:
         """Nothing of its own to close: closing the httpx response closes the connection."""

@@ -83,7 +83,7 @@ def upstream(url: str) -> Upstream:
 
 async def read(up: Upstream, offset: int = 0) -> tuple[bytes, bool]:
     async with up.open_blob(REPO, DIGEST, offset) as blob:
-        fast = isinstance(blob._chunks, RawBody)
+        fast = isinstance(blob._chunks, RawBody) and blob._chunks._sock is not None  # plain TCP: the socket
         return b"".join([c async for c in blob]), fast
 
 
