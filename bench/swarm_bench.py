@@ -14,7 +14,8 @@ What it prints:
     /opt/p2pvenv/bin/python bench/swarm_bench.py --image-mb 500          # the issue's 500 MB
     /opt/p2pvenv/bin/python bench/swarm_bench.py --nodes 4 --image-mb 64 --skip-baseline   # a quick check
 
-Everything listens on 127.0.0.1 only, works in a scratch directory and stops only the processes it started.
+Everything listens on 127.0.0.1 only, works in a scratch directory (deleted at the end unless `--keep`) and stops
+only the processes it started.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -346,8 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--rate", default="50MB/s", help="per-node upload and download limit, and the upstream's")
     p.add_argument("--skip-baseline", action="store_true", help="skip the run without the swarm")
+    p.add_argument("--node-arg", action="append", default=[], metavar="ARG",
+                   help="one more argument for every swarm node, e.g. --node-arg=--piece-size=512KiB (repeatable)")
     p.add_argument("--p2p-mb", type=float, default=512, help="blob size for the unthrottled peer-to-peer figures")
-    p.add_argument("--log-level", default="warning", help="the nodes' log level (their logs stay in the scratch dir)")
+    p.add_argument("--log-level", default="warning", help="the nodes' log level (their logs are in the scratch dir)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory (stores, logs) and say where")
     p.add_argument("--skip-p2p", action="store_true", help="skip the unthrottled peer-to-peer figures")
     p.add_argument("--p2p-only", action="store_true", help="only the unthrottled peer-to-peer figures")
     p.add_argument("--repeat", type=int, default=3, help="runs of each peer-to-peer figure (the median is printed)")
@@ -390,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # (a) with the swarm
         limits = ["--upload-limit", args.rate,
-                  "--download-limit", args.rate, "--log-level", args.log_level]
+                  "--download-limit", args.rate, "--log-level", args.log_level, *args.node_arg]
         cluster = Cluster(work / "swarm", proxied, args.nodes, extra_args=limits)  # type: ignore[arg-type]
         cluster.start()
         try:
@@ -437,8 +442,11 @@ def main(argv: list[str] | None = None) -> int:
             pr.terminate()
             pr.wait(5)
         reg.stop()
-    (work / "results.txt").write_text("\n".join(lines) + "\n")
-    print(f"(scratch and logs in {work})")
+        if args.keep:
+            (work / "results.txt").write_text("\n".join(lines) + "\n")
+            print(f"(scratch and logs in {work})")
+        else:
+            shutil.rmtree(work, ignore_errors=True)  # every node's store: gigabytes after a few runs
     return 0
 
 

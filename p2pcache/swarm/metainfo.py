@@ -6,7 +6,12 @@ explicit override agreed through the metainfo the fetching node publishes). Neve
 
 from __future__ import annotations
 
-MIN_PIECE = 1 << 20  # 1 MiB: below this, per-piece overhead (a request, a hash, a frame) dominates
+# 512 KiB: small layers still get pieces that pass on quickly. With 1 MiB, a 25 MB layer had 24 pieces and the
+# swarm bench's 8 nodes at 10 MB/s (bench/swarm_bench.py --image-mb 100 --rate 10MB/s) finished at 1.34-1.35x
+# the bound; with 512 KiB at 1.18-1.26x (256 KiB: 1.21x, for 40% more CPU per byte than 1 MiB), and the simulator
+# agrees on the direction (simulations/bench-8x100.toml: 2.09x -> 1.83x). Below this, per-piece overhead (a
+# request, a hash, a HAVE to each peer, a thread hop) costs more CPU than the latency it saves.
+MIN_PIECE = 512 << 10
 MAX_PIECE = 16 << 20  # 16 MiB: above this, a slow peer holds a large share of the blob hostage
 # About 256 pieces per blob (so 4 MiB for 1 GiB, 2 MiB for 500 MB). Chosen with the simulator (see
 # simulations/README.md): when the registry and the nodes' links are equally fast (the hard case), the slowest
@@ -18,7 +23,7 @@ TARGET_PIECES = 256
 
 
 def piece_size_for(size: int) -> int:
-    """A power of two between 1 and 16 MiB giving about TARGET_PIECES pieces (at most TARGET_PIECES
+    """A power of two between 512 KiB and 16 MiB giving about TARGET_PIECES pieces (at most TARGET_PIECES
     until the 16 MiB cap; a 10 GiB layer gets 640 pieces of 16 MiB)."""
     piece = MIN_PIECE
     while piece < MAX_PIECE and size > piece * TARGET_PIECES:
