@@ -415,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
             say(f"bound:     Kumar-Ross {bound:.1f} s  -> slowest / bound = {times[-1] / bound:.2f}")
             say(f"upstream:  {up_bytes / MB:.1f} MB of blobs for a {F / MB:.1f} MB image = "
                 f"{up_bytes / F:.3f}x the image")
+            sent = sorted(n.metric("p2pcache_peer_bytes_total", direction="out") for n in cluster.nodes)
+            say(f"uploads:   per node to peers: min {sent[0] / MB:.1f}, mean {sum(sent) / len(sent) / MB:.1f}, "
+                f"max {sent[-1] / MB:.1f} MB (the max at the per-node rate: {sent[-1] / rate:.1f} s)")
         finally:
             cluster.stop()
 
