@@ -160,6 +160,12 @@ class SchedulerConfig:
     # more requests per peer only piled up behind busy peers in the simulator (1.28x vs 1.41x the bound)
     max_sources: int = 4  # peers downloaded from at once; as many as a peer has upload slots, so that no
     # downloader holds more slots than its fair share (8 made the slowest node 5-10% slower in the simulator)
+    # With few peers one request per peer leaves the link idle for a round trip between pieces (one holder served
+    # 1 MiB pieces at 0.1 GB/s on loopback): a download with at most `few_peers` peers keeps `deep_pipeline`
+    # requests in flight to each (at most an uploader's 4 slots, beyond which it answers "busy"). With more peers
+    # `pipeline` stands. (This lived in the node's driver, so the simulator did not have it.)
+    few_peers: int = 2
+    deep_pipeline: int = 4
     endgame_dups: int = 2  # at the tail a piece may be asked of two peers; the loser is cancelled
     timeout_min: float = 10.0  # no request is given up before this (a transfer shares its uploader's link)
     timeout_factor: float = 4.0  # ... nor before 4x the time the peer's measured rate says it needs
@@ -384,8 +390,16 @@ class DownloadScheduler:
         same = zone is not None and zone == self.zone
         self.peers[peer] = _PeerState(zone, same, now)
         self.picker.add_peer(peer, mask_of(bitfield, self.n))
+        self._set_pipelines()
         self._fill(peer, now, out)
         return out
+
+    def _set_pipelines(self) -> None:
+        """Deep pipelines while we have few peers, `pipeline` otherwise (see SchedulerConfig.few_peers). Takes
+        effect at each peer's next fill."""
+        depth = self.cfg.deep_pipeline if len(self.peers) <= self.cfg.few_peers else None
+        for peer in self.peers:
+            self.picker.set_limit(peer, depth)
 
     def peer_has(self, peer: Peer, index: int, now: float) -> list[Decision]:
         """`peer` announced it now holds piece `index`."""
@@ -393,7 +407,7 @@ class DownloadScheduler:
         if self.picker.peer_has(peer, index):
             st = self.peers[peer]
             if st.reqs:
-                if len(st.reqs) < self.cfg.pipeline:
+                if len(st.reqs) < self.picker.limits.get(peer, self.cfg.pipeline):
                     self._fill(peer, now, out)
             elif len(self._active) < self.cfg.max_sources:  # (the common case in a busy swarm: no room)
                 self._fill(peer, now, out)
@@ -406,6 +420,7 @@ class DownloadScheduler:
         if st is None:
             return out
         self.picker.remove_peer(peer)
+        self._set_pipelines()
         self._active.discard(peer)
         if peer == self.claim_holder and self.claim != "held":
             self._next_claim = now  # ask at the next tick: the tracker grants it once the claim expires

@@ -112,12 +112,6 @@ HOLDERS_LIMIT = 50  # holders asked for per lookup; the tracker samples them at 
 # runs ~1.4 GB/s on one core here, so hashing on the loop caps a node's intake near that and stalls every other
 # connection while it runs; in a thread it overlaps the next piece's receive.
 NO_LOOP_HASHING: frozenset[str] = frozenset()
-# With few peers the scheduler's one request per peer leaves the link idle for a round trip between pieces (one
-# holder served 1 MiB pieces at 0.1 GB/s on loopback): a download with at most FEW_PEERS peers keeps DEEP_PIPELINE
-# requests in flight to each (at most the uploader's UPLOAD_SLOTS, beyond which it would answer "busy"). With more
-# peers the scheduler's default stands (the simulator's choice for busy swarms, where deeper queues hurt).
-FEW_PEERS = 2
-DEEP_PIPELINE = 4
 
 
 @dataclass
@@ -1029,7 +1023,6 @@ class _Fill:
             if node not in self.peers or self.peers[node].closed:
                 self.peers[node] = conn
             self._apply(self.sched.peer_added(node, conn.peer.zone, msg["bits"], now))
-            self._set_pipelines()
         elif msg.kind == "have" and node in self.sched.peers:
             if 0 <= msg["index"] < self.sched.n:
                 self._apply(self.sched.peer_has(node, msg["index"], now))
@@ -1042,19 +1035,9 @@ class _Fill:
         self.asked.discard(node)
         if self.sched is not None:
             self._apply(self.sched.peer_gone(node, trio.current_time()))
-            self._set_pipelines()
         other = self.svc._open_conn(node)
         if other is not None and not self.done.is_set():
             self.consider(other)
-
-    def _set_pipelines(self) -> None:
-        """Deep pipelines while we have few peers, the scheduler's default otherwise (see DEEP_PIPELINE). Takes
-        effect at each peer's next fill (the next piece it delivers)."""
-        sched = self.sched
-        assert sched is not None
-        depth = DEEP_PIPELINE if len(sched.peers) <= FEW_PEERS else None
-        for node in sched.peers:
-            sched.picker.set_limit(node, depth)
 
     # -- decisions --------------------------------------------------------------------------------------------
     def _apply(self, decisions: list[Decision]) -> None:

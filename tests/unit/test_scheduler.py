@@ -76,7 +76,7 @@ def test_bad_piece_bans_the_peer_and_asks_elsewhere():
 
 
 def test_late_request_moves_to_another_peer_but_not_when_nobody_else_has_it():
-    s = sched(3, pipeline=1, timeout_min=5, silence_timeout=100)
+    s = sched(3, pipeline=1, few_peers=0, timeout_min=5, silence_timeout=100)
     s.start(0)
     s.claim_denied("x", 0)
     (p, i), = reqs(s.peer_added("slow", None, [0], 0))
@@ -85,6 +85,25 @@ def test_late_request_moves_to_another_peer_but_not_when_nobody_else_has_it():
     s.peer_added("fast", None, [0, 1, 2], 6)
     out = s.tick(12)
     assert Cancel("slow", 0) in out
+
+
+def test_few_peers_get_deep_pipelines_many_peers_the_default():
+    s = sched(16, pipeline=1, few_peers=2, deep_pipeline=4)
+    s.start(0)
+    s.claim_denied("x", 0)
+    everything = list(range(16))
+    assert len(reqs(s.peer_added("a", None, everything, 0))) == 4  # alone: four in flight
+    s.peer_added("b", None, everything, 0)
+    assert len(s.peers["b"].reqs) == 4
+    s.peer_added("c", None, everything, 0)  # three peers: back to one each, as pieces come in
+    for peer in ("a", "b"):
+        for i in list(s.peers[peer].reqs):
+            s.piece_received(peer, i, True, MiB, 1)
+    assert len(s.peers["a"].reqs) == 1 and len(s.peers["b"].reqs) == 1 and len(s.peers["c"].reqs) == 1
+    s.peer_gone("c", 2)  # two again: deep once more
+    for i in list(s.peers["a"].reqs):
+        s.piece_received("a", i, True, MiB, 3)
+    assert len(s.peers["a"].reqs) == 4
 
 
 def test_silent_peer_is_snubbed_and_dead_peer_releases_pieces_at_once():
