@@ -69,7 +69,7 @@ __all__ = ["Result", "simulate"]
 INF = 1e300
 # event kinds (FLOW_DONE = 0 comes from net.py)
 ARRIVE, TRACKER_Q, TRACKER_A, CLAIM_Q, CLAIM_A, REQ, CANCEL, DELIVER, HAVES, TICK, UP_START, KILL, RESTART, \
-    GONE, REFUSED = range(1, 16)
+    GONE, REFUSED, LAYER_START = range(1, 17)
 PEER, UPS, BASE = 0, 1, 2  # flow kinds
 
 
@@ -311,6 +311,12 @@ class Simulation:
         while node.todo and len(node.active) < self.sc.concurrent_layers:
             lid = node.todo.pop(0)
             if lid in node.completed:
+                continue
+            if self.sc.layer_jitter:
+                # Real nodes reach each layer's first request a few ms apart (processes, threads, a client
+                # asking blob after blob), so which node's claim request reaches a tracker first is random.
+                node.active.add(lid)
+                self.push(now + node.rng.uniform(0, self.sc.layer_jitter), LAYER_START, node.id, lid)
                 continue
             self._start_layer(node, lid, now)
         if not node.todo and not node.active and math.isnan(node.done_at):
@@ -586,6 +592,10 @@ class Simulation:
                 if s is None or node.up_gen.get(lid, 0) != gen or s.upstream != idx:
                     continue
                 self._start_up_flow(node, lid, idx, now)
+            elif kind == LAYER_START:
+                node, lid = nodes[ev[3]], ev[4]
+                if node.alive and lid in node.active and lid not in node.dl and lid not in node.completed:
+                    self._start_layer(node, lid, now)
             elif kind == ARRIVE:
                 node = nodes[ev[3]]
                 node.alive = True

@@ -34,6 +34,7 @@ The keys (all optional unless marked; sizes take MB/MiB/GB/GiB, rates MB/s/MiB/s
     jitter = "0 s"                 # all/waves: each node starts uniformly within this after its wave
     images = "all"                 # all: every node pulls every image; one: node i pulls image i mod M
     concurrent_layers = 3          # layers a node pulls at once (Docker's default)
+    layer_jitter = "0 s"           # each layer's first request comes uniformly within this after it is due
     [churn]
     kill = 0.05                    # fraction of nodes killed ...
     between = ["0 s", "10 s"]      # ... at uniform times in this window
@@ -112,6 +113,7 @@ class Scenario:
     jitter: float = 0.0
     image_choice: str = "all"
     concurrent_layers: int = 3
+    layer_jitter: float = 0.0
     kill: float = 0.0
     kill_between: tuple[float, float] = (0.0, 10.0)
     restart_after: float | None = None
@@ -287,7 +289,8 @@ def parse_scenario(doc: dict) -> Scenario:
         for layer in img.layers:
             if sizes.setdefault(layer.name, layer.size) != layer.size:
                 raise _err("image", f"layer {layer.name!r} is given two different sizes")
-    r = _table(doc, "rollout", {"start", "waves", "interval", "rate", "jitter", "images", "concurrent_layers"})
+    r = _table(doc, "rollout", {"start", "waves", "interval", "rate", "jitter", "images", "concurrent_layers",
+                                "layer_jitter"})
     s.start = _get(r, "rollout", "start", str, "all")
     if s.start not in {"all", "waves", "poisson"}:
         raise _err("rollout.start", f"use all, waves or poisson, got {s.start!r}")
@@ -295,6 +298,7 @@ def parse_scenario(doc: dict) -> Scenario:
     s.interval = _get(r, "rollout", "interval", _nonneg(parse_duration), 30.0)
     s.rate = _get(r, "rollout", "rate", _positive(float), 10.0)
     s.jitter = _get(r, "rollout", "jitter", _nonneg(parse_duration), 0.0)
+    s.layer_jitter = _get(r, "rollout", "layer_jitter", _nonneg(parse_duration), 0.0)
     s.image_choice = _get(r, "rollout", "images", str, "all")
     if s.image_choice not in {"all", "one"}:
         raise _err("rollout.images", f"use all or one, got {s.image_choice!r}")

@@ -115,3 +115,24 @@ def test_cli_plot(tmp_path):
     r = run(str(p), "--plot", str(png))
     assert r.returncode == 0, r.stderr
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_layer_jitter_spreads_the_first_claims_over_nodes():
+    """Nodes starting together with no jitter: node 0 asks first for every layer and fetches them all from
+    upstream (a tie the real nodes never have). With layer_jitter the first claims land on several nodes, as
+    they do in a real run of eight nodes."""
+    import tomllib
+
+    from p2pcache.sim.engine import Simulation
+
+    text = (REPO / "simulations" / "bench-8x100.toml").read_text()
+    doc = tomllib.loads(text)
+    doc["rollout"]["layer_jitter"] = "0 s"
+    tied = Simulation(parse_scenario(doc))
+    tied.run()
+    assert len(set(tied.first_claim.values())) == 1
+    doc["rollout"]["layer_jitter"] = "5 ms"
+    spread = Simulation(parse_scenario(doc))
+    r = spread.run()
+    assert len(set(spread.first_claim.values())) > 1
+    assert r.unfinished == 0 and r.upstream_bytes == sum(layer.size for layer in parse_scenario(doc).unique_layers())
