@@ -71,7 +71,12 @@ _CLOSED = (*_CLOSED, PeerGone)
 
 
 class PieceRejected(Exception):
-    """The peer does not have (or will not send) the piece now."""
+    """The peer does not have (or will not send) the piece now; `reason` is its word for why ("busy", "not
+    held")."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class PeerHost(Protocol):

@@ -160,6 +160,20 @@ class PiecePicker:
             return True
         return False
 
+    def peer_lost(self, peer: Peer, index: int) -> None:
+        """The peer no longer has piece `index` (it said so when asked: it discarded the piece)."""
+        m = self.peers.get(peer)
+        if m is None or not 0 <= index < self.n:
+            return
+        bit = 1 << index
+        if not m & bit:
+            return
+        self.peers[peer] = m & ~bit
+        a = self.avail[index]
+        self.avail[index] = a - 1
+        if self.wanted & bit:
+            self._move(index, bit, a, a - 1)
+
     def remove_peer(self, peer: Peer) -> list[int]:
         """The peer is gone. Returns the pieces that were in flight from it (now back in the pool)."""
         m = self.peers.pop(peer, None)

@@ -499,6 +499,20 @@ class DownloadScheduler:
             self._fill_all(now, out)
         return out
 
+    def piece_not_held(self, peer: Peer, index: int, now: float) -> list[Decision]:
+        """`peer` answered that it does not hold piece `index` after all (its download of the blob failed and
+        was discarded, or its copy was found corrupt): it is no source of that piece any more. Without this a
+        peer that lost a piece was asked for it again after every busy back-off, for ever."""
+        out: list[Decision] = []
+        st = self.peers.get(peer)
+        if st is None:
+            return out
+        self.picker.failed(peer, index)
+        self._forget(peer, st, index)
+        self.picker.peer_lost(peer, index)
+        self._fill_all(now, out)
+        return out
+
     def upstream_progress(self, index: int, nbytes: int, now: float) -> list[Decision]:
         """The upstream stream delivered piece `index` (hashed by the driver, which publishes the hash)."""
         out: list[Decision] = []

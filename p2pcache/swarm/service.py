@@ -1124,6 +1124,7 @@ class _Fill:
         key = (node, index)
         data: bytes | bytearray | None = None
         got: bytes | None = None
+        not_held = False
         with trio.CancelScope() as scope:
             self.piece_tasks[key] = scope
             try:
@@ -1134,6 +1135,7 @@ class _Fill:
             except (PeerGone, PieceRejected) as e:
                 log.debug("%s: piece %d from %s: %s", self.digest[:19], index, node, e)
                 data = None
+                not_held = isinstance(e, PieceRejected) and e.reason == "not held"
             finally:
                 if self.piece_tasks.get(key) is scope:
                     del self.piece_tasks[key]
@@ -1143,7 +1145,10 @@ class _Fill:
         if data is None:
             if conn is not None and conn.closed:
                 return  # peer_closed reports it as peer_gone
-            self._apply(sched.piece_refused(node, index, now))
+            if not_held:
+                self._apply(sched.piece_not_held(node, index, now))
+            else:
+                self._apply(sched.piece_refused(node, index, now))
             return
         want = self.hashes[index] if index < len(self.hashes) else None
         if got is None:  # hashed here, in a worker thread (NO_LOOP_HASHING), while the loop receives the next

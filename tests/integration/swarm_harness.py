@@ -38,7 +38,8 @@ class Cluster:
         for _ in range(n):
             self.add_node(start=False)
 
-    def add_node(self, *, start: bool = True, secret_file: Path | None = None, args: list[str] | None = None) -> Node:
+    def add_node(self, *, start: bool = True, secret_file: Path | None = None, args: list[str] | None = None,
+                 upstream: str | None = None) -> Node:
         i = len(self.nodes)
         peer_port = free_port()
         a = ["--peer-listen", f"127.0.0.1:{peer_port}", "--log-level", "info"] + self.extra_args + list(args or [])
@@ -47,7 +48,7 @@ class Cluster:
         sf = secret_file or self.secret_file
         if sf is not None:
             a += ["--cluster-secret-file", str(sf)]
-        node = Node(self.dir / f"node{i}", {"docker.io": self.registry.url}, args=a)
+        node = Node(self.dir / f"node{i}", {"docker.io": upstream or self.registry.url}, args=a)
         node.peer_addr = f"127.0.0.1:{peer_port}"  # type: ignore[attr-defined]
         self.nodes.append(node)
         if start:

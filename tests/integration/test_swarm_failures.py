@@ -11,8 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from .harness import images as im
 from .harness.registry import Registry
 from .harness.util import wait_until
+from .lying_upstream import LyingUpstream
 from .swarm_harness import Cluster, fetch_blob, pull_everywhere, pull_image, push_random_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -144,6 +146,53 @@ def test_lying_peer_is_caught_banned_and_no_wrong_byte_reaches_a_client(cluster_
     assert victim.metric("p2pcache_pieces_rejected_total") >= 1
     assert victim.metric("p2pcache_peer_bans_total") >= 1
     assert c.upstream_blob_gets(layer.digest, mark) == 0  # the honest peer had every piece
+
+
+def test_a_lying_piece_list_fails_the_whole_digest_and_the_blob_is_refetched_from_upstream(cluster_of, reg):
+    """The claim holder streams from an upstream that flips one byte, so the piece hashes it publishes describe
+    wrong bytes, and every piece it serves matches them. Its peers can only find out with the whole-blob digest:
+    then they discard what came from the swarm and fetch from their own (honest) upstream. No client ever gets
+    a complete wrong blob; the honest nodes end up serving the right one."""
+    image = push_random_image(reg, "library/pieces", "1", [24_000_000])
+    layer = image.layers[0]
+    with LyingUpstream(reg.url, mode="flip", only=layer.digest) as liar:
+        c = cluster_of(2)
+        # slow on its upstream side only (its uploads are not limited), so the peers join while it streams
+        victim = c.add_node(upstream=liar.url, args=["--download-limit", "8MB/s"])
+        c.wait_members()
+        a, b = c.nodes[0], c.nodes[1]
+        results: dict[str, object] = {}
+
+        def fetch(name: str, node) -> None:
+            try:
+                results[name] = fetch_blob(node, "library/pieces", layer.digest, timeout=120)
+            except BaseException as e:
+                results[name] = e
+
+        t_victim = threading.Thread(target=fetch, args=("victim", victim), daemon=True)
+        t_victim.start()
+        wait_until(lambda: victim.metric("p2pcache_claims_held") >= 1, 20, "the victim to hold the claim",
+                   interval=0.05)
+        threads = [threading.Thread(target=fetch, args=(name, node), daemon=True) for name, node in
+                   (("a", a), ("b", b))]
+        for t in threads:
+            t.start()
+        for t in [t_victim, *threads]:
+            t.join(150)
+        for name in ("victim", "a", "b"):
+            got = results[name]
+            assert not (isinstance(got, bytes) and got != layer.data and len(got) == len(layer.data)), \
+                f"{name} served a complete wrong blob"
+        assert not isinstance(results["victim"], bytes), "the victim's upstream lies: it cannot serve the blob"
+        # the honest nodes get the right bytes (now, or on the client's retry after an aborted response)
+        for node in (a, b):
+            assert fetch_blob(node, "library/pieces", layer.digest, timeout=120) == layer.data
+        assert a.metric("p2pcache_digest_mismatches_total", source="swarm") + \
+            b.metric("p2pcache_digest_mismatches_total", source="swarm") >= 1, \
+            "neither honest node took the lying pieces: the test did not test the lie"
+        for node in (a, b, victim):
+            for path in node.store_files(layer.digest):
+                assert im.sha256_digest(path.read_bytes()) == layer.digest
 
 
 def test_upstream_down_new_node_pulls_image_and_tag_from_the_cluster(cluster_of, reg):

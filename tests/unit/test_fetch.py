@@ -684,7 +684,7 @@ class ChaosSwarm:
                 budget = rng.randint(1, 4)
                 await download.fetch_from_upstream(  # type: ignore[arg-type]
                     self.up, repo, start=first * PIECE, end=end,
-                    stop=lambda: sum(download.have(i) for i in range(n)) >= budget + rng.randint(0, n))
+                    stop=lambda budget=budget: sum(download.have(i) for i in range(n)) >= budget + rng.randint(0, n))
                 await trio.sleep(rng.random() * 0.001)
 
         async with trio.open_nursery() as nursery:

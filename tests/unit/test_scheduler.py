@@ -233,3 +233,17 @@ def test_a_piece_read_ahead_after_stop_upstream_still_counts():
     out = s.upstream_progress(1, MiB, 1.1)  # the driver had already read piece 1 ahead
     assert Cancel("p", 1) in out and s.picker.have(1)
     assert s.upstream_progress(2, MiB, 2) == [Done()]
+
+
+def test_a_peer_that_no_longer_holds_a_piece_is_not_asked_for_it_again():
+    s = sched(2, pipeline=1, few_peers=0)
+    s.start(0)
+    s.claim_denied("x", 0)
+    asked = reqs(s.peer_added("a", None, [0, 1], 0))
+    (peer, i), = asked
+    out = s.piece_not_held("a", i, 0.1)
+    assert (peer, i) not in reqs(out)  # not asked again at once ...
+    assert s.picker.avail[i] == 0
+    for t in (0.7, 1.5, 3.0):  # ... nor after any busy back-off
+        assert ("a", i) not in reqs(s.tick(t))
+    assert ("b", i) in reqs(s.peer_added("b", None, [i], 3.1))  # another holder gets the request
