@@ -30,16 +30,16 @@ A `Download` is one attempt to get one digest into the store. It learns the blob
 response, or from the swarm's metainfo via `Download.start`), asks the store for room and for a `PartialBlob` (which
 may be resumed from an earlier run: its contiguous prefix is re-hashed from disk to rebuild the running whole-blob
 hash, and upstream is asked with `Range` from there). While streaming from upstream a producer task reads chunks and
-hands them through bounded queues (`lane.ThreadLane`) to a writer thread (pwrite, and the whole-blob hash; the loop
-then marks completed pieces and wakes clients). In a swarm the writer also computes per-piece hashes, and the
-whole-blob hash moves to a hasher thread of its own, so both cores hash. A body that ends early or a dropped
-connection resumes with `Range` from the last written byte (bounded retries). When every piece is held the whole
-hash is compared with the digest: equal -> `store.commit`, and the last piece becomes readable; different -> the
-partial is discarded, `digest_mismatches` counted, every attached client's `readable()` raises `FetchFailed` (the
-proxy aborts the response before its last byte), and the download is forgotten: the next request refetches (from
-upstream only, if the bad bytes came through the swarm). Refetching on request rather than at once means a registry
-that keeps lying costs one fetch per client request, never a loop, and a refetch never races a client that arrives
-after the upstream was fixed.
+hands them through a bounded queue (`lane.ThreadLane`) to a writer thread (pwrite, and the whole-blob hash; the loop
+then marks completed pieces and wakes clients). In a swarm the writer computes per-piece hashes instead, and the
+whole-blob hash is fed from disk over marked pieces (peers write pieces too; the hash must cover the bytes on disk).
+A body that ends early or a dropped connection resumes with `Range` from the last written byte (bounded retries).
+When every piece is held the whole hash is compared with the digest: equal -> `store.commit`, and the last piece
+becomes readable; different -> the partial is discarded, `digest_mismatches` counted, every attached client's
+`readable()` raises `FetchFailed` (the proxy aborts the response before its last byte), and the download is
+forgotten: the next request refetches (from upstream only, if the bad bytes came through the swarm). Refetching on
+request rather than at once means a registry that keeps lying costs one fetch per client request, never a loop, and
+a refetch never races a client that arrives after the upstream was fixed.
 
 Swarm seam (issue 3)
 --------------------
@@ -634,7 +634,7 @@ class Download:
                             if too_long or pos >= limit:
                                 break
                     except _TRANSIENT as e:
-                        err = e  # the lanes still finish what arrived; the caller resumes from there
+                        err = e  # the writer still finishes what arrived; the caller resumes from there
                 finally:
                     writer.close()  # also when cancelled: the thread finishes what is queued and stops
         except BaseExceptionGroup as group:
