@@ -134,9 +134,9 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 # What the writer thread reports per batch: the stream's end after it, the pieces it completed (with their
-# hashes, or None when not hashing pieces), the bytes it fed the whole-blob hash, and the OSError that stopped
+# hashes, or None when not hashing pieces), the bytes it fed the whole-blob hash, and the error that stopped
 # it, if any.
-_Written = tuple[int, list[tuple[int, bytes | None]], int, OSError | None]
+_Written = tuple[int, list[tuple[int, bytes | None]], int, OSError | ValueError | None]
 
 
 def _single(group: BaseExceptionGroup) -> BaseException:
@@ -697,7 +697,7 @@ class Download:
                         self._piece_hasher = hashlib.sha256()
                         self._piece_index += 1
                 end = pos + len(chunk)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # a full or failing disk; a partial discarded under us
             return end, done, hashed, e  # the pieces in `done` are whole; the loop fails the download
         return end, done, hashed, None
 
