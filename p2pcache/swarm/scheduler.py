@@ -482,14 +482,20 @@ class DownloadScheduler:
                 self._fill_all(now, out)  # the sender had nothing more for us: a source slot is free
         return out
 
+    def _unrequest(self, peer: Peer, index: int) -> _PeerState | None:
+        """The request of `index` from `peer` ended without the piece: back to the pool. None: unknown peer."""
+        st = self.peers.get(peer)
+        if st is not None:
+            self.picker.failed(peer, index)
+            self._forget(peer, st, index)
+        return st
+
     def piece_refused(self, peer: Peer, index: int, now: float) -> list[Decision]:
         """`peer` refused the request ("busy": its upload slots are taken): ask others, retry it a little later."""
         out: list[Decision] = []
-        st = self.peers.get(peer)
+        st = self._unrequest(peer, index)
         if st is None:
             return out
-        self.picker.failed(peer, index)
-        self._forget(peer, st, index)
         rate = st.rate or self._flow_rate or self.cfg.assumed_rate
         wait = min(self.cfg.busy_backoff_max, max(self.cfg.busy_backoff, 2 * self.piece_len(index) / rate))
         st.busy_until = now + wait
@@ -504,11 +510,8 @@ class DownloadScheduler:
         was discarded, or its copy was found corrupt): it is no source of that piece any more. Without this a
         peer that lost a piece was asked for it again after every busy back-off, for ever."""
         out: list[Decision] = []
-        st = self.peers.get(peer)
-        if st is None:
+        if self._unrequest(peer, index) is None:
             return out
-        self.picker.failed(peer, index)
-        self._forget(peer, st, index)
         self.picker.peer_lost(peer, index)
         self._fill_all(now, out)
         return out

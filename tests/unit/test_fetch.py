@@ -142,6 +142,22 @@ async def fetch(fetcher: Fetcher, digest: str) -> bytes:
         return await read_all(h)
 
 
+def paused_upstream(size: int, pause_at: int) -> tuple[bytes, str, FakeUpstream]:
+    """A blob of `size` bytes, its digest, and an upstream that stops sending it at `pause_at` until released."""
+    data = blob(size)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    up.pause_at = pause_at
+    return data, d, up
+
+
+async def readable_to(h: BlobHandle, end: int) -> None:
+    """Wait until the handle may read at least up to `end`."""
+    n = 0
+    while n < end:
+        n = await h.readable(n)
+
+
 def sample(fetcher: Fetcher, name: str, **labels: str) -> float:
     return fetcher.metrics.registry.get_sample_value(name, labels) or 0.0
 
@@ -299,9 +315,7 @@ async def test_a_restarted_node_resumes_where_the_download_stopped(settings: Set
     up.pause_at = 3 * PIECE + 5000
     async with running(settings, up) as fetcher:
         async with fetcher.open_blob(REPO, d) as h:
-            n = 0
-            while n < 3 * PIECE:
-                n = await h.readable(n)
+            await readable_to(h, 3 * PIECE)
         # "node shutdown": leaving `running` cancels the Fetcher's nursery with the download paused.
     assert up.opens == [(d, 0)]
 
@@ -611,15 +625,10 @@ async def test_store_blob_returns_once_the_blob_is_committed(settings: Settings)
 async def test_a_mirror_only_node_marks_pieces_without_hashing_them(settings: Settings) -> None:
     """Without a swarm nothing checks per-piece hashes of upstream bytes (the whole digest covers them), so they
     are not computed; the pieces still count for readers and for a resume."""
-    data = blob(8 * PIECE + 7)
-    d = digest_of(data)
-    up = FakeUpstream({d: data})
-    up.pause_at = 3 * PIECE
+    data, d, up = paused_upstream(8 * PIECE + 7, 3 * PIECE)
     async with running(settings, up) as fetcher:
         async with fetcher.open_blob(REPO, d) as h:
-            n = 0
-            while n < 3 * PIECE:
-                n = await h.readable(n)
+            await readable_to(h, 3 * PIECE)
             download = fetcher.downloads()[d]
             assert [download.have(i) for i in range(4)] == [True, True, True, False]
             assert download.piece_hashes()[:3] == [None, None, None]
@@ -628,15 +637,10 @@ async def test_a_mirror_only_node_marks_pieces_without_hashing_them(settings: Se
 
 
 async def test_a_swarm_node_resuming_a_mirror_partial_hashes_its_pieces_first(settings: Settings) -> None:
-    data = blob(8 * PIECE + 7)
-    d = digest_of(data)
-    up = FakeUpstream({d: data})
-    up.pause_at = 3 * PIECE
+    data, d, up = paused_upstream(8 * PIECE + 7, 3 * PIECE)
     async with running(settings, up) as fetcher:
         async with fetcher.open_blob(REPO, d) as h:
-            n = 0
-            while n < 3 * PIECE:
-                n = await h.readable(n)
+            await readable_to(h, 3 * PIECE)
 
     up2 = FakeUpstream({d: data})
     up2.pause_at = 5 * PIECE
@@ -644,9 +648,7 @@ async def test_a_swarm_node_resuming_a_mirror_partial_hashes_its_pieces_first(se
         swarm = ListeningSwarm(up2)
         fetcher2.swarm = swarm
         async with fetcher2.open_blob(REPO, d) as h:
-            n = 0
-            while n < 5 * PIECE:
-                n = await h.readable(n)
+            await readable_to(h, 5 * PIECE)
             hashes = fetcher2.downloads()[d].piece_hashes()
             want = [hashlib.sha256(data[i * PIECE:(i + 1) * PIECE]).digest() for i in range(5)]
             assert hashes[:5] == want, "peers need hashes of the pieces held from the mirror-only run too"
