@@ -142,6 +142,9 @@ def _parse_upstreams(value: Any) -> dict[str, str]:
     return out
 
 
+_WILDCARDS = {"0.0.0.0", "::", "*"}
+
+
 def parse_hostport(text: str) -> tuple[str, int]:
     """'0.0.0.0:5000' -> ('0.0.0.0', 5000); '[::1]:5000' -> ('::1', 5000)."""
     host, sep, port = text.rpartition(":")
@@ -187,6 +190,13 @@ def load_settings(
         if v is not None:
             merged[k] = v
     values = {k: _coerce(k, v) for k, v in merged.items()}
+    peer_listen, advertise = values.get("peer_listen"), values.get("advertise")
+    if peer_listen and not advertise:
+        host, port = parse_hostport(peer_listen)
+        if host in _WILDCARDS:
+            # Peers would be told to dial 0.0.0.0: the swarm silently never forms. Say so at start-up instead.
+            raise ConfigError(f"peer-listen: {peer_listen} listens on every address; say which one other nodes "
+                              f"should dial with --advertise HOST:{port} (e.g. the pod or host IP)")
     return Settings(**values)
 
 

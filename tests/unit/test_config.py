@@ -82,3 +82,12 @@ def test_cli_reports_bad_flag_without_traceback(capsys: pytest.CaptureFixture[st
     assert main(["node", "--max-disk", "lots"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("p2pcache: max-disk") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:5002", ":5002", "[::]:5002"])
+def test_a_wildcard_peer_listen_needs_advertise(listen: str) -> None:
+    with pytest.raises(ConfigError, match="--advertise HOST:5002"):
+        load_settings({"peer_listen": listen}, env={})
+    s = load_settings({"peer_listen": listen, "advertise": "10.0.0.11:5002"}, env={})
+    assert s.advertise == "10.0.0.11:5002"
+    assert load_settings({"peer_listen": "127.0.0.1:5002"}, env={}).advertise is None
