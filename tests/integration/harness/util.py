@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,11 +15,25 @@ INSTALL_HINT = ("scripts/test installs it "
                 "(apt-get install docker-registry skopeo containerd docker.io busybox-static podman)")
 
 
+_handed_out: set[int] = set()
+_handed_lock = threading.Lock()
+
+
 def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port nobody listens on right now, and never one this test process handed out before.
+
+    The kernel may give the same free port to two bind(0) calls when the first port is not in use yet: four
+    nodes started at once then fought over one port, and one node's /healthz was answered by another node
+    (a CI failure of test_node_killed_mid_transfer_others_finish).
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with _handed_lock:
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
 
 
 def require_binary(name: str, *candidates: str) -> str:
