@@ -188,14 +188,13 @@ class Download:
         self._whole = hashlib.sha256()
         self._whole_pos = 0
         self._whole_lock = trio.Lock()
-        self._streaming = False
+        self._streaming = False  # a solo stream runs: its writer thread feeds the whole-blob hash from memory
         self._hashing_soon = False  # a background _advance_whole_hash is scheduled or running
         # Per-piece hash of the piece the stream is in, over bytes [start of piece, _piece_pos).
         self._piece_hasher = hashlib.sha256()
         self._piece_index = 0
         self._piece_pos = 0
         self._stream_hashes_pieces = True  # _write_batch computes piece hashes (decided per stream in _stream)
-        self._writer_feeds_whole = False  # ... and feeds the whole-blob hash
         self._marked_since_save = 0
         self._save_due = False
         self._saving = False
@@ -607,7 +606,7 @@ class Download:
         too_long = False
         stopping = False
         pos = offset
-        self._streaming = self._writer_feeds_whole = solo
+        self._streaming = solo
         try:
             async with trio.open_nursery() as nursery:
                 writer = ThreadLane(self._write_batch, depth=LANE_DEPTH, max_batch=BATCH_CHUNKS)
@@ -643,7 +642,7 @@ class Download:
                 raise
             raise inner from None
         finally:
-            self._streaming = self._writer_feeds_whole = False
+            self._streaming = False
         if too_long:
             # More bytes than the size upstream announced: these bytes cannot be the blob.
             self._too_long = True
@@ -670,7 +669,7 @@ class Download:
         # Writer thread: pwrite, per-piece hashes, and for a solo stream the whole-blob hash (see _stream); the
         # piece-hash state, and then self._whole, are only touched here while streaming.
         assert self.size is not None and self.piece_size is not None and self.partial is not None
-        partial, solo = self.partial, self._writer_feeds_whole
+        partial, solo = self.partial, self._streaming
         hashing = self._stream_hashes_pieces
         done: list[tuple[int, bytes | None]] = []
         end = self._stream_end
