@@ -13,6 +13,8 @@ Rules (what this module must never do):
   and raises `OciError("DIGEST_INVALID")` otherwise, so nothing can escape the store directory.
 - Never evict a pinned blob or a partial download.
 
+Partials untouched for a week (PARTIAL_MAX_AGE) are removed at start-up: abandoned downloads.
+
 Quota: `max_bytes` counts only complete blobs (sizes tracked in memory, computed once at startup by walking
 `blobs/`). LRU order is by last access (open, stat for serving), initialised from file mtimes at startup; `open`
 also bumps the mtime (at most once a minute per blob) so the order survives a restart. `make_room(n)` evicts
@@ -51,6 +53,10 @@ log = logging.getLogger(__name__)
 _DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 _PARTIAL_RE = re.compile(r"([0-9a-f]{64})\.(data|state)")
+# A download nobody resumed for this long is abandoned (the client gave up, the image was deleted upstream): its
+# partial files are removed at start-up, so they cannot hold disk for ever outside the quota (which counts only
+# complete blobs). A week keeps any download interrupted by a restart, a reboot or an outage resumable.
+PARTIAL_MAX_AGE = 7 * 86400.0
 MTIME_TOUCH_INTERVAL = 60.0  # seconds; bumping mtime on every open would be a syscall per request for nothing
 
 
@@ -106,9 +112,11 @@ class BlobStore:
             _remove(p)
 
     def _clean_partials(self) -> None:
-        """Drop temp state files and half pairs: a `.state` without `.data` (or vice versa) cannot be resumed.
+        """Drop temp state files, half pairs (a `.state` without `.data` or vice versa cannot be resumed) and
+        partials untouched for PARTIAL_MAX_AGE.
 
         Runs after _scan_blobs so that partials of blobs already complete can be dropped too."""
+        stale_before = time.time() - PARTIAL_MAX_AGE
         kinds: dict[str, set[str]] = {}
         for p in self.partial_dir.iterdir():
             m = _PARTIAL_RE.fullmatch(p.name)
@@ -118,9 +126,20 @@ class BlobStore:
             kinds.setdefault(m.group(1), set()).add(m.group(2))
         for hex_, have in kinds.items():
             # A download that finished before the crash (already in blobs/) has nothing left to resume.
-            if have != {"data", "state"} or hex_ in self._index:
+            if have != {"data", "state"} or hex_ in self._index or self._abandoned(hex_, stale_before):
                 for kind in have:
                     _remove(self.partial_dir / f"{hex_}.{kind}")
+
+    def _abandoned(self, hex_: str, stale_before: float) -> bool:
+        try:
+            last = max((self.partial_dir / f"{hex_}.{kind}").stat().st_mtime for kind in ("data", "state"))
+        except OSError:
+            return True
+        if last < stale_before:
+            log.info("store: removing the partial download of sha256:%s, untouched since %s", hex_,
+                     time.strftime("%Y-%m-%d", time.localtime(last)))
+            return True
+        return False
 
     def _scan_blobs(self) -> None:
         """Index every complete blob, least recently modified first (that is the LRU order we restart with)."""

@@ -304,3 +304,26 @@ async def test_commit_in_worker_thread_while_loop_uses_store(tmp_path: Path) -> 
         done = True
     assert store.stat(digest_of(data)) == len(data)
     assert store.used_bytes() == len(data) + 20 * 50
+
+
+def test_abandoned_partials_are_removed_at_startup_recent_ones_resume(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from p2pcache.store.blobs import PARTIAL_MAX_AGE
+
+    store = BlobStore(tmp_path)
+    old_data, new_data = blob(300, seed=1), blob(300, seed=2)
+    old, new = store.partial(digest_of(old_data), 300, 100), store.partial(digest_of(new_data), 300, 100)
+    for p, data in ((old, old_data), (new, new_data)):
+        p.write(0, data[:100])
+        p.mark(0, None)
+        p.save()
+        p.close()
+    week_ago = time.time() - PARTIAL_MAX_AGE - 60
+    for kind in ("data", "state"):
+        os.utime(tmp_path / "partial" / f"{old.hex}.{kind}", (week_ago, week_ago))
+    again = BlobStore(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == [f"{new.hex}.data", f"{new.hex}.state"]
+    resumed = again.partial(digest_of(new_data), 300, 100)
+    assert resumed.resumed and resumed.have(0)
