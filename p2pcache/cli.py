@@ -1,4 +1,5 @@
-"""The `p2pcache` command: `node` runs a node, `simulate` runs the capacity planner.
+"""The `p2pcache` command: `node` runs a node, `simulate` runs the capacity planner, `configure` points a client at a
+node.
 
 Bad input ends with a one-line message naming the problem and exit status 2, never a traceback.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from p2pcache.config import ConfigError, add_node_flags, settings_from_args
 
@@ -23,6 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, help="override the scenario's seed")
     sim.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,…",
                      help="run a grid over a scenario key (repeatable), one row per point")
+    conf = sub.add_parser("configure", help="point a client at a node")
+    clients = conf.add_subparsers(dest="client", required=True)
+    ctrd = clients.add_parser("containerd", help="write containerd hosts.toml files (certs.d) for the node")
+    ctrd.add_argument("--mirror", default="http://127.0.0.1:5000", help="the node's registry URL (default %(default)s)")
+    ctrd.add_argument("--hosts-dir", type=Path, default=None,
+                      help="containerd's config_path (default /etc/containerd/certs.d)")
+    ctrd.add_argument("--registry", action="append", default=[], metavar="HOST",
+                      help="registry to mirror (repeatable; default docker.io)")
     return p
 
 
@@ -34,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
             from p2pcache.node import run_node_blocking
 
             return run_node_blocking(settings)
+        if args.command == "configure":
+            from p2pcache.clientconf import DEFAULT_HOSTS_DIR, write_containerd_hosts
+
+            for path in write_containerd_hosts(args.hosts_dir or DEFAULT_HOSTS_DIR, args.mirror,
+                                               args.registry or ["docker.io"]):
+                print(f"wrote {path}")
+            return 0
         if args.command == "simulate":
             from p2pcache.sim.cli import run_simulate
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Self
@@ -160,13 +161,13 @@ class Containerd(_Daemon):
         return run([self.ctr_bin, "-a", str(self.sock), *args], check=check, timeout=timeout)
 
     def hosts_dir(self, name: str, mirrors: dict[str, str]) -> Path:
-        """A --hosts-dir whose `<ns>/hosts.toml` sends pulls of namespace ns to the mirror URL."""
+        """A --hosts-dir whose `<ns>/hosts.toml` sends pulls of namespace ns to the mirror URL, written by
+        `p2pcache configure containerd` (so the real ctr checks the files users get)."""
         d = self.dir / "hosts" / name
         for ns, url in mirrors.items():
-            (d / ns).mkdir(parents=True, exist_ok=True)
-            server = "https://registry-1.docker.io" if ns == "docker.io" else f"https://{ns}"
-            (d / ns / "hosts.toml").write_text(
-                f'server = "{server}"\n[host."{url}"]\n  capabilities = ["pull", "resolve"]\n')
+            subprocess.run([sys.executable, "-m", "p2pcache", "configure", "containerd", "--hosts-dir", str(d),
+                            "--mirror", url, "--registry", ns], check=True, capture_output=True,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])})
         return d
 
     def content_digests(self) -> set[str]:

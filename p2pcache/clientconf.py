@@ -1,0 +1,76 @@
+"""`p2pcache configure containerd`: write containerd's per-registry `hosts.toml` files that send pulls to a node.
+
+containerd reads `<config_path>/<registry>/hosts.toml` (its CRI plugin's `config_path`, usually
+`/etc/containerd/certs.d`, or `ctr images pull --hosts-dir DIR`): `server` is the registry itself, and each
+`[host."URL"]` is a mirror tried first for the listed capabilities. containerd adds `?ns=<registry>` to a
+mirror's requests, which the node uses to pick the upstream. Only pull and resolve go to the mirror (the node's
+registry port is read-only; pushes go to `server`).
+
+Files are written whole or not at all (temporary file, then rename), so a containerd that reads them while this
+runs never sees half a file. Bad input ends with a one-line message (ConfigError), never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from p2pcache.config import ConfigError
+from p2pcache.oci.errors import OciError
+from p2pcache.oci.reference import check_ns
+
+DEFAULT_HOSTS_DIR = Path("/etc/containerd/certs.d")
+
+
+def registry_server(ns: str) -> str:
+    """The registry's own URL, as containerd's `server` wants it (Docker Hub's API lives on registry-1)."""
+    return "https://registry-1.docker.io" if ns == "docker.io" else f"https://{ns}"
+
+
+def hosts_toml(ns: str, mirror: str) -> str:
+    """The hosts.toml text for registry `ns` with `mirror` (a node's registry URL) in front of it."""
+    return (f'# written by p2pcache configure containerd: pulls of {ns} go through the node first\n'
+            f'server = "{registry_server(ns)}"\n\n'
+            f'[host."{mirror}"]\n'
+            f'  capabilities = ["pull", "resolve"]\n')
+
+
+def check_mirror(url: str) -> str:
+    """`url` without a trailing slash, if it is an http(s) URL of a host (and port); else ConfigError."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname or parts.path not in {"", "/"} \
+            or parts.query or parts.fragment:
+        raise ConfigError(f"mirror: expected http(s)://HOST[:PORT] (a node's registry address), got {url!r}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"mirror: bad port in {url!r}") from None
+    return url.rstrip("/")
+
+
+def write_containerd_hosts(hosts_dir: Path, mirror: str, registries: list[str]) -> list[Path]:
+    """Write `<hosts_dir>/<ns>/hosts.toml` for each registry; returns the files written."""
+    mirror = check_mirror(mirror)
+    if not registries:
+        raise ConfigError("registry: name at least one registry (e.g. docker.io)")
+    for ns in registries:
+        try:
+            check_ns(ns)
+        except OciError:
+            raise ConfigError(f"registry: {ns!r} is not a registry host name (e.g. docker.io, ghcr.io)") from None
+    written = []
+    for ns in registries:
+        d = hosts_dir / ns
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=".hosts.toml.")
+            with os.fdopen(fd, "w") as f:
+                f.write(hosts_toml(ns, mirror))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, d / "hosts.toml")
+        except OSError as e:
+            raise ConfigError(f"hosts-dir: cannot write {d / 'hosts.toml'}: {e.strerror}") from None
+        written.append(d / "hosts.toml")
+    return written

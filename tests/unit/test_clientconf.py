@@ -1,0 +1,45 @@
+"""`p2pcache configure containerd`: the hosts.toml files, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from p2pcache.cli import main
+from p2pcache.clientconf import write_containerd_hosts
+from p2pcache.config import ConfigError
+
+
+def test_one_hosts_toml_per_registry(tmp_path: Path) -> None:
+    written = write_containerd_hosts(tmp_path, "http://10.0.0.5:5000/", ["docker.io", "ghcr.io"])
+    assert written == [tmp_path / "docker.io" / "hosts.toml", tmp_path / "ghcr.io" / "hosts.toml"]
+    hub = tomllib.loads(written[0].read_text())
+    assert hub == {"server": "https://registry-1.docker.io",
+                   "host": {"http://10.0.0.5:5000": {"capabilities": ["pull", "resolve"]}}}
+    assert tomllib.loads(written[1].read_text())["server"] == "https://ghcr.io"
+    assert sorted(p.name for p in (tmp_path / "ghcr.io").iterdir()) == ["hosts.toml"]  # no temporary left
+
+
+@pytest.mark.parametrize(("mirror", "registries", "needle"), [
+    ("ftp://x:5000", ["docker.io"], "mirror"),
+    ("http://x:99999", ["docker.io"], "port"),
+    ("http://x:5000/v2", ["docker.io"], "mirror"),
+    ("http://x:5000", ["../etc"], "registry"),
+    ("http://x:5000", ["Docker.IO"], "registry"),
+    ("http://x:5000", [], "registry"),
+])
+def test_bad_input_names_the_problem_and_writes_nothing(tmp_path: Path, mirror: str, registries: list[str],
+                                                        needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        write_containerd_hosts(tmp_path / "certs.d", mirror, registries)
+    assert not (tmp_path / "certs.d").exists()
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["configure", "containerd", "--hosts-dir", str(tmp_path), "--mirror", "http://127.0.0.1:5000"]) == 0
+    assert (tmp_path / "docker.io" / "hosts.toml").exists()
+    assert "wrote" in capsys.readouterr().out
+    assert main(["configure", "containerd", "--hosts-dir", str(tmp_path / "f" / "x"), "--registry", "a/b"]) == 2
+    assert capsys.readouterr().err.startswith("p2pcache: registry:")
