@@ -46,5 +46,7 @@ class Metrics:
                                  registry=r)
         self.peers_connected = Gauge("p2pcache_peers_connected", "Open peer connections", registry=r)
         self.claims_held = Gauge("p2pcache_claims_held", "Upstream fetch claims this node holds", registry=r)
+        self.tracked_digests = Gauge("p2pcache_tracked_digests",
+                                     "Digests whose holders and claim this node tracks (its tracker shard)", registry=r)
         self.request_seconds = Histogram("p2pcache_request_seconds", "Registry API request time", ["route"],
                                          registry=r)

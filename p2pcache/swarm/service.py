@@ -211,6 +211,7 @@ class SwarmService:
             await trio.sleep(TRACKER_EXPIRE_EVERY)
             now = trio.current_time()
             self.tracker.expire(now)
+            self.metrics.tracked_digests.set(self.tracker.tracked())
             if now - last_announce >= ANNOUNCE_EVERY:
                 last_announce = now
                 for digest, complete in list(self._announced.items()):

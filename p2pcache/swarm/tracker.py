@@ -339,6 +339,10 @@ class Tracker:
         return self._tags.get(key)
 
     # --- housekeeping --------------------------------------------------------------------------------------
+    def tracked(self) -> int:
+        """Digests this shard tracks (holders or a claim): how much of the cluster's tracking lands here."""
+        return len(self._holders.keys() | self._claims.keys())
+
     def expire(self, now: float) -> int:
         """Drop expired holders and claims (O(everything): call every few seconds, not per request).
 

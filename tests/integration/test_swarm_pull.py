@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from .harness.registry import Registry
+from .harness.util import wait_until
 from .swarm_harness import Cluster, pull_everywhere, push_random_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -81,3 +82,39 @@ def test_five_skopeo_clients_through_five_nodes_at_once(tmp_path):
     finally:
         cluster.stop()
         reg.stop()
+
+
+def test_tracker_mode_one_tracker_node_one_upstream_fetch_per_blob(tmp_path):
+    """`--tracker ADDR` (one tracker for a small setup, instead of rendezvous over the members): every node,
+    the tracker itself included, is told the same address; three nodes pulling at once still fetch each blob
+    from upstream once and get every byte right."""
+    reg = Registry(tmp_path / "reg").start()
+    cluster = Cluster(tmp_path, reg, 0)
+    try:
+        first = cluster.add_node(start=False)
+        tracker = ["--tracker", first.peer_addr]  # type: ignore[attr-defined]
+        first.args += tracker
+        cluster.add_node(start=False, args=tracker)
+        cluster.add_node(start=False, args=tracker)
+        image = push_random_image(reg, "library/tracked", "1", [12_000_000, 200_000])
+        cluster.start()
+        cluster.wait_members()
+        mark = reg.log_mark()
+        results = pull_everywhere(cluster.nodes, "library/tracked", "1")
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert not errors, errors
+        for r in results:
+            for blob in image.blobs:
+                assert r[blob.digest] == blob.data
+        for blob in image.blobs:
+            assert cluster.upstream_blob_gets(blob.digest, mark) == 1, blob.digest
+        assert sum(n.metric("p2pcache_peer_bytes_total", direction="in") for n in cluster.nodes) > 12_000_000
+        # the tracker node tracks every blob (config and layers); the others track nothing
+        wait_until(lambda: first.metric("p2pcache_tracked_digests") >= len(image.blobs), 10,
+                   "the tracker node to report its digests")
+        assert [n.metric("p2pcache_tracked_digests") for n in cluster.nodes[1:]] == [0, 0]
+    finally:
+        cluster.stop()
+        reg.stop()
+    for n in cluster.nodes:
+        n.check_log()
