@@ -11,23 +11,30 @@ from .swarm_harness import Cluster, pull_everywhere, push_random_image
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+def pull_at_once_exactly_once(cluster: Cluster, reg: Registry, image, name: str) -> int:
+    """Start the cluster, have every node pull `name:1` at the same moment, and check every byte on every node
+    and one upstream GET per blob. Returns the registry log mark taken before the pulls."""
+    cluster.start()
+    cluster.wait_members()
+    mark = reg.log_mark()
+    results = pull_everywhere(cluster.nodes, name, "1")
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors
+    for r in results:
+        for blob in image.blobs:
+            assert r[blob.digest] == blob.data  # byte-exact on every node
+    for blob in image.blobs:
+        assert cluster.upstream_blob_gets(blob.digest, mark) == 1, blob.digest
+    return mark
+
+
 def test_five_nodes_pull_at_once_one_upstream_fetch_per_blob(tmp_path):
     reg = Registry(tmp_path / "reg").start()
     cluster = Cluster(tmp_path, reg, 5)
     try:
         image = push_random_image(reg, "library/five", "1", [24_000_000, 6_000_000, 300_000])
-        cluster.start()
-        cluster.wait_members()
-        mark = reg.log_mark()
-        results = pull_everywhere(cluster.nodes, "library/five", "1")
-        errors = [r for r in results if isinstance(r, BaseException)]
-        assert not errors, errors
-        for r in results:
-            for blob in image.blobs:
-                assert r[blob.digest] == blob.data  # byte-exact on every node
+        mark = pull_at_once_exactly_once(cluster, reg, image, "library/five")
         image_bytes = sum(b.size for b in image.blobs)
-        for blob in image.blobs:
-            assert cluster.upstream_blob_gets(blob.digest, mark) == 1, blob.digest
         assert cluster.upstream_blob_bytes(mark) <= 1.05 * image_bytes
         from_peers = sum(n.metric("p2pcache_peer_bytes_total", direction="in") for n in cluster.nodes)
         assert from_peers >= 3 * image_bytes  # four of five nodes got (nearly) everything from peers
@@ -97,17 +104,7 @@ def test_tracker_mode_one_tracker_node_one_upstream_fetch_per_blob(tmp_path):
         cluster.add_node(start=False, args=tracker)
         cluster.add_node(start=False, args=tracker)
         image = push_random_image(reg, "library/tracked", "1", [12_000_000, 200_000])
-        cluster.start()
-        cluster.wait_members()
-        mark = reg.log_mark()
-        results = pull_everywhere(cluster.nodes, "library/tracked", "1")
-        errors = [r for r in results if isinstance(r, BaseException)]
-        assert not errors, errors
-        for r in results:
-            for blob in image.blobs:
-                assert r[blob.digest] == blob.data
-        for blob in image.blobs:
-            assert cluster.upstream_blob_gets(blob.digest, mark) == 1, blob.digest
+        pull_at_once_exactly_once(cluster, reg, image, "library/tracked")
         assert sum(n.metric("p2pcache_peer_bytes_total", direction="in") for n in cluster.nodes) > 12_000_000
         # the tracker node tracks every blob (config and layers); the others track nothing
         wait_until(lambda: first.metric("p2pcache_tracked_digests") >= len(image.blobs), 10,

@@ -151,6 +151,12 @@ def paused_upstream(size: int, pause_at: int) -> tuple[bytes, str, FakeUpstream]
     return data, d, up
 
 
+async def give_piece(download: Download, data: bytes, i: int) -> None:
+    """Piece `i` of `data` as a peer delivers it: verified against its own hash, then written."""
+    piece = data[i * PIECE:(i + 1) * PIECE]
+    await download.write_piece(i, piece, hashlib.sha256(piece).digest())
+
+
 async def readable_to(h: BlobHandle, end: int) -> None:
     """Wait until the handle may read at least up to `end`."""
     n = 0
@@ -413,8 +419,7 @@ class PieceSwarm:
         self.fills += 1
         await download.start(len(self.data), PIECE)
         for i in self.order:
-            piece = self.data[i * PIECE:(i + 1) * PIECE]
-            await download.write_piece(i, piece, hashlib.sha256(piece).digest())
+            await give_piece(download, self.data, i)
             await trio.sleep(0)
 
 
@@ -458,8 +463,7 @@ class ClaimSwarm:
     async def fill(self, download: Download, repo: Repo) -> None:
         await download.start(len(self.data), PIECE)
         for i in (0, 1):
-            piece = self.data[i * PIECE:(i + 1) * PIECE]
-            await download.write_piece(i, piece, hashlib.sha256(piece).digest())
+            await give_piece(download, self.data, i)
         await download.fetch_from_upstream(self.up, repo)  # type: ignore[arg-type]
 
 
@@ -501,8 +505,7 @@ class TakeoverSwarm:
     async def fill(self, download: Download, repo: Repo) -> None:
         await download.start(len(self.data), PIECE)
         download.add_piece_listener(lambda i, h: self.marked.append(i))
-        piece = self.data[:PIECE]
-        await download.write_piece(0, piece, hashlib.sha256(piece).digest())
+        await give_piece(download, self.data, 0)
         await download.fetch_from_upstream(self.up, repo, start=3 * PIECE, end=5 * PIECE)  # type: ignore[arg-type]
         assert self.marked == [0, 3, 4] and download.readable_end() == PIECE  # 3-4 are not a prefix yet
         await download.fetch_from_upstream(self.up, repo, start=PIECE,  # type: ignore[arg-type]
@@ -676,8 +679,7 @@ class ChaosSwarm:
             rng.shuffle(order)
             for i in order[: n // 2]:
                 await trio.sleep(rng.random() * 0.002)
-                piece = self.data[i * PIECE:(i + 1) * PIECE]
-                await download.write_piece(i, piece, hashlib.sha256(piece).digest())
+                await give_piece(download, self.data, i)
 
         async def upstream() -> None:
             while not all(download.have(i) for i in range(n)):
