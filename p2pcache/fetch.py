@@ -91,10 +91,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Chunks queued between the upstream reader and each consumer's thread (a ThreadLane): with ~1 MiB chunks this
-# bounds a download's memory to a few MiB while letting the reader run ahead of a hashing thread.
+# Chunks queued between the upstream reader and the stream's writer thread (a ThreadLane): with ~1 MiB chunks this
+# bounds a download's memory to a few MiB while letting the reader run ahead of the thread's pwrite and hashing.
 LANE_DEPTH = 8
-# Chunks a lane's thread takes at once when it fell behind: fewer results to hand back to the loop.
+# Chunks the writer thread takes at once when it fell behind: fewer results to hand back to the loop.
 BATCH_CHUNKS = 8
 # Persist the partial's state (bitfield + piece hashes) after this many newly marked bytes, so a crash loses
 # little (a clean stop saves anyway). Each save is an fsync: every 16 MiB cost a cold 1 GiB pull ~8%.

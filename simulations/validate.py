@@ -27,7 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from p2pcache.sim.engine import simulate  # noqa: E402
-from p2pcache.sim.report import summary  # noqa: E402
 from p2pcache.sim.scenario import Scenario, ScenarioError, load_scenario  # noqa: E402
 
 MB = 10**6
@@ -92,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     r = simulate(sc)
-    s = summary(sc, r, None)
     sim_slowest, sim_median = max(r.pull_seconds), statistics.median(r.pull_seconds)
     sim_up = r.upstream_bytes / MB
     real = real_runs(sc, args.runs)
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     layers = sc.images[0].layers
     print(f"validate {args.scenario}: {sc.nodes} nodes, {len(layers)} layers of {layers[0].size / MB:g} MB, "
           f"every link and the registry at {sc.upload / MB:g} MB/s, pieces of "
-          f"{', '.join(f'{n >> 10} KiB' for n in sorted(set(s['piece_sizes'].values())))}; "
+          f"{', '.join(f'{n >> 10} KiB' for n in sorted(set(r.piece_sizes.values())))}; "
           f"real: median of {args.runs} run(s)")
     print(f"{'':16}{'simulator':>12}{'real nodes':>13}{'real/sim':>10}   goal")
     print(f"{'slowest pull':16}{sim_slowest:>10.2f} s{slowest:>11.2f} s{ratio(slowest, sim_slowest):>10}   0.80-1.20x")

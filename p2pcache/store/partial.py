@@ -18,8 +18,8 @@ Never:
 
 Durability: `save()` does not fsync the data file (that would make a frequent call slow). After a process crash
 the page cache still holds every written byte, so the saved bitfield is right. After a power loss it may claim
-pieces that never reached the disk: `verify_held()` (slow: run it with `trio.to_thread.run_sync`) re-checks held
-pieces against their hashes, and whatever slips through is still caught by the whole-blob check at commit.
+pieces that never reached the disk; the whole-blob check at commit catches that (the download is discarded and
+fetched again).
 
 Pieces without a hash: a node that only mirrors (no swarm) has no use for per-piece hashes of bytes that came
 from upstream in order (nothing checks them but the whole-blob digest, which covers every byte anyway), and
@@ -295,26 +295,6 @@ class PartialBlob:
             return 0
         start, length = piece_span(k - 1, self.size, self.piece_size)
         return start + length
-
-    def verify_held(self) -> list[int]:
-        """Re-hash every held piece; clear (and return) those whose bytes do not match. Slow: run in a thread."""
-        bad: list[int] = []
-        for i in range(self.n_pieces):
-            with self._lock:
-                want = self._hashes[i] if _bit(self._bits, i) else None
-            if want is None:
-                continue
-            start, length = piece_span(i, self.size, self.piece_size)
-            if hashlib.sha256(self.read(start, length)).digest() != want:
-                bad.append(i)
-        if bad:
-            with self._lock:
-                for i in bad:
-                    self._bits[i >> 3] &= ~(0x80 >> (i & 7))
-                    self._hashes[i] = None
-                self._contig = 0
-                self._advance_contig()
-        return bad
 
     def fill_missing_hashes(self) -> int:
         """Hash every held piece that was marked without a hash; returns how many. Slow: run in a thread."""

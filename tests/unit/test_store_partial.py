@@ -177,16 +177,6 @@ def test_corrupt_state_starts_over(tmp_path: Path, state: bytes | str) -> None:
     assert not q.resumed and q.bitfield() == b"\0\0"
 
 
-def test_verify_held_clears_pieces_that_do_not_match(tmp_path: Path) -> None:
-    p = BlobStore(tmp_path).partial(digest_of(DATA), len(DATA), PIECE)
-    for i in range(4):
-        write_piece(p, i)
-    p.write(PIECE + 7, b"\xff")  # the disk lost piece 1 (say, a power cut)
-    assert p.verify_held() == [1]
-    assert not p.have(1) and p.have(2)
-    assert p.contiguous_pieces() == 1
-
-
 def test_discard_removes_files(tmp_path: Path) -> None:
     store = BlobStore(tmp_path)
     p = store.partial(digest_of(DATA), len(DATA), PIECE)
