@@ -15,6 +15,12 @@ Theory of operation (and the approximation it makes):
   share is subtracted from the capacities it crosses). Capacity a re-share frees at a far resource is used there
   at that resource's next event, not at once; in a busy swarm every node has events every few hundred
   milliseconds, so the lag is small, and it only ever errs on the slow side.
+- Two classes, as in the node: a flow made with `priority=True` (a node's upstream stream) is served before the
+  others at every resource it crosses, the others share what is left. The node gives its upstream stream that
+  precedence over peer reads at its download limit (`swarm/service.py: _throttle_upstream`), because the cluster's
+  upstream link is its scarcest resource; a plain max-min share would let the claim holder's peer downloads slow
+  the one stream every other node waits for. A priority flow's re-share takes in every flow at each resource it
+  crosses, so the flows it pre-empts give way at once.
 - Each flow keeps the bytes left and the time they were counted; a rate change counts the bytes sent so far and
   pushes a new completion event (older ones are recognised as stale by a version number). Re-sharing that
   leaves a rate unchanged (within 1e-9) pushes nothing, which is what keeps the event count near one per piece.
@@ -32,10 +38,11 @@ FLOW_DONE = 0  # event kind on the engine's heap: (time, seq, FLOW_DONE, flow, v
 
 
 class Flow:
-    __slots__ = ("res", "rate", "left", "t", "ver", "size", "info", "mark", "active", "serial")
+    __slots__ = ("res", "rate", "left", "t", "ver", "size", "info", "mark", "active", "serial", "prio")
 
-    def __init__(self, res: tuple[int, ...], size: float, info: Any) -> None:
+    def __init__(self, res: tuple[int, ...], size: float, info: Any, priority: bool = False) -> None:
         self.serial = 0  # set by Net.start, before the flow enters any set
+        self.prio = priority
         self.res = res
         self.size = size
         self.left = float(size)
@@ -119,7 +126,8 @@ class Net:
         self.dirty.update(flow.res)
 
     def rebalance(self, now: float) -> None:
-        """Re-share the flows touching dirty resources (progressive filling), others frozen."""
+        """Re-share the flows touching dirty resources (progressive filling), others frozen; priority flows
+        first."""
         dirty = self.dirty
         if not dirty:
             return
@@ -128,55 +136,41 @@ class Net:
         ep = self._epoch
         at = self.at
         flows: list[Flow] = []
+        prio = False
         for r in dirty:
             for f in at[r]:
                 if f.mark != ep:
                     f.mark = ep
                     flows.append(f)
+                    prio = prio or f.prio
         if not flows:
             return
+        if prio:
+            # what a priority flow may take depends on the ordinary flows at each of its resources, which must
+            # give way: take them all in (one hop; priority flows are few, one per downloading claim holder)
+            for f in [f for f in flows if f.prio]:
+                for r in f.res:
+                    for g in at[r]:
+                        if g.mark != ep:
+                            g.mark = ep
+                            flows.append(g)
         avail: dict[int, float] = {}
-        count: dict[int, int] = {}
         cap = self.cap
         used = self.used
         for f in flows:
             rate = f.rate
             for r in f.res:
-                c = count.get(r)
-                if c is None:
-                    avail[r] = cap[r] - used[r] + rate
-                    count[r] = 1
-                else:
-                    avail[r] += rate
-                    count[r] = c + 1
+                a = avail.get(r)
+                avail[r] = (cap[r] - used[r] if a is None else a) + rate
         for r, a in avail.items():
             if a < 0:
                 avail[r] = 0.0
-        heap = [(avail[r] / c, r) for r, c in count.items()]
-        heapq.heapify(heap)
         new: dict[Flow, float] = {}
-        while heap:
-            share, r = heapq.heappop(heap)
-            c = count[r]
-            if c == 0:
-                continue
-            cur = avail[r] / c
-            if cur != share:
-                heapq.heappush(heap, (cur, r))
-                continue
-            for f in at[r]:
-                if f.mark != ep or f in new:
-                    continue
-                new[f] = share
-                for r2 in f.res:
-                    if r2 != r:
-                        a = avail[r2] - share
-                        avail[r2] = a if a > 0 else 0.0
-                        c2 = count[r2] - 1
-                        count[r2] = c2
-                        if c2:
-                            heapq.heappush(heap, (avail[r2] / c2, r2))
-            count[r] = 0
+        if prio:
+            self._fill([f for f in flows if f.prio], avail, new)
+            self._fill([f for f in flows if not f.prio], avail, new)
+        else:
+            self._fill(flows, avail, new)
         push = heapq.heappush
         ev = self.heap
         counter = self.counter
@@ -191,6 +185,46 @@ class Net:
             f.ver += 1
             if rate > 0:
                 push(ev, (now + f.left / rate, next(counter), FLOW_DONE, f, f.ver))
+
+    @staticmethod
+    def _fill(flows: list[Flow], avail: dict[int, float], new: dict[Flow, float]) -> None:
+        """Progressive filling of `flows` within `avail`, which it uses up: the
+        resource with the smallest fair share fixes its flows at that share, which leaves the others more."""
+        count: dict[int, int] = {}
+        members: dict[int, list[Flow]] = {}
+        for f in flows:
+            for r in f.res:
+                lst = members.get(r)
+                if lst is None:
+                    members[r] = [f]
+                    count[r] = 1
+                else:
+                    lst.append(f)
+                    count[r] += 1
+        heap = [(avail[r] / c, r) for r, c in count.items()]
+        heapq.heapify(heap)
+        while heap:
+            share, r = heapq.heappop(heap)
+            c = count[r]
+            if c == 0:
+                continue
+            cur = avail[r] / c
+            if cur != share:
+                heapq.heappush(heap, (cur, r))
+                continue
+            for f in members[r]:
+                if f in new:
+                    continue
+                new[f] = share
+                for r2 in f.res:
+                    a = avail[r2] - share
+                    avail[r2] = a if a > 0 else 0.0
+                    if r2 != r:
+                        c2 = count[r2] - 1
+                        count[r2] = c2
+                        if c2:
+                            heapq.heappush(heap, (avail[r2] / c2, r2))
+            count[r] = 0
 
     def resync(self) -> None:
         """Recompute `used` from scratch (float drift); cheap enough to call every few thousand events."""
