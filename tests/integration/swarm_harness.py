@@ -39,17 +39,21 @@ class Cluster:
             self.add_node(start=False)
 
     def add_node(self, *, start: bool = True, secret_file: Path | None = None, args: list[str] | None = None,
-                 upstream: str | None = None) -> Node:
+                 upstream: str | None = None, peer_addr: str | None = None, join: bool = True,
+                 wrap: list[str] | None = None) -> Node:
+        """A node peering on `peer_addr` (default: a free loopback port) that joins the first node unless `join`
+        is false; `wrap` is a command it runs under."""
         i = len(self.nodes)
-        peer_port = free_port()
-        a = ["--peer-listen", f"127.0.0.1:{peer_port}", "--log-level", "info"] + self.extra_args + list(args or [])
-        if self.nodes:
+        peer_addr = peer_addr or f"127.0.0.1:{free_port()}"
+        a = ["--peer-listen", peer_addr, "--log-level", "info"] + self.extra_args + list(args or [])
+        if self.nodes and join:
             a += ["--join", self.nodes[0].peer_addr]
         sf = secret_file or self.secret_file
         if sf is not None:
             a += ["--cluster-secret-file", str(sf)]
         node = Node(self.dir / f"node{i}", {"docker.io": upstream or self.registry.url}, args=a)
-        node.peer_addr = f"127.0.0.1:{peer_port}"  # type: ignore[attr-defined]
+        node.peer_addr = peer_addr  # type: ignore[attr-defined]
+        node.wrap = list(wrap or [])
         self.nodes.append(node)
         if start:
             node.start()

@@ -36,6 +36,7 @@ class Node:
         self.args = list(args or [])
         self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
+        self.wrap: list[str] = []  # a command the node runs under (e.g. `unshare` for a hosts file of its own)
         self.starts = 0
         self.log_path = self.dir / "node-0.log"
 
@@ -44,7 +45,7 @@ class Node:
                "--admin-listen", f"127.0.0.1:{self.admin_port}", "--data", str(self.data)]
         for ns, url in self.upstreams.items():
             cmd += ["--upstream", f"{ns}={url}"]
-        return cmd + self.args
+        return self.wrap + cmd + self.args
 
     def start(self, timeout: float = 30) -> Node:
         assert self.proc is None, "node already running"
