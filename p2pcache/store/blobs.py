@@ -15,10 +15,12 @@ Rules (what this module must never do):
 
 Partials untouched for a week (PARTIAL_MAX_AGE) are removed at start-up: abandoned downloads.
 
-Quota: `max_bytes` counts only complete blobs (sizes tracked in memory, computed once at startup by walking
-`blobs/`). LRU order is by last access (open, stat for serving), initialised from file mtimes at startup; `open`
-also bumps the mtime (at most once a minute per blob) so the order survives a restart. `make_room(n)` evicts
-least-recently-used unpinned blobs until `used + n <= max_bytes`. When that is impossible (too much pinned) it
+Quota: `max_bytes` counts complete blobs (sizes tracked in memory, computed once at startup by walking
+`blobs/`) plus the full size of every download in progress, which is reserved when it starts: two 2 GiB pulls
+started at once on a store 1 GiB under its quota evict 3 GiB of old blobs between them, not nothing each. LRU
+order is by last access (open, stat for serving), initialised from file mtimes at startup; `open` also bumps the
+mtime (at most once a minute per blob) so the order survives a restart. `make_room(n)` (called before a download
+starts) evicts least-recently-used unpinned blobs until `used + reserved + n <= max_bytes`. When that is impossible (too much pinned) it
 evicts what it can and returns: the download proceeds anyway, because serving a pull over the quota is better
 than refusing it. `over_quota()` tells whether that happened. `commit` and `put_bytes` apply the quota too.
 
@@ -312,11 +314,19 @@ class BlobStore:
         """
         self._enforce(max(0, nbytes), exclude=None)
 
+    def reserved_bytes(self) -> int:
+        """The sizes of the downloads in progress (live partials), which the quota holds room for."""
+        with self._lock:
+            return self._reserved()
+
+    def _reserved(self) -> int:
+        return sum(p.size for p in self._partials.values() if not (p.discarded or p.committed))
+
     def _enforce(self, nbytes: int, exclude: str | None) -> None:
         if self.max_bytes is None:
             return
         with self._lock:
-            victims = self._index.victims(nbytes, self.max_bytes, exclude)
+            victims = self._index.victims(nbytes + self._reserved(), self.max_bytes, exclude)
             for hex_ in victims:
                 # A reader with the file open keeps its inode; unlinking under it is safe.
                 self._unlink_blob(hex_)

@@ -4,7 +4,8 @@ Pure in-memory state with no I/O and no lock: `BlobStore` owns one `LruIndex`, g
 the unlinking itself. Keeping the policy here means the eviction order can be tested without a disk.
 
 Rules:
-- Only complete blobs are counted; partial downloads are not the quota's business (they are never evicted).
+- Only complete blobs are indexed here. The store adds the room it reserves for downloads in progress (never
+  evicted) to what it asks of `victims`.
 - A pinned blob is never chosen as a victim, whatever the pressure.
 - When the quota cannot be met (everything left is pinned), `victims` returns what it can and the caller carries on:
   we prefer serving a blob over the quota to refusing a pull.

@@ -202,20 +202,38 @@ def test_pin_is_refcounted_and_blocks_delete(tmp_path: Path) -> None:
     assert files_under(tmp_path / "blobs") == []
 
 
-def test_quota_counts_only_complete_blobs(tmp_path: Path) -> None:
+def test_quota_reserves_room_for_downloads_in_progress(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, max_bytes=250)
+    a, b = put(store, blob(50, 1)), put(store, blob(50, 2))
+    first, second = blob(100, 8), blob(100, 9)
+    store.make_room(len(first))  # 100 used + 100 wanted <= 250: nothing to evict
+    p = store.partial(digest_of(first), len(first), 1024)
+    assert store.reserved_bytes() == 100 and store.used_bytes() == 100
+    # the second download must make room for itself *and* the first one, still in progress: a goes
+    store.make_room(len(second))
+    assert store.stat(a, touch=False) is None and store.stat(b) == 50
+    q = store.partial(digest_of(second), len(second), 1024)
+    assert store.reserved_bytes() == 200
+    fill(p, first)
+    store.commit(p)  # its reservation becomes a complete blob: 150 used, 100 reserved, nothing more to evict
+    assert store.used_bytes() == 150 and store.reserved_bytes() == 100
+    assert store.stat(b) == 50
+    assert store.partial(digest_of(second), len(second), 1024) is q  # downloads are never evicted
+    q.discard()  # a download that gave up holds nothing
+    assert store.reserved_bytes() == 0
+
+
+def test_a_download_bigger_than_the_quota_still_completes(tmp_path: Path) -> None:
     store = BlobStore(tmp_path, max_bytes=250)
     a = put(store, blob(100, 1))
     big = blob(5000, 9)
+    store.make_room(len(big))
     p = store.partial(digest_of(big), len(big), 1024)
+    assert store.stat(a, touch=False) is None  # everything evictable went to make room
     fill(p, big)
-    assert store.used_bytes() == 100  # the 5000-byte download in progress is not counted
-    store.make_room(100)
-    assert store.stat(a) == 100  # 100 + 100 fits: nothing evicted for the partial's sake
     assert store.partial(digest_of(big), len(big), 1024) is p  # partials are never evicted
     store.commit(p)
-    # Committing over quota evicts the older blobs, never the one just committed.
-    assert store.stat(a, touch=False) is None
-    assert store.used_bytes() == 5000
+    assert store.used_bytes() == 5000  # over quota, but served: better than refusing the pull
     assert store.over_quota()
 
 
