@@ -20,9 +20,10 @@ Quota: `max_bytes` counts complete blobs (sizes tracked in memory, computed once
 started at once on a store 1 GiB under its quota evict 3 GiB of old blobs between them, not nothing each. LRU
 order is by last access (open, stat for serving), initialised from file mtimes at startup; `open` also bumps the
 mtime (at most once a minute per blob) so the order survives a restart. `make_room(n)` (called before a download
-starts) evicts least-recently-used unpinned blobs until `used + reserved + n <= max_bytes`. When that is impossible (too much pinned) it
-evicts what it can and returns: the download proceeds anyway, because serving a pull over the quota is better
-than refusing it. `over_quota()` tells whether that happened. `commit` and `put_bytes` apply the quota too.
+starts) evicts least-recently-used unpinned blobs until `used + reserved + n <= max_bytes`. When that is
+impossible (too much pinned) it evicts what it can and returns: the download proceeds anyway, because serving a
+pull over the quota is better than refusing it. `over_quota()` tells whether that happened. `commit` and
+`put_bytes` apply the quota too.
 
 Threads: every method is synchronous and fast except `commit(partial, None)`, which rehashes the whole file;
 callers run that one with `trio.to_thread.run_sync`. Because commit may run in a worker thread while the event
