@@ -246,7 +246,10 @@ class Simulation:
             elif cls is StopUpstream:
                 self._stop_upstream(node, lid, now)
             elif cls is AskClaim:
-                self.push(now + self.lat, CLAIM_Q, node.id, lid)
+                # Claim requests sent at one instant reach the tracker in a random order, as real ones do (a
+                # nanosecond apart: nothing else changes). Run in creation order, node 0 won every claim of a
+                # rollout that starts at one instant and uploaded several layers' first copies alone.
+                self.push(now + self.lat + node.rng.random() * 1e-9, CLAIM_Q, node.id, lid)
             elif cls is Done:
                 self._layer_done(node, lid, now)
                 return
