@@ -188,8 +188,8 @@ class Net:
 
     @staticmethod
     def _fill(flows: list[Flow], avail: dict[int, float], new: dict[Flow, float]) -> None:
-        """Progressive filling of `flows` within `avail`, which it uses up: the
-        resource with the smallest fair share fixes its flows at that share, which leaves the others more."""
+        """Progressive filling of `flows` within `avail`, which it uses up: the resource with the smallest fair
+        share fixes its flows at that share, which leaves the others more. `new` gets each flow's rate."""
         count: dict[int, int] = {}
         members: dict[int, list[Flow]] = {}
         for f in flows:
