@@ -83,7 +83,7 @@ from p2pcache.swarm.scheduler import (
     UploadSlots,
 )
 from p2pcache.swarm.tracker import ClaimGranted, Tracker
-from p2pcache.swarm.wire import FrameDecoder, Message, ProtocolError
+from p2pcache.swarm.wire import MAX_RENEW, FrameDecoder, Message, ProtocolError
 
 if TYPE_CHECKING:
     from p2pcache.config import Settings
@@ -214,11 +214,14 @@ class SwarmService:
             self.metrics.tracked_digests.set(self.tracker.tracked())
             if now - last_announce >= ANNOUNCE_EVERY:
                 last_announce = now
+                renew: list[tuple[str, bool]] = []
                 for digest, complete in list(self._announced.items()):
                     if complete and self.store.stat(digest, touch=False) is None:
                         self._spawn(self._withdraw, digest)  # evicted or deleted since: stop sending peers here
-                    elif digest not in self._fills:
-                        self._spawn(self._announce, digest, complete)
+                    elif digest not in self._fills:  # (a fill announces its progress itself)
+                        renew.append((digest, complete))
+                if renew:
+                    self._spawn(self._renew, renew)
 
     def _spawn(self, fn: Any, *args: Any) -> None:
         """A background task of the service: its failure is logged, never the node's end."""
@@ -454,7 +457,7 @@ class SwarmService:
             return []
         if k == "ping":
             return [("pong", {"id": msg["id"]}, b"")]
-        if k in ("announce", "withdraw", "claim", "publish"):
+        if k in ("announce", "renew", "withdraw", "claim", "publish"):
             out = self._tracker_handle(peer, msg.kind, msg.fields, now)
             return [] if out is None else [(out[0], out[1], b"")]
         if k == "metainfo-req":
@@ -488,6 +491,11 @@ class SwarmService:
                         now: float) -> tuple[str, dict[str, Any]] | None:
         """One tracker RPC, from a peer or from ourselves (same code either way)."""
         t = self.tracker
+        if kind == "renew":
+            for digest, pieces, complete in f["entries"]:
+                t.announce(now, digest, peer.node, peer.addr, peer.zone, pieces=pieces, complete=complete,
+                           ttl=ANNOUNCE_TTL)
+            return None
         digest = f["digest"]
         if kind == "announce":
             t.announce(now, digest, peer.node, peer.addr, peer.zone, pieces=f["pieces"], complete=f["complete"],
@@ -531,7 +539,7 @@ class SwarmService:
             out = self._tracker_handle(self.me, kind, {"id": 0, **fields}, trio.current_time())
             return None if out is None else out[1]
         conn = await self.connect_node(owner)
-        if kind in ("withdraw", "publish"):
+        if kind in ("withdraw", "publish", "renew"):
             conn.send(kind, **fields)
             return None
         return (await conn.call(kind, **fields)).fields
@@ -565,6 +573,28 @@ class SwarmService:
                     h = holders.get(node)
                     holders[node] = HolderInfo(node, addr, zone, full or (h is not None and h.complete))
         return list(holders.values()), claim
+
+    async def _renew(self, held: list[tuple[str, bool]]) -> None:
+        """Renew our tracker entries for `held` (digest, complete): one-way "renew" frames of up to MAX_RENEW
+        entries to each owner, instead of an "announce" RPC per digest and owner. What an owner misses (it is
+        down, the frame is lost) costs that digest's entry until the next round, as with any soft state."""
+        if not held:
+            return
+        await self._owner_conns(held[0][0])  # with --tracker: find out which node the tracker is
+        by_owner: dict[str, list[list[Any]]] = {}
+        for digest, complete in held:
+            for owner in self._owners(digest):
+                by_owner.setdefault(owner, []).append([digest, 0, complete])
+        for owner, entries in by_owner.items():
+            self._spawn(self._renew_at, owner, entries)  # owners in parallel: one slow to dial delays no other
+
+    async def _renew_at(self, owner: str, entries: list[list[Any]]) -> None:
+        for i in range(0, len(entries), MAX_RENEW):
+            try:
+                await self._tracker_call(owner, "renew", entries=entries[i:i + MAX_RENEW])
+            except PeerGone as e:
+                log.info("renewal at %s failed: %s", owner, e)
+                return
 
     async def _withdraw(self, digest: str) -> None:
         self._announced.pop(digest, None)

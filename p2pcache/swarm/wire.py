@@ -34,9 +34,10 @@ import msgpack
 
 from p2pcache.swarm.metainfo import MAX_PIECE
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: "renew"
 FRAME_HEAD = struct.Struct(">II")
 MAX_HEADER = 1 << 20  # a metainfo answer of a 100 GB blob in 16 MiB pieces is ~200 KiB of hashes; members too
+MAX_RENEW = 1024  # entries in one "renew" frame (~80 bytes each)
 MAX_PAYLOAD = MAX_PIECE  # one piece; manifests (≤ 4 MiB by the distribution spec) fit as well
 HASH_LEN = 32
 
@@ -139,6 +140,17 @@ def _holders(v: Any) -> list[list[Any]]:
     return v
 
 
+def _renewals(v: Any) -> list[list[Any]]:
+    """[[digest, pieces, complete], ...]: what the sender still holds, for a tracker to renew in one frame."""
+    if not isinstance(v, list) or len(v) > MAX_RENEW:
+        raise ProtocolError(f"expected a list of at most {MAX_RENEW} renewals")
+    for e in v:
+        if not isinstance(e, list) or len(e) != 3:
+            raise ProtocolError("a renewal is [digest, pieces, complete]")
+        _digest(e[0]), _nat(e[1]), _type(bool)(e[2])
+    return v
+
+
 _ID = _nat
 _NODE = _str(128)
 _ADDR = _str(256)
@@ -167,6 +179,9 @@ SCHEMA: dict[str, tuple[dict[str, Check], bool]] = {
     # tracker RPCs (to the rendezvous owners of a digest)
     "announce": ({"id": _ID, "digest": _digest, "pieces": _nat, "complete": _type(bool)}, False),
     "withdraw": ({"digest": _digest}, False),
+    # the periodic renewal of many digests at one owner, one-way: "announce" answers with holders, which a
+    # node renewing what it already holds does not need (a node with 10,000 blobs sent 20,000 RPCs a round)
+    "renew": ({"entries": _renewals}, False),
     "holders": ({"id": _ID, "digest": _digest, "holders": _holders, "claim": _opt(_NODE)}, False),
     "claim": ({"id": _ID, "digest": _digest, "release": _type(bool)}, False),
     "claim-answer": ({"id": _ID, "digest": _digest, "granted": _type(bool), "holder": _opt(_NODE),

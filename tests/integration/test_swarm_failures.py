@@ -212,6 +212,28 @@ def test_upstream_down_new_node_pulls_image_and_tag_from_the_cluster(cluster_of,
     reg.start()
 
 
+def test_a_restarted_cluster_finds_what_a_node_holds_through_its_renewals(cluster_of, reg):
+    """Tracker state is soft: after both nodes restart, only A's periodic renewal ("renew" frames to each
+    owner, batched) tells the owners that A holds the image. B, whose store is empty, then pulls it with the
+    upstream down: every blob comes from A, found through the trackers."""
+    image = push_random_image(reg, "library/renewed", "1", [4_000_000, 150_000])
+    c = cluster_of(2)
+    c.wait_members()
+    a, b = c.nodes
+    pull_image(a, "library/renewed", "1")  # only A holds it
+    b.stop()
+    a.restart()  # the holder forgets its downloads; the tracker shards it and B kept are gone
+    b.start()
+    reg.stop()
+    c.wait_members()
+    got = pull_image(b, "library/renewed", "1")
+    assert got[image.digest] == image.manifest.data
+    for blob in image.blobs:
+        assert got[blob.digest] == blob.data
+    assert b.metric("p2pcache_peer_bytes_total", direction="in") >= sum(x.size for x in image.blobs)
+    reg.start()
+
+
 def test_wrong_cluster_secret_is_refused(cluster_of, reg, tmp_path):
     c = cluster_of(2)
     c.wait_members()

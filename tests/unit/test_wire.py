@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from p2pcache.swarm.wire import (
     FRAME_HEAD,
     MAX_PAYLOAD,
+    MAX_RENEW,
     NEED_DATA,
     FrameDecoder,
     ProtocolError,
@@ -89,10 +90,20 @@ def frame(header_obj, payload=b"", header_len=None, payload_len=None):
     struct.pack(">II", 10, MAX_PAYLOAD + 1),
     FRAME_HEAD.pack(3, 0) + b"\xc1\xc1\xc1",  # msgpack reserved byte
     frame({"t": "metainfo", "id": 1, "digest": D, "size": 1, "piece_size": 1, "hashes": [b"short"]}),
+    frame({"t": "renew", "entries": [[D, 0]]}),  # a renewal is [digest, pieces, complete]
+    frame({"t": "renew", "entries": [[D, 0, 1]]}),
+    frame({"t": "renew", "entries": [["sha256:xyz", 0, True]]}),
+    frame({"t": "renew", "entries": [[D, 0, True]] * (MAX_RENEW + 1)}),
 ])
 def test_malformed_frames_are_protocol_errors(data):
     with pytest.raises(ProtocolError):
         decode_all(data)
+
+
+def test_renew_carries_many_digests_in_one_frame():
+    entries = [["sha256:" + f"{i:064x}", i, i % 2 == 0] for i in range(MAX_RENEW)]
+    [msg] = decode_all(encode("renew", entries=entries))
+    assert msg.kind == "renew" and msg["entries"] == entries
 
 
 def test_truncated_frame_at_eof():
