@@ -14,7 +14,8 @@ Events sit on one heap as tuples (time, seq, kind, ...). The network (`net.py`) 
 same heap; once every event of an instant has run, it re-shares bandwidth among the flows whose resources
 changed. A node's life:
 - ARRIVE: the node starts pulling its image(s), `concurrent_layers` layers at a time. Per layer it creates a
-  scheduler, asks the tracker (one latency away) to record it and for `peers` holders, and asks for the claim.
+  scheduler, asks the tracker (one latency away) to record it and for `peers` holders, and asks for the claim
+  (after `claim_wait` while the node holds or asks for other layers' claims, as the node's driver does).
 - The tracker's answers come back a latency later: holders become connections (both ways, each side's
   scheduler gets `peer_added` with the other's bitfield), the claim answer goes to `claim_granted/denied`.
 - Request(peer, i) travels a latency to the uploader, whose `UploadSlots` starts the upload (a flow from its
@@ -61,6 +62,7 @@ from p2pcache.swarm.scheduler import (
     Request,
     StopUpstream,
     UploadSlots,
+    claim_wait,
 )
 from p2pcache.swarm.tracker import ClaimGranted, Tracker
 
@@ -69,7 +71,7 @@ __all__ = ["Result", "simulate"]
 INF = 1e300
 # event kinds (FLOW_DONE = 0 comes from net.py)
 ARRIVE, TRACKER_Q, TRACKER_A, CLAIM_Q, CLAIM_A, REQ, CANCEL, DELIVER, HAVES, TICK, UP_START, KILL, RESTART, \
-    GONE, REFUSED, LAYER_START = range(1, 17)
+    GONE, REFUSED, LAYER_START, CLAIM_WAIT = range(1, 18)
 PEER, UPS, BASE = 0, 1, 2  # flow kinds
 
 
@@ -85,7 +87,7 @@ class SimNode:
     __slots__ = (
         "id", "zone", "zi", "up", "down", "alive", "arrival", "done_at", "todo", "active", "completed", "dl",
         "have", "conns", "slots", "rng", "uploaded", "tick_at", "up_flow", "up_gen", "serving", "layers",
-        "killed",
+        "killed", "claim_waiting",
     )
 
     def __init__(
@@ -109,6 +111,7 @@ class SimNode:
         self.serving: dict[tuple[int, int, int], Flow] = {}
         self.layers: list[int] = []
         self.killed = False
+        self.claim_waiting: set[int] = set()  # layers waiting (claim_wait) before their first claim request
 
 
 @dataclass
@@ -246,10 +249,7 @@ class Simulation:
             elif cls is StopUpstream:
                 self._stop_upstream(node, lid, now)
             elif cls is AskClaim:
-                # Claim requests sent at one instant reach the tracker in a random order, as real ones do (a
-                # nanosecond apart: nothing else changes). Run in creation order, node 0 won every claim of a
-                # rollout that starts at one instant and uploaded several layers' first copies alone.
-                self.push(now + self.lat + node.rng.random() * 1e-9, CLAIM_Q, node.id, lid)
+                self._ask_claim(node, lid, now)
             elif cls is Done:
                 self._layer_done(node, lid, now)
                 return
@@ -264,6 +264,28 @@ class Simulation:
                     node.have[lid] &= ~(1 << i)
         if decisions:
             self._schedule_tick(node, lid, now)
+
+    def _ask_claim(self, node: SimNode, lid: int, now: float) -> None:
+        # Claim requests sent at one instant reach the tracker in a random order, as real ones do (a nanosecond
+        # apart: nothing else changes). Run in creation order, node 0 won every claim of a rollout that starts
+        # at one instant and uploaded several layers' first copies alone.
+        self.push(now + self.lat + node.rng.random() * 1e-9, CLAIM_Q, node.id, lid)
+
+    def _claims_elsewhere(self, node: SimNode, lid: int) -> int:
+        """The node's other downloads that hold or are asking for a claim (as the node counts them)."""
+        return sum(1 for other, s in node.dl.items()
+                   if other != lid and other not in node.claim_waiting and s.claim in ("asked", "held"))
+
+    def _first_claim(self, node: SimNode, lid: int, waited: float, now: float) -> None:
+        """The node's driver waits (claim_wait) before a download's first claim request, as swarm/service.py
+        does in _learn_layout; then asks."""
+        w = claim_wait(self._claims_elsewhere(node, lid), waited, self.cfg)
+        if w > 0:
+            node.claim_waiting.add(lid)
+            self.push(now + w, CLAIM_WAIT, node.id, lid, waited + w)
+        else:
+            node.claim_waiting.discard(lid)
+            self._ask_claim(node, lid, now)
 
     def _schedule_tick(self, node: SimNode, lid: int, now: float) -> None:
         s = node.dl.get(lid)
@@ -298,7 +320,12 @@ class Simulation:
         node.dl[lid] = s
         node.conns.setdefault(lid, set())
         self.push(now + self.lat, TRACKER_Q, node.id, lid)
-        self.apply(node, lid, s.start(now), now)
+        dec = s.start(now)
+        if any(type(d) is AskClaim for d in dec):
+            dec = [d for d in dec if type(d) is not AskClaim]
+            self._first_claim(node, lid, 0.0, now)
+        self.apply(node, lid, dec, now)
+        self._schedule_tick(node, lid, now)
 
     def _layer_done(self, node: SimNode, lid: int, now: float) -> None:
         node.dl.pop(lid, None)
@@ -404,6 +431,7 @@ class Simulation:
         node.slots = UploadSlots(slots=self.sc.upload_slots, per_peer=8, queue=self.sc.upload_queue)
         node.dl.clear()
         node.tick_at.clear()
+        node.claim_waiting.clear()
         node.todo = [lid for lid in node.layers if lid not in node.completed]
         node.active.clear()
         if self.sc.restart_after is not None:
@@ -571,6 +599,11 @@ class Simulation:
                     self.push(now + self.lat, CLAIM_A, nid, lid, True, None)
                 else:
                     self.push(now + self.lat, CLAIM_A, nid, lid, False, ans.holder)
+            elif kind == CLAIM_WAIT:
+                _, _, _, nid, lid, waited = ev
+                node = nodes[nid]
+                if node.alive and lid in node.dl and lid in node.claim_waiting:
+                    self._first_claim(node, lid, waited, now)
             elif kind == CLAIM_A:
                 _, _, _, nid, lid, granted, holder = ev
                 node = nodes[nid]

@@ -336,6 +336,8 @@ def parse_scenario(doc: dict) -> Scenario:
                 conv = _positive(parse_rate)
             elif k in {"ewma_alpha", "zone_bonus", "timeout_factor"}:
                 conv = _positive(float)
+            elif k in {"claim_stagger", "claim_stagger_max"}:
+                conv = _nonneg(parse_duration)  # 0: no wait before a first claim request
             setattr(cfg, k, _get(p, "p2p", k, conv))
     s.sched = cfg
     sim = _table(doc, "sim", {"max_time"})

@@ -78,9 +78,11 @@ from p2pcache.swarm.scheduler import (
     Fail,
     FetchUpstream,
     Request,
+    SchedulerConfig,
     Serve,
     StopUpstream,
     UploadSlots,
+    claim_wait,
 )
 from p2pcache.swarm.tracker import ClaimGranted, Tracker
 from p2pcache.swarm.wire import MAX_RENEW, FrameDecoder, Message, ProtocolError
@@ -161,7 +163,8 @@ class SwarmService:
         self._nursery: trio.Nursery | None = None
         self._fills: dict[str, Any] = {}  # digest -> the _Fill driving it (routes have/bitfield)
         self._announced: dict[str, bool] = {}  # digest -> complete, re-announced every ANNOUNCE_EVERY
-        self._claims: set[str] = set()
+        self._claims: set[str] = set()  # digests whose upstream claim we hold
+        self._claiming: set[str] = set()  # digests whose first claim request is on its way
         self._granted: dict[str, set[str]] = {}  # node -> digests whose claim our tracker shard granted it
         self._tracker_node: str | None = None  # node id behind --tracker, once connected
         self._meta_cache: dict[str, tuple[int, int, list[bytes]]] = {}  # piece hashes of complete blobs
@@ -222,6 +225,10 @@ class SwarmService:
                         renew.append((digest, complete))
                 if renew:
                     self._spawn(self._renew, renew)
+
+    def claims_elsewhere(self, digest: str) -> int:
+        """Claims this node holds or is asking for, other than `digest`'s (see scheduler.claim_wait)."""
+        return len((self._claims | self._claiming) - {digest})
 
     def _spawn(self, fn: Any, *args: Any) -> None:
         """A background task of the service: its failure is logged, never the node's end."""
@@ -894,11 +901,22 @@ class _Fill:
 
         svc = self.svc
         deadline = trio.current_time() + 3 * CLAIM_TTL + 10
+        waited = 0.0
         while True:
             meta = await self._fetch_metainfo()
             if meta is not None:
                 return meta
-            ans = await svc._claim(self.digest)
+            # Let a node with no claim yet ask first (scheduler.claim_wait); counted again after each wait.
+            wait = claim_wait(svc.claims_elsewhere(self.digest), waited, CLAIM_CONFIG)
+            if wait > 0:
+                waited += wait
+                await trio.sleep(wait)
+                continue
+            svc._claiming.add(self.digest)
+            try:
+                ans = await svc._claim(self.digest)
+            finally:
+                svc._claiming.discard(self.digest)
             if ans is None or ans["granted"]:
                 # Granted (or no owner reachable at all: then we are on our own).
                 self._claim_taken()
@@ -1290,6 +1308,7 @@ class _Fill:
 
 
 RPC_META_TIMEOUT = 3.0
+CLAIM_CONFIG = SchedulerConfig()  # the downloads' scheduler settings (claim_stagger) before a scheduler exists
 TICK_MAX = 0.5  # the scheduler's busy back-off is 0.5 s, its timeouts seconds
 TICK_MIN = 0.05  # the scheduler's timeouts are seconds; 50 ms of slack costs nothing and bounds the wakeups
 BAN_SECONDS = 600.0  # like the scheduler's: a liar stays out for ten minutes
