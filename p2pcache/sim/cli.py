@@ -20,6 +20,8 @@ from p2pcache.sim.scenario import ScenarioError, load_scenario
 
 __all__ = ["run_simulate", "run_point"]
 
+LONG_RUN_TRANSFERS = 500_000  # ~2.5-6 minutes of one core (bench/sim_speed.py: 460 us a transfer at 1,000 nodes)
+
 
 def _fail(msg: str) -> int:
     print(f"p2pcache: simulate: {msg}", file=sys.stderr)
@@ -64,6 +66,13 @@ def run_simulate(args: argparse.Namespace) -> int:
         except ImportError:
             return _fail("--plot needs matplotlib (pip install 'p2pcache[plot]')")
     progress = sys.stderr.isatty()
+    transfers = sc.piece_transfers()
+    if transfers >= LONG_RUN_TRANSFERS:
+        # Say so up front: the engine's cost is per piece transfer (a few hundred microseconds each here).
+        lo, hi = transfers * 300e-6 / 60, transfers * 750e-6 / 60
+        print(f"p2pcache: simulate: {transfers:,} piece transfers (nodes x pieces): expect roughly {lo:.0f}-{hi:.0f} "
+              "min of one core for the p2p run; a bigger piece size (p2p.piece_size) or fewer nodes runs faster",
+              file=sys.stderr)
     if not sweep:
         seed = args.seed
         if seed is not None:

@@ -61,6 +61,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from p2pcache.swarm.metainfo import piece_count, piece_size_for
 from p2pcache.swarm.scheduler import SchedulerConfig
 from p2pcache.units import parse_duration, parse_rate, parse_size
 
@@ -142,6 +143,17 @@ class Scenario:
             for layer in img.layers:
                 seen.setdefault(layer.name, layer)
         return list(seen.values())
+
+    def piece_transfers(self) -> int:
+        """Pieces all nodes together receive in a p2p run (each node pulls each piece of its layers once): what
+        the simulator's running time is proportional to."""
+        def pieces(layers: list[Layer]) -> int:
+            return sum(piece_count(la.size, self.piece_size or piece_size_for(la.size)) for la in layers)
+
+        if self.image_choice == "one" and self.images:
+            per_image = [pieces(list({la.name: la for la in img.layers}.values())) for img in self.images]
+            return sum(per_image[i % len(per_image)] for i in range(self.nodes))
+        return self.nodes * pieces(self.unique_layers())
 
 
 def _err(key: str, msg: str) -> ScenarioError:

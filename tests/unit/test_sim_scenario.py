@@ -85,6 +85,38 @@ def test_cli_table_and_json(tmp_path):
     assert len(d["node_upload_bytes"]) == 4 and d["seed"] == 3
 
 
+def test_piece_transfers_counts_each_nodes_pieces():
+    sc = parse_scenario(tomllib_loads(SMALL))  # 4 nodes, 20 MB (512 KiB pieces: 39) + 5 MB (10)
+    assert sc.piece_transfers() == 4 * (39 + 10)
+    doc = tomllib_loads(SMALL)
+    doc["image"].append({"name": "b:1", "layers": ["5 MB", "1 MB"]})
+    doc["rollout"]["images"] = "one"  # nodes 0, 2 pull a:1; nodes 1, 3 pull b:1
+    assert parse_scenario(doc).piece_transfers() == 2 * (39 + 10) + 2 * (10 + 2)
+    assert load_scenario(REPO / "simulations" / "rollout-10000.toml").piece_transfers() == 10_000 * 256
+
+
+def test_cli_warns_before_a_long_run(tmp_path, monkeypatch, capsys):
+    from p2pcache.sim import cli
+
+    p = tmp_path / "s.toml"
+    p.write_text(SMALL)
+    monkeypatch.setattr(cli, "LONG_RUN_TRANSFERS", 100)  # SMALL has 196
+    from p2pcache.cli import main
+
+    assert main(["simulate", str(p)]) == 0
+    err = capsys.readouterr().err
+    assert "196 piece transfers" in err and "min of one core" in err
+    monkeypatch.setattr(cli, "LONG_RUN_TRANSFERS", 500_000)
+    assert main(["simulate", str(p)]) == 0
+    assert "piece transfers" not in capsys.readouterr().err
+
+
+def tomllib_loads(text: str) -> dict:
+    import tomllib
+
+    return tomllib.loads(text)
+
+
 def test_cli_bad_scenario_is_one_line_and_exit_2(tmp_path):
     p = tmp_path / "s.toml"
     p.write_text(SMALL.replace('upload = "1 Gbit/s"', 'upload = "1 Gbit"'))
