@@ -180,7 +180,7 @@ class SchedulerConfig:
     ban_seconds: float = 600.0  # a peer that sent a bad piece is refused for 10 minutes
     stall_timeout: float = 60.0  # no piece from anyone this long -> upstream even without the claim
     claim_retry: float = 5.0  # without the claim, ask again this often while some piece has no source
-    claim_renew: float = 5.0  # the holder renews this often (the tracker's claim TTL is 15 s)
+    claim_renew: float = 5.0  # the holder renews this often (the node's claim TTL is 12 s: service.CLAIM_TTL)
     # A download whose node already holds or is asking for other blobs' claims waits this long per such claim
     # (at most claim_stagger_max in all) before asking for its own: see claim_wait().
     claim_stagger: float = 0.02
