@@ -325,7 +325,8 @@ class Simulation:
             dec = [d for d in dec if type(d) is not AskClaim]
             self._first_claim(node, lid, 0.0, now)
         self.apply(node, lid, dec, now)
-        self._schedule_tick(node, lid, now)
+        if not dec:
+            self._schedule_tick(node, lid, now)  # apply() schedules it when there were decisions
 
     def _layer_done(self, node: SimNode, lid: int, now: float) -> None:
         node.dl.pop(lid, None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 # 512 KiB: small layers still get pieces that pass on quickly. With 1 MiB, a 25 MB layer had 24 pieces and the
 # swarm bench's 8 nodes at 10 MB/s (bench/swarm_bench.py --image-mb 100 --rate 10MB/s) finished at 1.34-1.35x
 # the bound; with 512 KiB at 1.18-1.26x (256 KiB: 1.21x, for 40% more CPU per byte than 1 MiB), and the simulator
-# agrees on the direction (simulations/bench-8x100.toml: 2.09x -> 1.83x). Below this, per-piece overhead (a
+# agrees on the direction (simulations/bench-8x100.toml, seed 7: 1.38x -> 1.23x). Below this, per-piece overhead (a
 # request, a hash, a HAVE to each peer, a thread hop) costs more CPU than the latency it saves.
 MIN_PIECE = 512 << 10
 MAX_PIECE = 16 << 20  # 16 MiB: above this, a slow peer holds a large share of the blob hostage

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -86,9 +87,9 @@ def test_cli_table_and_json(tmp_path):
 
 
 def test_piece_transfers_counts_each_nodes_pieces():
-    sc = parse_scenario(tomllib_loads(SMALL))  # 4 nodes, 20 MB (512 KiB pieces: 39) + 5 MB (10)
+    sc = parse_scenario(tomllib.loads(SMALL))  # 4 nodes, 20 MB (512 KiB pieces: 39) + 5 MB (10)
     assert sc.piece_transfers() == 4 * (39 + 10)
-    doc = tomllib_loads(SMALL)
+    doc = tomllib.loads(SMALL)
     doc["image"].append({"name": "b:1", "layers": ["5 MB", "1 MB"]})
     doc["rollout"]["images"] = "one"  # nodes 0, 2 pull a:1; nodes 1, 3 pull b:1
     assert parse_scenario(doc).piece_transfers() == 2 * (39 + 10) + 2 * (10 + 2)
@@ -109,12 +110,6 @@ def test_cli_warns_before_a_long_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "LONG_RUN_TRANSFERS", 500_000)
     assert main(["simulate", str(p)]) == 0
     assert "piece transfers" not in capsys.readouterr().err
-
-
-def tomllib_loads(text: str) -> dict:
-    import tomllib
-
-    return tomllib.loads(text)
 
 
 def test_cli_bad_scenario_is_one_line_and_exit_2(tmp_path):
@@ -168,8 +163,6 @@ def test_claims_asked_at_one_instant_land_on_several_nodes():
     """Nodes starting together, no jitter, no claim_wait: every node asks for every layer's claim at the same
     instant. Those requests reach the tracker in a random order, as real ones do, so the first claims land on
     several nodes (run in creation order, node 0 asked first for every layer and fetched them all)."""
-    import tomllib
-
     doc = tomllib.loads((REPO / "simulations" / "bench-8x100.toml").read_text())
     doc["rollout"]["layer_jitter"] = "0 s"
     doc["p2p"]["claim_stagger"] = "0 ms"
@@ -179,8 +172,6 @@ def test_claims_asked_at_one_instant_land_on_several_nodes():
 def test_claim_wait_spreads_an_images_claims_over_as_many_nodes_as_layers():
     """With the node's claim_wait (a download whose node holds or asks for another claim asks ~20 ms later),
     the four layers' claims land on four nodes on every seed tried; without it, on two or three on most."""
-    import tomllib
-
     doc = tomllib.loads((REPO / "simulations" / "bench-8x100.toml").read_text())
     assert _first_claim_holders(doc, range(1, 9)) == [4] * 8
     doc["p2p"]["claim_stagger"] = "0 ms"
