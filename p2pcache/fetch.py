@@ -78,12 +78,14 @@ import trio
 from p2pcache.lane import ThreadLane
 from p2pcache.oci.errors import OciError, UpstreamUnavailable
 from p2pcache.oci.reference import parse_digest
+from p2pcache.pump import SocketPump
 from p2pcache.store.blobs import DigestMismatch
 from p2pcache.swarm.metainfo import piece_count, piece_size_for, piece_span
 
 if TYPE_CHECKING:
     from p2pcache.config import Settings
     from p2pcache.metrics import Metrics
+    from p2pcache.oci.rawbody import SocketBody
     from p2pcache.oci.reference import Repo
     from p2pcache.oci.upstream import Upstream
     from p2pcache.store.blobs import BlobStore
@@ -607,6 +609,13 @@ class Download:
         stopping = False
         pos = offset
         self._streaming = solo
+        detach = getattr(chunks, "detach_socket", None)
+        body = detach() if detach is not None and solo and stop is None else None
+        if body is not None:
+            try:
+                return await self._pump(body, offset, limit, chunks.count_bytes)  # type: ignore[attr-defined]
+            finally:
+                self._streaming = False
         try:
             async with trio.open_nursery() as nursery:
                 writer = ThreadLane(self._write_batch, depth=LANE_DEPTH, max_batch=BATCH_CHUNKS)
@@ -648,6 +657,33 @@ class Download:
             self._too_long = True
         return err
 
+    async def _pump(self, body: SocketBody, offset: int, limit: int, count: Callable[[int], None]
+                    ) -> BaseException | None:
+        """A solo stream's fast path (`pump.SocketPump`): a plain-TCP upstream body from `offset` to `limit`,
+        received and pwritten by one worker thread, fed to the whole-blob hash by another; the loop marks
+        pieces, wakes clients and serves them. Returns like `_stream` (the error that ended the body early)."""
+
+        def write(pos: int, view: memoryview) -> None:
+            _pwrite_all(self._fd, view, pos)
+
+        def digest(pos: int, view: memoryview) -> _Written:
+            return self._write_batch([(pos, view)], write=False)
+
+        pump = SocketPump(body.sock, body.leftover, body.left, body.timeout, write=write, digest=digest,
+                          count=count)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._after_writes, pump.results, nursery, False)
+                try:
+                    return await pump.run(offset, limit)
+                except OSError as e:  # from write: a full or failing disk, not the upstream's fault
+                    raise FetchFailed(f"cannot write {self.digest}: {e}") from e
+        except BaseExceptionGroup as group:
+            inner = _single(group)
+            if inner is group:
+                raise
+            raise inner from None
+
     async def _after_writes(self, results: trio.MemoryReceiveChannel[_Written], nursery: trio.Nursery,
                             detached: bool) -> None:
         """On the loop, after each batch the writer thread wrote: mark pieces, wake clients, save now and then."""
@@ -665,9 +701,10 @@ class Download:
                 if self._save_due:
                     nursery.start_soon(self._save_state)
 
-    def _write_batch(self, batch: list[tuple[int, bytes]]) -> _Written:
+    def _write_batch(self, batch: list[tuple[int, bytes | memoryview]], *, write: bool = True) -> _Written:
         # Writer thread: pwrite, per-piece hashes, and for a solo stream the whole-blob hash (see _stream); the
-        # piece-hash state, and then self._whole, are only touched here while streaming.
+        # piece-hash state, and then self._whole, are only touched here while streaming. write=False: a solo
+        # stream's bytes are on disk already (_pump's receiver wrote them); hash and count pieces only.
         assert self.size is not None and self.piece_size is not None and self.partial is not None
         partial, solo = self.partial, self._streaming
         hashing = self._stream_hashes_pieces
@@ -678,7 +715,8 @@ class Download:
             for pos, chunk in batch:
                 view = memoryview(chunk)
                 if solo:
-                    _pwrite_all(self._fd, view, pos)
+                    if write:
+                        _pwrite_all(self._fd, view, pos)
                     self._whole.update(view)
                     hashed += len(view)
                 while view:

@@ -21,6 +21,8 @@ upgrade may cost speed, never correctness.
 from __future__ import annotations
 
 import math
+import socket
+from dataclasses import dataclass
 from typing import Any
 
 import h11
@@ -37,6 +39,19 @@ def _h11_state(resp: httpx.Response) -> h11.Connection | None:
         if stream is None:
             return None
     return stream if isinstance(stream, h11.Connection) else None
+
+
+@dataclass
+class SocketBody:
+    """The rest of a body for a reader in a worker thread: `sock`, a duplicate of the connection's plain TCP
+    socket (the reader closes it; closing the response still closes the connection), whose Python-level
+    timeout the reader sets as it likes; `leftover`, body bytes already received; then `left` more bytes to
+    read from `sock`; `timeout`, the response's read timeout (None: none)."""
+
+    sock: socket.socket
+    leftover: bytes
+    left: int
+    timeout: float | None
 
 
 class RawBody:
@@ -91,6 +106,17 @@ class RawBody:
                 raise httpx.ReadError(str(e) or "read failed") from e
         assert scope.cancelled_caught
         raise httpx.ReadTimeout(f"no byte from upstream for {self._timeout} s")
+
+    def detach_socket(self) -> SocketBody | None:
+        """Hand the rest of the body to a reader in a worker thread (see `fetch.Download._pump`), or None over
+        TLS. Afterwards this iterator yields nothing: the bytes are the thread's."""
+        if self._sock is None or self._left <= 0:
+            return None
+        dup = socket.fromfd(self._sock.fileno(), self._sock.family, self._sock.type)
+        leftover = self._leftover
+        body = SocketBody(dup, leftover, self._left - len(leftover), self._timeout)
+        self._leftover, self._left = b"", 0
+        return body
 
     async def aclose(self) -> None:
         """Nothing of its own to close: closing the httpx response closes the connection."""

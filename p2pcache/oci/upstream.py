@@ -50,7 +50,7 @@ from p2pcache.oci.auth import (
     pick_challenge,
 )
 from p2pcache.oci.errors import STATUS_OF_CODE, OciError, UpstreamUnavailable
-from p2pcache.oci.rawbody import detach_body
+from p2pcache.oci.rawbody import SocketBody, detach_body
 from p2pcache.oci.reference import Repo, check_name, check_tag, is_digest, parse_digest
 
 log = logging.getLogger(__name__)
@@ -576,7 +576,24 @@ class BlobResponse:
         # reads each chunk already is one read of up to 1 MiB (measured: ~1010 KiB on average, and faster).
         length = _content_length(resp)
         raw = None if length is None else detach_body(resp, length, CHUNK_SIZE)
+        self._raw = raw
         self._chunks: AsyncIterator[bytes] = resp.aiter_raw() if raw is None else raw
+
+    def detach_socket(self) -> SocketBody | None:
+        """The rest of this response's body for a reader in a worker thread (`fetch.Download._pump`), when it
+        is a plain-TCP body read past h11 from the first byte asked for; else None (iterate instead). The
+        reader counts the bytes it receives with `count_bytes` and stops at `end`; this response yields
+        nothing more and does not resume: a short body is the reader's to resume with a new request."""
+        if self._raw is None or self._skip:
+            return None
+        body = self._raw.detach_socket()
+        if body is not None:
+            self._pos = self.end
+        return body
+
+    def count_bytes(self, n: int) -> None:
+        """Count `n` body bytes received by a detached reader in the upstream metrics (thread-safe)."""
+        self._upstream._count_bytes(n)
 
     def __aiter__(self) -> BlobResponse:
         return self

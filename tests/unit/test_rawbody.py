@@ -3,22 +3,30 @@
 MockTransport has no connection to read from, so these tests run a small keep-alive server in the test's
 nursery. They check what the fast path must keep from httpcore: exact bytes (including those h11 had buffered
 with the head), a detached connection never going back to the pool, resumes of a short body, and the fallback
-when a response is not a plain Content-Length body.
+when a response is not a plain Content-Length body. The last tests drive a `Fetcher` over the same server, so a
+cold download takes the worker-thread pump (`fetch.Download._pump`): exact bytes, resumes after a cut or a
+stall, and a cancellation that stops its threads at once.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import time
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
 from p2pcache.config import Settings
+from p2pcache.fetch import Download, Fetcher, FetchFailed
+from p2pcache.metrics import Metrics
 from p2pcache.oci.rawbody import RawBody, detach_body
 from p2pcache.oci.reference import Repo
 from p2pcache.oci.upstream import CHUNK_SIZE, Upstream
+from p2pcache.store.blobs import BlobStore
 
 REPO = Repo("docker.io", "library/alpine")
 DATA = hashlib.sha256(b"seed").digest() * (3 * CHUNK_SIZE // 32) + b"tail"  # 3 MiB + 4 bytes
@@ -32,6 +40,7 @@ class Server:
         self.connections = 0
         self.requests: list[str] = []  # the Range header of each request ("" for none)
         self.cut: list[int] = []
+        self.stall: list[int] = []  # the next answers send this many body bytes, then nothing until cancelled
         self.chunked = False
         self.port = 0
 
@@ -68,6 +77,10 @@ class Server:
                 continue
             # The head and the first body bytes in one write: h11 receives them in one read.
             first = b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n" % (status, len(body)) + body[:5000]
+            if self.stall:
+                n = self.stall.pop(0)
+                await stream.send_all(first[: len(first) - 5000 + n] if n < 5000 else first + body[5000:n])
+                await trio.sleep_forever()
             if self.cut:
                 n = self.cut.pop(0)
                 await stream.send_all(first[: len(first) - 5000 + n] if n < 5000 else first + body[5000:n])
@@ -130,3 +143,123 @@ async def test_a_mounted_transport_falls_back_to_httpx() -> None:
     async with httpx.AsyncClient(transport=transport) as client:
         async with client.stream("GET", f"http://registry.test/v2/x/blobs/{DIGEST}") as resp:
             assert detach_body(resp, len(DATA), CHUNK_SIZE) is None
+
+
+class Pumps:
+    """Counts the downloads that took the worker-thread pump, and the pumps still running."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started = self.running = 0
+        real = Download._pump
+
+        async def pump(download: Download, *args: object, **kwargs: object) -> BaseException | None:
+            self.started += 1
+            self.running += 1
+            try:
+                return await real(download, *args, **kwargs)  # type: ignore[arg-type]
+            finally:
+                self.running -= 1
+
+        monkeypatch.setattr(Download, "_pump", pump)
+
+
+async def cold_fetch(tmp_path: Path, url: str, nursery: trio.Nursery, read_timeout: float = 10.0) -> Fetcher:
+    settings = Settings(data=tmp_path, upstreams={"docker.io": url}, upstream_retries=2,
+                        upstream_read_timeout=read_timeout)
+    metrics = Metrics()
+    up = Upstream(settings, metrics, retry_backoff=0.001)
+    fetcher = Fetcher(settings, BlobStore(settings.data, metrics=metrics), up, metrics)
+    await nursery.start(fetcher.run)
+    return fetcher
+
+
+async def read_blob(fetcher: Fetcher) -> bytes:
+    async with fetcher.open_blob(REPO, DIGEST) as h:
+        out = bytearray()
+        while len(out) < h.size:
+            end = await h.readable(len(out))
+            out += os.pread(h.file.fileno(), end - len(out), len(out))
+    return bytes(out)
+
+
+async def test_a_cold_download_is_pumped_by_worker_threads_byte_exact(
+        nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pumps = Pumps(monkeypatch)
+    server = Server()
+    fetcher = await cold_fetch(tmp_path, await server.start(nursery), nursery)
+    with trio.fail_after(10):
+        assert await read_blob(fetcher) == DATA
+        while fetcher.store.stat(DIGEST) is None:
+            await trio.sleep(0.01)
+    assert pumps.started == 1 and server.requests == [""]
+    assert fetcher.metrics.registry.get_sample_value("p2pcache_upstream_bytes_total") == len(DATA)
+
+
+@pytest.mark.parametrize("how", ["cut", "stall"])
+async def test_the_pump_resumes_a_cut_or_stalled_body_from_its_last_byte(
+        nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    pumps = Pumps(monkeypatch)
+    server = Server()
+    at = 5000 + CHUNK_SIZE + 17
+    (server.cut if how == "cut" else server.stall).append(at)
+    fetcher = await cold_fetch(tmp_path, await server.start(nursery), nursery, read_timeout=0.3)
+    with trio.fail_after(10):
+        assert await read_blob(fetcher) == DATA
+    # Every byte received before the cut was written: the resume asks for exactly the rest.
+    assert server.requests == ["", f"{at}-"] and pumps.started == 2
+
+
+async def test_cancelling_a_pumped_download_stops_its_threads_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pumps = Pumps(monkeypatch)
+    server = Server()
+    server.stall.append(2 * CHUNK_SIZE)
+    async with trio.open_nursery() as outer:
+        url = await server.start(outer)
+        with trio.fail_after(5):  # the read timeout (10 s) would end a thread that missed the cancellation
+            async with trio.open_nursery() as nursery:
+                fetcher = await cold_fetch(tmp_path, url, nursery)
+                async with fetcher.open_blob(REPO, DIGEST) as h:
+                    while await h.readable(0) < CHUNK_SIZE:
+                        await trio.sleep(0.01)
+                assert pumps.running == 1
+                nursery.cancel_scope.cancel()
+        assert pumps.running == 0 and fetcher.downloads() == {}
+        outer.cancel_scope.cancel()
+
+
+async def test_the_pump_hashes_every_chunk_received_before_the_body_ended(
+        nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hasher thread lags (slowed here): the receiver's end must not make it drop chunks still queued,
+    which would leave them unmarked and cost a resume request for bytes already received."""
+    real = Download._write_batch
+
+    def slow(download: Download, batch: list, *, write: bool = True) -> object:
+        time.sleep(0.05)
+        return real(download, batch, write=write)
+
+    monkeypatch.setattr(Download, "_write_batch", slow)
+    server = Server()
+    fetcher = await cold_fetch(tmp_path, await server.start(nursery), nursery)
+    with trio.fail_after(10):
+        assert await read_blob(fetcher) == DATA
+    assert server.requests == [""]
+
+
+async def test_a_full_disk_under_the_pump_fails_the_download_without_resuming(
+        nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pumps = Pumps(monkeypatch)
+    server = Server()
+    fetcher = await cold_fetch(tmp_path, await server.start(nursery), nursery)
+
+    def no_space(fd: int, data: object, offset: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("p2pcache.fetch._pwrite_all", no_space)
+    with trio.fail_after(10):
+        async with fetcher.open_blob(REPO, DIGEST) as h:
+            with pytest.raises(FetchFailed):
+                await h.readable(0)
+        while DIGEST in fetcher.downloads():
+            await trio.sleep(0.01)
+    assert pumps.started == 1 and server.requests == [""] and fetcher.store.stat(DIGEST) is None
