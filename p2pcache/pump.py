@@ -36,40 +36,12 @@ BUFFERS = 8
 POLL = 0.05
 # How long received bytes may wait for their buffer to fill: a slow upstream's bytes flow on in small steps.
 FLUSH = 0.02
+# A receive waits (SO_RCVLOWAT) until this much can be taken at once, or a poll step passed: fewer receive
+# calls per chunk, each a GIL round trip among three busy threads (a 1 GiB cold pull: ~0.55 -> ~0.57 GB/s).
+LOWAT = 256 << 10
 
 R = TypeVar("R")
 Q = TypeVar("Q")
-
-
-def recv_some(sock: socket.socket, view: memoryview, timeout: float | None,
-              cancel: threading.Event) -> tuple[int, BaseException | None]:
-    """Fill `view` from `sock` (whose Python-level timeout is `POLL`): (bytes received, error). Never raises.
-
-    Returns early with what it has when `cancel` is set, once its first bytes are `FLUSH` old, or when the
-    peer pauses for a poll step with bytes in hand; with an error when the peer closed (ReadError) or sent
-    nothing for `timeout` seconds (ReadTimeout): httpx's errors, which the fetcher resumes after."""
-    got, idle, first = 0, 0.0, 0.0
-    while got < len(view) and not cancel.is_set():
-        try:
-            n = sock.recv_into(view[got:])
-        except TimeoutError:
-            if got:
-                break
-            idle += POLL
-            if timeout is not None and idle >= timeout:
-                return got, httpx.ReadTimeout(f"no byte from upstream for {timeout} s")
-            continue
-        except OSError as e:
-            return got, httpx.ReadError(str(e) or "read failed")
-        if not n:
-            return got, httpx.ReadError("upstream closed the connection before the body's end")
-        now = time.monotonic()
-        if not got:
-            first = now
-        elif now - first >= FLUSH:
-            return got + n, None
-        got += n
-    return got, None
 
 
 class SocketPump(Generic[R]):
@@ -93,6 +65,7 @@ class SocketPump(Generic[R]):
         self._count = count
         self._cancel = threading.Event()
         self._write_error: OSError | None = None
+        self._lowat = 1  # the socket's SO_RCVLOWAT
         self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
         self._work: queue.SimpleQueue[tuple[int, memoryview, int] | None] = queue.SimpleQueue()
         self._results_tx, self.results = trio.open_memory_channel[R](math.inf)
@@ -164,10 +137,52 @@ class SocketPump(Generic[R]):
                     want = min(CHUNK, limit - pos, left)
                     if want <= 0:
                         return httpx.ReadError(f"upstream body ended at byte {pos}")
-                    got, err = recv_some(sock, buf[:want], self._timeout, self._cancel)
+                    got, err = self._recv_some(sock, buf[:want])
                     left -= got
         finally:
             self._work.put(None)
+
+    def _recv_some(self, sock: socket.socket, view: memoryview) -> tuple[int, BaseException | None]:
+        """Fill `view` from `sock`: (bytes received, error); never raises.
+
+        Returns early with what it has when cancelled, once its first bytes are `FLUSH` old, or when the
+        peer pauses for a poll step with bytes in hand; with an error when the peer closed (ReadError) or sent
+        nothing for the read timeout (ReadTimeout): httpx's errors, which the fetcher resumes after."""
+        got, first, quiet_since = 0, 0.0, time.monotonic()
+        while got < len(view) and not self._cancel.is_set():
+            try:
+                n = self._recv(sock, view[got:])
+            except OSError as e:
+                return got, httpx.ReadError(str(e) or "read failed")
+            if n is None:  # a quiet poll step
+                if got:
+                    break
+                if self._timeout is not None and time.monotonic() - quiet_since >= self._timeout:
+                    return got, httpx.ReadTimeout(f"no byte from upstream for {self._timeout} s")
+                continue
+            if not n:
+                return got, httpx.ReadError("upstream closed the connection before the body's end")
+            now = time.monotonic()
+            if not got:
+                first = now
+            elif now - first >= FLUSH:
+                return got + n, None
+            got += n
+        return got, None
+
+    def _recv(self, sock: socket.socket, view: memoryview) -> int | None:
+        """One receive into `view`: waits up to a poll step for `LOWAT` bytes (or the rest of `view`), then
+        takes whatever is there; None when nothing came."""
+        for lowat in (min(LOWAT, len(view)), 1):
+            if lowat != self._lowat:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+                self._lowat = lowat
+            try:
+                return sock.recv_into(view)
+            except TimeoutError:
+                if lowat == 1:
+                    return None
+        return None
 
     def _hash_written(self, token: trio.lowlevel.TrioToken) -> None:
         while (item := self._take(self._work)) is not None:
