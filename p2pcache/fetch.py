@@ -29,10 +29,12 @@ Theory of operation
 A `Download` is one attempt to get one digest into the store. It learns the blob's size (from upstream's first
 response, or from the swarm's metainfo via `Download.start`), asks the store for room and for a `PartialBlob` (which
 may be resumed from an earlier run: its contiguous prefix is re-hashed from disk to rebuild the running whole-blob
-hash, and upstream is asked with `Range` from there). While streaming from upstream a producer task reads chunks and
-hands them through a bounded queue (`lane.ThreadLane`) to a writer thread (pwrite, and the whole-blob hash; the loop
-then marks completed pieces and wakes clients). In a swarm the writer computes per-piece hashes instead, and the
-whole-blob hash is fed from disk over marked pieces (peers write pieces too; the hash must cover the bytes on disk).
+hash, and upstream is asked with `Range` from there). A mirror-only node streams a plain-TCP body through
+`pump.SocketPump`: one worker thread receives into reused buffers and pwrites them, a second feeds the whole-blob
+hash, and the loop marks completed pieces and wakes clients (`_pump`). Other streams (TLS, a swarm's) are read by
+a task on the loop and handed through a bounded queue (`lane.ThreadLane`) to a writer thread (pwrite, and the
+whole-blob hash). In a swarm the writer computes per-piece hashes instead, and the whole-blob hash is fed from
+disk over marked pieces (peers write pieces too; the hash must cover the bytes on disk).
 A body that ends early or a dropped connection resumes with `Range` from the last written byte (bounded retries).
 When every piece is held the whole hash is compared with the digest: equal -> `store.commit`, and the last piece
 becomes readable; different -> the partial is discarded, `digest_mismatches` counted, every attached client's
