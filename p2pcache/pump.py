@@ -18,6 +18,7 @@ every chunk the receiver queued before its end marker first). Neither outlives `
 
 from __future__ import annotations
 
+import functools
 import math
 import queue
 import socket
@@ -43,6 +44,84 @@ LOWAT = CHUNK
 
 R = TypeVar("R")
 Q = TypeVar("Q")
+T = TypeVar("T")
+
+
+class ThreadSocket:
+    """Blocking receives from a stdlib socket (the caller's to close) in a worker thread.
+
+    Receives wait in `POLL` steps, so the thread sees its cancel flag within one step, and each waits (with
+    `SO_RCVLOWAT`) until `LOWAT` bytes or the rest of the buffer can be taken at once."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.settimeout(POLL)
+        self._lowat = 1  # the socket's SO_RCVLOWAT
+
+    def fill(self, view: memoryview, cancel: threading.Event, timeout: float | None,
+             flush: float | None = None) -> tuple[int, OSError | None]:
+        """Fill `view`: (bytes received, error); never raises. In a worker thread.
+
+        Returns early with what it has when `cancel` is set; with `flush`, also once its first bytes are that
+        old or the peer pauses for a poll step with bytes in hand (a slow sender's bytes flow on in small
+        steps). Errors: ConnectionAbortedError when the peer closed, TimeoutError when it sent nothing for
+        `timeout` seconds, or the socket's own OSError."""
+        got, first, quiet_since = 0, 0.0, time.monotonic()
+        while got < len(view) and not cancel.is_set():
+            try:
+                n = self._recv(view[got:])
+            except OSError as e:
+                return got, e
+            if n is None:  # a quiet poll step
+                if got and flush is not None:
+                    break
+                if timeout is not None and time.monotonic() - quiet_since >= timeout:
+                    return got, TimeoutError(f"no byte for {timeout} s")
+                continue
+            if not n:
+                return got, ConnectionAbortedError("the peer closed the connection")
+            quiet_since = now = time.monotonic()
+            if not got:
+                first = now
+            elif flush is not None and now - first >= flush:
+                return got + n, None
+            got += n
+        return got, None
+
+    def _recv(self, view: memoryview) -> int | None:
+        """One receive into `view`: waits up to a poll step for `LOWAT` bytes (or the rest of `view`), then
+        takes whatever is there; None when nothing came."""
+        for lowat in (min(LOWAT, len(view)), 1):
+            if lowat != self._lowat:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+                self._lowat = lowat
+            try:
+                return self.sock.recv_into(view)
+            except TimeoutError:
+                if lowat == 1:
+                    return None
+        return None
+
+
+async def run_cancellable(fn: Callable[[], T], cancel: threading.Event) -> T:
+    """`fn()` in a worker thread that watches `cancel`: the flag is set if this call is cancelled (not when `fn`
+    returns: others may share the flag), and `fn` must then return soon (within a poll step). The thread is
+    waited for, never abandoned."""
+    returned = False
+
+    async def set_cancel_when_cancelled() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            if not returned:
+                cancel.set()
+
+    async with trio.open_nursery() as watch:
+        watch.start_soon(set_cancel_when_cancelled)
+        result = await trio.to_thread.run_sync(fn)
+        returned = True
+        watch.cancel_scope.cancel()
+    return result
 
 
 class SocketPump(Generic[R]):
@@ -66,7 +145,6 @@ class SocketPump(Generic[R]):
         self._count = count
         self._cancel = threading.Event()
         self._write_error: OSError | None = None
-        self._lowat = 1  # the socket's SO_RCVLOWAT
         self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
         self._work: queue.SimpleQueue[tuple[int, memoryview, int] | None] = queue.SimpleQueue()
         self._results_tx, self.results = trio.open_memory_channel[R](math.inf)
@@ -78,21 +156,12 @@ class SocketPump(Generic[R]):
             self._free.put(memoryview(bytearray(CHUNK)))
         token = trio.lowlevel.current_trio_token()
         err: BaseException | None = None
-        async with trio.open_nursery() as watch:
-            watch.start_soon(self._set_cancel_when_cancelled)
-            async with trio.open_nursery() as threads:
-                threads.start_soon(self._hasher, token)
-                err = await trio.to_thread.run_sync(self._receive, start, limit)
-            watch.cancel_scope.cancel()
+        async with trio.open_nursery() as threads:
+            threads.start_soon(self._hasher, token)
+            err = await run_cancellable(functools.partial(self._receive, start, limit), self._cancel)
         if self._write_error is not None:
             raise self._write_error
         return err
-
-    async def _set_cancel_when_cancelled(self) -> None:
-        try:
-            await trio.sleep_forever()
-        finally:
-            self._cancel.set()
 
     async def _hasher(self, token: trio.lowlevel.TrioToken) -> None:
         try:
@@ -112,8 +181,8 @@ class SocketPump(Generic[R]):
     def _receive(self, pos: int, limit: int) -> BaseException | None:
         left = self._left
         try:
-            with self._sock as sock:
-                sock.settimeout(POLL)
+            with self._sock:
+                sock = ThreadSocket(self._sock)
                 buf = self._take(self._free)
                 if buf is None:
                     return None
@@ -138,52 +207,14 @@ class SocketPump(Generic[R]):
                     want = min(CHUNK, limit - pos, left)
                     if want <= 0:
                         return httpx.ReadError(f"upstream body ended at byte {pos}")
-                    got, err = self._recv_some(sock, buf[:want])
+                    got, problem = sock.fill(buf[:want], self._cancel, self._timeout, FLUSH)
+                    if isinstance(problem, TimeoutError):
+                        err = httpx.ReadTimeout(f"no byte from upstream for {self._timeout} s")
+                    elif problem is not None:
+                        err = httpx.ReadError(str(problem) or "read failed")
                     left -= got
         finally:
             self._work.put(None)
-
-    def _recv_some(self, sock: socket.socket, view: memoryview) -> tuple[int, BaseException | None]:
-        """Fill `view` from `sock`: (bytes received, error); never raises.
-
-        Returns early with what it has when cancelled, once its first bytes are `FLUSH` old, or when the
-        peer pauses for a poll step with bytes in hand; with an error when the peer closed (ReadError) or sent
-        nothing for the read timeout (ReadTimeout): httpx's errors, which the fetcher resumes after."""
-        got, first, quiet_since = 0, 0.0, time.monotonic()
-        while got < len(view) and not self._cancel.is_set():
-            try:
-                n = self._recv(sock, view[got:])
-            except OSError as e:
-                return got, httpx.ReadError(str(e) or "read failed")
-            if n is None:  # a quiet poll step
-                if got:
-                    break
-                if self._timeout is not None and time.monotonic() - quiet_since >= self._timeout:
-                    return got, httpx.ReadTimeout(f"no byte from upstream for {self._timeout} s")
-                continue
-            if not n:
-                return got, httpx.ReadError("upstream closed the connection before the body's end")
-            now = time.monotonic()
-            if not got:
-                first = now
-            elif now - first >= FLUSH:
-                return got + n, None
-            got += n
-        return got, None
-
-    def _recv(self, sock: socket.socket, view: memoryview) -> int | None:
-        """One receive into `view`: waits up to a poll step for `LOWAT` bytes (or the rest of `view`), then
-        takes whatever is there; None when nothing came."""
-        for lowat in (min(LOWAT, len(view)), 1):
-            if lowat != self._lowat:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
-                self._lowat = lowat
-            try:
-                return sock.recv_into(view)
-            except TimeoutError:
-                if lowat == 1:
-                    return None
-        return None
 
     def _hash_written(self, token: trio.lowlevel.TrioToken) -> None:
         while (item := self._take(self._work)) is not None:
