@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -38,6 +39,7 @@ from _common import (  # noqa: E402
     Pull,
     RssSampler,
     UpstreamUse,
+    cpu_seconds,
     curl_get,
     curl_many,
     curl_sha256,
@@ -52,6 +54,7 @@ from _common import (  # noqa: E402
     reset_peak_rss,
     spawn,
     start_registry,
+    thread_cpu_seconds,
 )
 
 DEFAULT_NODE_CMD = (
@@ -84,6 +87,16 @@ class RssResult:
 
 
 @dataclass
+class PullCpu:
+    """CPU seconds during one cold pull (from the request to the client's last byte)."""
+
+    server: float | None  # the proxy, or the node (every thread, ended ones included)
+    origin: float | None
+    client: float  # curl
+    threads: list[float]  # the server's busiest live threads, most first
+
+
+@dataclass
 class Results:
     warm_reg: list[float] = field(default_factory=list)
     warm_node: list[float] = field(default_factory=list)
@@ -93,6 +106,8 @@ class Results:
     cold_node_ttfb: list[float] = field(default_factory=list)
     cold_reg_use: list[UpstreamUse] = field(default_factory=list)
     cold_node_use: list[UpstreamUse] = field(default_factory=list)
+    cold_reg_cpu: list[PullCpu] = field(default_factory=list)
+    cold_node_cpu: list[PullCpu] = field(default_factory=list)
     rss: list[RssResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -150,6 +165,18 @@ class Bench:
                         pass
             time.sleep(0.2)
         return False
+
+    def pull_with_cpu(self, proc: Proc, url: str) -> tuple[Pull, PullCpu]:
+        """One curl download from `proc`, with the CPU that `proc`, the origin and curl spent meanwhile."""
+        assert self.origin is not None
+        s0, o0, t0, c0 = cpu_seconds(proc.pid), cpu_seconds(self.origin.pid), thread_cpu_seconds(proc.pid), os.times()
+        pull = curl_get(url)
+        s1, o1, t1, c1 = cpu_seconds(proc.pid), cpu_seconds(self.origin.pid), thread_cpu_seconds(proc.pid), os.times()
+        threads = sorted((v - t0.get(k, 0.0) for k, v in t1.items()), reverse=True)[:3]
+        return pull, PullCpu(None if s0 is None or s1 is None else s1 - s0,
+                             None if o0 is None or o1 is None else o1 - o0,
+                             c1.children_user + c1.children_system - c0.children_user - c0.children_system,
+                             threads)
 
     def check(self, pull: Pull, blob: Blob, what: str) -> float:
         if not pull.ok(blob.size):
@@ -228,8 +255,9 @@ class Bench:
         root = self.workdir / "proxy"
         try:
             self.access.mark()
-            pull = curl_get(proxy.url + self.blob_path(blob.digest))
+            pull, cpu = self.pull_with_cpu(proxy, proxy.url + self.blob_path(blob.digest))
             speed = self.check(pull, blob, "registry cold")
+            self.results.cold_reg_cpu.append(cpu)
             if not self.wait_stored(root, blob, 120):
                 self.results.notes.append("cold: the proxy's background fetch did not finish within 120s")
             use = self.access.since_mark(self.blob_path(blob.digest))
@@ -246,8 +274,9 @@ class Bench:
         node, data = self.start_node()
         try:
             self.access.mark()
-            pull = curl_get(node.url + self.blob_path(blob.digest))
+            pull, cpu = self.pull_with_cpu(node, node.url + self.blob_path(blob.digest))
             speed = self.check(pull, blob, "node cold")
+            self.results.cold_node_cpu.append(cpu)
             if not self.wait_stored(data, blob, 60):
                 self.results.notes.append("cold: the node's store did not show the blob within 60s")
             use = self.access.since_mark(self.blob_path(blob.digest))
@@ -358,6 +387,17 @@ def use_str(uses: list[UpstreamUse]) -> str:
     return f"{g} GET + {h} HEAD, {fmt_size(byts)}"
 
 
+def cpu_str(cpus: list[PullCpu]) -> str:
+    if not cpus:
+        return "n/a"
+
+    def med(values: list[float | None]) -> str:
+        m = median([v for v in values if v is not None])
+        return "?" if m is None else f"{m:.2f}"
+
+    return " / ".join((med([c.server for c in cpus]), med([c.origin for c in cpus]), med([c.client for c in cpus])))
+
+
 def ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1000:.0f} ms"
 
@@ -382,6 +422,9 @@ def report(args: argparse.Namespace, res: Results) -> str:
                  "", "low"))
     rows.append(("cold: upstream use per pull", use_str(res.cold_reg_use), use_str(res.cold_node_use), "",
                  "1 GET"))
+    if res.cold_reg_cpu or res.cold_node_cpu:
+        rows.append(("cold: CPU-s per pull: server/origin/curl", cpu_str(res.cold_reg_cpu),
+                     cpu_str(res.cold_node_cpu), "", ""))
     n = args.clients
     for r in res.rss:
         s = fmt_size(r.size)
@@ -419,6 +462,11 @@ def report(args: argparse.Namespace, res: Results) -> str:
             f"{k} {' '.join(f'{v / 1e9:.2f}' for v in vals)}" for k, vals in (
                 ("warm registry", res.warm_reg), ("warm node", res.warm_node),
                 ("cold registry", res.cold_reg), ("cold node", res.cold_node)) if vals))
+    if res.cold_node_cpu:
+        busiest = [median([c.threads[i] for c in res.cold_node_cpu if len(c.threads) > i] or [0.0]) or 0.0
+                   for i in range(3)]
+        out.append("cold: the node's busiest threads per pull (median CPU-s): "
+                   + ", ".join(f"{t:.2f}" for t in busiest))
     for note in res.notes:
         out.append(f"note: {note}")
     return "\n".join(out)
