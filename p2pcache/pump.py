@@ -9,7 +9,7 @@ receive instead of after it. A 1 GiB cold pull: ~2.2 CPU-seconds, and the loop i
 
 Order: `write(pos, view)` (the receiver) runs before `digest(pos, view)` (the hasher) for each chunk, and the
 digests' results come out of `results` in stream order, so whoever marks bytes readable from them marks
-only bytes on disk. `PUMP_BUFFERS` buffers bound how far the receiver runs ahead of the hasher.
+only bytes on disk. `BUFFERS` buffers bound how far the receiver runs ahead of the hasher.
 
 Structure: `run()` holds both threads as tasks of its own nurseries. They wait in `POLL` steps and stop
 within one step of a cancellation: a flag set when `run()` is cancelled, or when the hasher ends (it drains
@@ -155,7 +155,6 @@ class SocketPump(Generic[R]):
         for _ in range(BUFFERS):
             self._free.put(memoryview(bytearray(CHUNK)))
         token = trio.lowlevel.current_trio_token()
-        err: BaseException | None = None
         async with trio.open_nursery() as threads:
             threads.start_soon(self._hasher, token)
             err = await run_cancellable(functools.partial(self._receive, start, limit), self._cancel)
