@@ -5,7 +5,8 @@ nursery. They check what the fast path must keep from httpcore: exact bytes (inc
 with the head), a detached connection never going back to the pool, resumes of a short body, and the fallback
 when a response is not a plain Content-Length body. The last tests drive a `Fetcher` over the same server, so a
 cold download takes the worker-thread pump (`fetch.Download._pump`): exact bytes, resumes after a cut or a
-stall, and a cancellation that stops its threads at once.
+stall from the exact last byte, a lagging hasher that still marks every chunk, a full disk that fails without a
+resume, and a cancellation that stops its threads at once.
 """
 
 from __future__ import annotations
