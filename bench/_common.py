@@ -91,6 +91,7 @@ class Proc:
     popen: subprocess.Popen
     log: Path
     port: int
+    scheme: str = "http"
 
     @property
     def pid(self) -> int:
@@ -98,7 +99,7 @@ class Proc:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -121,13 +122,13 @@ class Proc:
 
 
 def spawn(name: str, argv: Sequence[str], log: Path, port: int, ready_path: str = "/v2/",
-          timeout: float = 30.0, env: dict[str, str] | None = None) -> Proc:
-    """Start argv with stdout+stderr to `log`; wait until 127.0.0.1:port answers HTTP on ready_path."""
+          timeout: float = 30.0, env: dict[str, str] | None = None, scheme: str = "http") -> Proc:
+    """Start argv with stdout+stderr to `log`; wait until 127.0.0.1:port answers HTTP(S) on ready_path."""
     fh = open(log, "ab")
     popen = subprocess.Popen(list(argv), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              env=env)
     fh.close()
-    proc = Proc(name, popen, log, port)
+    proc = Proc(name, popen, log, port, scheme)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():
@@ -141,8 +142,10 @@ def spawn(name: str, argv: Sequence[str], log: Path, port: int, ready_path: str 
                        f"{proc.log_tail()}")
 
 
-def registry_config(root: Path, port: int, remoteurl: str | None = None) -> str:
-    """A docker-registry config (JSON is valid YAML): filesystem storage, access log on, optional proxy."""
+def registry_config(root: Path, port: int, remoteurl: str | None = None,
+                    tls: tuple[Path, Path] | None = None) -> str:
+    """A docker-registry config (JSON is valid YAML): filesystem storage, access log on, optional proxy, optional
+    TLS (certificate, key)."""
     import json
 
     doc: dict = {
@@ -153,19 +156,36 @@ def registry_config(root: Path, port: int, remoteurl: str | None = None) -> str:
     }
     if remoteurl:
         doc["proxy"] = {"remoteurl": remoteurl}
+    if tls:
+        doc["http"]["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}
     return json.dumps(doc)
 
 
-def start_registry(workdir: Path, name: str, remoteurl: str | None = None) -> Proc:
-    """A real distribution registry on a free loopback port with a fresh store under workdir/name."""
+def start_registry(workdir: Path, name: str, remoteurl: str | None = None,
+                   tls: tuple[Path, Path] | None = None) -> Proc:
+    """A real distribution registry on a free loopback port with a fresh store under workdir/name; with `tls`
+    (certificate, key) it serves HTTPS."""
     root = workdir / name
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
     port = free_port()
     cfg = workdir / f"{name}.yml"
-    cfg.write_text(registry_config(root / "data", port, remoteurl))
-    return spawn(name, [REGISTRY_BIN, "serve", str(cfg)], workdir / f"{name}.log", port)
+    cfg.write_text(registry_config(root / "data", port, remoteurl, tls))
+    return spawn(name, [REGISTRY_BIN, "serve", str(cfg)], workdir / f"{name}.log", port,
+                 scheme="https" if tls else "http")
+
+
+def make_tls_cert(workdir: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (and its key) made with the openssl command: (cert, key).
+
+    To have every client here trust it, point SSL_CERT_FILE (OpenSSL, Python, httpx, Go) and CURL_CA_BUNDLE
+    (curl) at the certificate."""
+    cert, key = workdir / "tls-cert.pem", workdir / "tls-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
 
 
 def registry_blob_path(registry_root: Path, digest: str) -> Path:

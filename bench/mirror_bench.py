@@ -47,6 +47,7 @@ from _common import (  # noqa: E402
     fmt_size,
     free_port,
     make_blob,
+    make_tls_cert,
     median,
     parse_size,
     proc_status_kib,
@@ -186,8 +187,13 @@ class Bench:
     # ------------------------------------------------------------------------------------------- steps
 
     def setup(self) -> list[Blob]:
-        self.log("starting docker-registry (origin)")
-        self.origin = start_registry(self.workdir, "origin")
+        tls = None
+        if self.args.tls:
+            tls = make_tls_cert(self.workdir)
+            # Every client started from here (urllib, curl, the node's httpx, the proxy's Go) trusts it.
+            os.environ["SSL_CERT_FILE"] = os.environ["CURL_CA_BUNDLE"] = str(tls[0])
+        self.log(f"starting docker-registry (origin{', HTTPS' if tls else ''})")
+        self.origin = start_registry(self.workdir, "origin", tls=tls)
         self.access = AccessLog(self.origin.log)
         sizes = sorted({self.args.size, *self.args.rss_sizes})
         blobs = []
@@ -449,7 +455,7 @@ def report(args: argparse.Namespace, res: Results) -> str:
     line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()  # noqa: E731
     out = [
         f"p2pcache mirror benchmark — blob {fmt_size(args.size)} (random), client: curl -o /dev/null, "
-        f"median of {args.runs} run(s), 1 GB/s = 1e9 B/s",
+        f"median of {args.runs} run(s), 1 GB/s = 1e9 B/s{', origin over HTTPS' if args.tls else ''}",
         "registry columns: warm = docker-registry from its disk; cold = docker-registry proxy mode "
         "(remoteurl = the origin)",
         line(head),
@@ -486,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="command that runs a node; {python} {listen} {admin} {data} {upstream} are filled in")
     p.add_argument("--workdir", type=Path, default=None, help="scratch directory parent (default $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory and stores")
+    p.add_argument("--tls", action="store_true",
+                   help="the origin serves HTTPS with a self-signed certificate (as Docker Hub serves TLS); the "
+                        "node and the proxy fetch from it over TLS")
     p.add_argument("--quiet", action="store_true", help="print only the table")
     p.add_argument("--json", type=Path, help="also write the raw results (every run) as JSON to this file")
     args = p.parse_args(argv)
