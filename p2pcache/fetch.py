@@ -29,12 +29,13 @@ Theory of operation
 A `Download` is one attempt to get one digest into the store. It learns the blob's size (from upstream's first
 response, or from the swarm's metainfo via `Download.start`), asks the store for room and for a `PartialBlob` (which
 may be resumed from an earlier run: its contiguous prefix is re-hashed from disk to rebuild the running whole-blob
-hash, and upstream is asked with `Range` from there). A mirror-only node streams a plain-TCP body through
-`pump.SocketPump`: one worker thread receives into reused buffers and pwrites them, a second feeds the whole-blob
-hash, and the loop marks completed pieces and wakes clients (`_pump`). Other streams (TLS, a swarm's) are read by
-a task on the loop and handed through a bounded queue (`lane.ThreadLane`) to a writer thread (pwrite, and the
-whole-blob hash). In a swarm the writer computes per-piece hashes instead, and the whole-blob hash is fed from
-disk over marked pieces (peers write pieces too; the hash must cover the bytes on disk).
+hash, and upstream is asked with `Range` from there). A mirror-only node streams a body through
+`pump.SocketPump`: one worker thread receives (and decrypts, over TLS) into reused buffers and pwrites them, a
+second feeds the whole-blob hash, and the loop marks completed pieces and wakes clients (`_pump`). A swarm's
+streams (and any body the pump cannot take) are read by a task on the loop and handed through a bounded queue
+(`lane.ThreadLane`) to a writer thread (pwrite, and the whole-blob hash). In a swarm the writer computes
+per-piece hashes instead, and the whole-blob hash is fed from disk over marked pieces (peers write pieces too;
+the hash must cover the bytes on disk).
 A body that ends early or a dropped connection resumes with `Range` from the last written byte (bounded retries).
 When every piece is held the whole hash is compared with the digest: equal -> `store.commit`, and the last piece
 becomes readable; different -> the partial is discarded, `digest_mismatches` counted, every attached client's
@@ -661,7 +662,7 @@ class Download:
 
     async def _pump(self, body: SocketBody, offset: int, limit: int, count: Callable[[int], None]
                     ) -> BaseException | None:
-        """A solo stream's fast path (`pump.SocketPump`): a plain-TCP upstream body from `offset` to `limit`,
+        """A solo stream's fast path (`pump.SocketPump`): an upstream body (TCP or TLS) from `offset` to `limit`,
         received and pwritten by one worker thread, fed to the whole-blob hash by another; the loop marks
         pieces, wakes clients and serves them. Returns like `_stream` (the error that ended the body early)."""
 
@@ -671,8 +672,8 @@ class Download:
         def digest(pos: int, view: memoryview) -> _Written:
             return self._write_batch([(pos, view)], write=False)
 
-        pump = SocketPump(body.sock, body.leftover, body.left, body.timeout, write=write, digest=digest,
-                          count=count)
+        pump = SocketPump(body.sock, body.tls, body.leftover, body.left, body.timeout, write=write,
+                          digest=digest, count=count)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._after_writes, pump.results, nursery, False)

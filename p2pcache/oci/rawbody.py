@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,16 +43,42 @@ def _h11_state(resp: httpx.Response) -> h11.Connection | None:
 
 
 @dataclass
+class TlsState:
+    """The TLS session of a connection, as trio's SSLStream holds it: the `ssl.SSLObject` and its two memory
+    BIOs (ciphertext in from the socket, out to it). A reader in a worker thread decrypts with these while no
+    task uses the stream; the session stays consistent for the stream's close afterwards."""
+
+    ssl_object: ssl.SSLObject
+    incoming: ssl.MemoryBIO
+    outgoing: ssl.MemoryBIO
+
+
+@dataclass
 class SocketBody:
-    """The rest of a body for a reader in a worker thread: `sock`, a duplicate of the connection's plain TCP
-    socket (the reader closes it; closing the response still closes the connection), whose Python-level
-    timeout the reader sets as it likes; `leftover`, body bytes already received; then `left` more bytes to
-    read from `sock`; `timeout`, the response's read timeout (None: none)."""
+    """The rest of a body for a reader in a worker thread: `sock`, a duplicate of the connection's TCP socket
+    (the reader closes it; closing the response still closes the connection), whose Python-level timeout the
+    reader sets as it likes; `tls`, the session to decrypt with (None: plain TCP); `leftover`, body bytes
+    already received; then `left` more bytes to read; `timeout`, the response's read timeout (None: none)."""
 
     sock: socket.socket
+    tls: TlsState | None
     leftover: bytes
     left: int
     timeout: float | None
+
+
+def _tls_state(stream: httpcore.AsyncNetworkStream) -> TlsState | None:
+    """The TLS session under httpcore's trio stream, if it is one we can read past (private attributes of
+    httpcore's TrioStream and trio's SSLStream, checked step by step; None if anything differs)."""
+    ssl_stream = getattr(stream, "_stream", None)
+    if not isinstance(ssl_stream, trio.SSLStream) or not isinstance(ssl_stream.transport_stream, trio.SocketStream):
+        return None
+    obj = stream.get_extra_info("ssl_object")
+    incoming, outgoing = getattr(ssl_stream, "_incoming", None), getattr(ssl_stream, "_outgoing", None)
+    if not isinstance(obj, ssl.SSLObject) or not isinstance(incoming, ssl.MemoryBIO) \
+            or not isinstance(outgoing, ssl.MemoryBIO):
+        return None
+    return TlsState(obj, incoming, outgoing)
 
 
 class RawBody:
@@ -69,6 +96,9 @@ class RawBody:
         # fail_after and exception mapping (~8% of the loop thread on a cold pull). TLS: the stream's read().
         sock = stream.get_extra_info("socket") if stream.get_extra_info("ssl_object") is None else None
         self._sock = sock if isinstance(sock, trio.socket.SocketType) else None
+        # TLS: nothing to read past on the loop, but a worker thread may decrypt the body (detach_socket).
+        self._stream_socket = stream.get_extra_info("socket")
+        self._tls = _tls_state(stream) if self._sock is None else None
         self._leftover = leftover[:length]
         self._left = length
         self._read_size = read_size
@@ -108,13 +138,15 @@ class RawBody:
         raise httpx.ReadTimeout(f"no byte from upstream for {self._timeout} s")
 
     def detach_socket(self) -> SocketBody | None:
-        """Hand the rest of the body to a reader in a worker thread (see `fetch.Download._pump`), or None over
-        TLS. Afterwards this iterator yields nothing: the bytes are the thread's."""
-        if self._sock is None or self._left <= 0:
+        """Hand the rest of the body to a reader in a worker thread (see `fetch.Download._pump`), or None (a TLS
+        stream whose session we cannot reach). Afterwards this iterator yields nothing: the bytes are the
+        thread's."""
+        sock = self._sock if self._sock is not None else self._stream_socket if self._tls is not None else None
+        if not isinstance(sock, trio.socket.SocketType) or self._left <= 0:
             return None
-        dup = socket.fromfd(self._sock.fileno(), self._sock.family, self._sock.type)
+        dup = socket.fromfd(sock.fileno(), sock.family, sock.type)
         leftover = self._leftover
-        body = SocketBody(dup, leftover, self._left - len(leftover), self._timeout)
+        body = SocketBody(dup, self._tls, leftover, self._left - len(leftover), self._timeout)
         self._leftover, self._left = b"", 0
         return body
 

@@ -581,9 +581,10 @@ class BlobResponse:
 
     def detach_socket(self) -> SocketBody | None:
         """The rest of this response's body for a reader in a worker thread (`fetch.Download._pump`), when it
-        is a plain-TCP body read past h11 from the first byte asked for; else None (iterate instead). The
-        reader counts the bytes it receives with `count_bytes` and stops at `end`; this response yields
-        nothing more and does not resume: a short body is the reader's to resume with a new request."""
+        is a body read past h11 (TCP, or TLS whose session we can reach) from the first byte asked for; else None
+        (iterate instead). The reader counts the bytes it receives with `count_bytes` and stops at `end`; this
+        response yields nothing more and does not resume: a short body is the reader's to resume with a new
+        request."""
         if self._raw is None or self._skip:
             return None
         body = self._raw.detach_socket()

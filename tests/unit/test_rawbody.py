@@ -6,8 +6,8 @@ with the head), a detached connection never going back to the pool, resumes of a
 when a response is not a plain Content-Length body. The last tests drive a `Fetcher` over the same server, so a
 cold download takes the worker-thread pump (`fetch.Download._pump`): exact bytes, resumes after a cut or a
 stall from the exact last byte, a lagging hasher that still marks every chunk, a full disk that fails without a
-resume, and a cancellation that stops its threads at once; over TLS (a self-signed certificate made with the
-openssl command) the loop path, byte exact, resumes included.
+resume, and a cancellation that stops its threads at once; the same pump over TLS (a self-signed certificate
+made with the openssl command), byte exact, resumes included.
 """
 
 from __future__ import annotations
@@ -161,14 +161,15 @@ async def test_a_mounted_transport_falls_back_to_httpx() -> None:
 
 
 class Pumps:
-    """Counts the downloads that took the worker-thread pump, and the pumps still running."""
+    """Counts the downloads that took the worker-thread pump (and those over TLS), and the pumps running."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.started = self.running = 0
+        self.started = self.running = self.tls = 0
         real = Download._pump
 
         async def pump(download: Download, *args: object, **kwargs: object) -> BaseException | None:
             self.started += 1
+            self.tls += args[0].tls is not None  # type: ignore[attr-defined]
             self.running += 1
             try:
                 return await real(download, *args, **kwargs)  # type: ignore[arg-type]
@@ -297,12 +298,12 @@ def tls_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, 
 
 
 @pytest.mark.parametrize("cut", [None, 5000 + CHUNK_SIZE + 17])
-async def test_a_tls_body_is_read_on_the_loop_byte_exact(
+async def test_a_tls_body_is_decrypted_by_the_pump_byte_exact(
         nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         tls_pair: tuple[ssl.SSLContext, ssl.SSLContext], cut: int | None) -> None:
-    """Over TLS (Docker Hub's case) the body is decrypted by trio's SSL stream on the loop and handed to the
-    writer lane, not the pump (decrypting in the pump's thread measured no faster): exact bytes, and a cut body
-    resumes from its exact last byte over a new TLS connection."""
+    """Over TLS (Docker Hub's case) the pump's receiver decrypts with the connection's own session (trio's
+    SSLObject and BIOs): exact bytes, and a cut body resumes from its exact last byte over a new TLS
+    connection."""
     pumps = Pumps(monkeypatch)
     server = Server()
     if cut is not None:
@@ -311,5 +312,5 @@ async def test_a_tls_body_is_read_on_the_loop_byte_exact(
     fetcher = await cold_fetch(tmp_path, url, nursery, trust=tls_pair[1])
     with trio.fail_after(10):
         assert await read_blob(fetcher) == DATA
-    assert pumps.started == 0
+    assert pumps.tls == pumps.started == (1 if cut is None else 2)
     assert server.requests == ([""] if cut is None else ["", f"{cut}-"])
