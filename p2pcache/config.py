@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -42,6 +43,7 @@ class Settings:
     upstreams: dict[str, str] = field(default_factory=dict)  # ns -> base URL; see upstream_url()
     default_ns: str = DOCKER_HUB  # what Docker's registry-mirrors requests (no ns) mean
     credentials: Path | None = None  # TOML {registry = {username, password}} or Docker config.json "auths"
+    upstream_ca: Path | None = None  # PEM certificates trusted for upstream TLS, besides the system store
     max_disk: int | None = None  # bytes; None = no quota
     tag_ttl: float = 30.0  # a tag is re-resolved (one cheap HEAD) at most this often
     log_level: str = "info"
@@ -80,7 +82,7 @@ _TIME_KEYS = {
     "tag_ttl", "upstream_connect_timeout", "upstream_read_timeout", "client_header_timeout",
     "client_send_timeout",
 }
-_PATH_KEYS = {"data", "credentials", "cluster_secret_file"}
+_PATH_KEYS = {"data", "credentials", "upstream_ca", "cluster_secret_file"}
 _LIST_KEYS = {"join"}
 _INT_KEYS = {"upstream_retries"}
 
@@ -190,6 +192,8 @@ def load_settings(
         if v is not None:
             merged[k] = v
     values = {k: _coerce(k, v) for k, v in merged.items()}
+    if values.get("upstream_ca") is not None:
+        upstream_tls_context(values["upstream_ca"])  # a missing or garbled file is a start-up error
     peer_listen, advertise = values.get("peer_listen"), values.get("advertise")
     if peer_listen and not advertise:
         host, port = parse_hostport(peer_listen)
@@ -198,6 +202,18 @@ def load_settings(
             raise ConfigError(f"peer-listen: {peer_listen} listens on every address; say which one other nodes "
                               f"should dial with --advertise HOST:{port} (e.g. the pod or host IP)")
     return Settings(**values)
+
+
+def upstream_tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """What upstream TLS connections trust: the system store (and SSL_CERT_FILE), plus `ca_file` if given: a
+    private registry's own CA. ConfigError when the file cannot be read or holds no certificate."""
+    ctx = ssl.create_default_context()
+    if ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"upstream-ca: cannot load CA certificates from {ca_file}: {e}") from None
+    return ctx
 
 
 def add_node_flags(p: argparse.ArgumentParser) -> None:
@@ -211,6 +227,8 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
       help="upstream registry for namespace NS, repeatable (default docker.io=https://registry-1.docker.io)")
     a("--default-ns", dest="default_ns", help="namespace of requests that name none (default docker.io)")
     a("--credentials", help="registry credentials: TOML or Docker config.json (auths)")
+    a("--upstream-ca", dest="upstream_ca",
+      help="PEM file of CA certificates to trust for upstream registries (besides the system store)")
     a("--max-disk", dest="max_disk", help="disk quota for the store, e.g. 20GiB (LRU eviction)")
     a("--tag-ttl", dest="tag_ttl", help="how long a tag's digest is cached, e.g. 30s")
     a("--log-level", dest="log_level", help="debug, info, warning or error")

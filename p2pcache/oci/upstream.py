@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import httpx
 import trio
 
-from p2pcache.config import Settings
+from p2pcache.config import Settings, upstream_tls_context
 from p2pcache.metrics import Metrics
 from p2pcache.oci.auth import (
     Challenge,
@@ -177,6 +177,7 @@ class Upstream:
         )
         self._client = httpx.AsyncClient(
             transport=transport,
+            verify=upstream_tls_context(settings.upstream_ca),  # unused when a transport is given (tests)
             timeout=timeout,
             follow_redirects=False,  # we follow by hand: Authorization must not leak to another host
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),

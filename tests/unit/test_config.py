@@ -91,3 +91,14 @@ def test_a_wildcard_peer_listen_needs_advertise(listen: str) -> None:
     s = load_settings({"peer_listen": listen, "advertise": "10.0.0.11:5002"}, env={})
     assert s.advertise == "10.0.0.11:5002"
     assert load_settings({"peer_listen": "127.0.0.1:5002"}, env={}).advertise is None
+
+
+def test_an_unreadable_upstream_ca_is_a_start_up_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match="upstream-ca: .*missing.pem"):
+        load_settings({"upstream_ca": str(tmp_path / "missing.pem")})
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="upstream-ca: .*garbage.pem"):
+        load_settings({}, {"P2PCACHE_UPSTREAM_CA": str(garbage)})
+    assert main(["node", "--upstream-ca", str(garbage), "--data", str(tmp_path / "d")]) == 2
+    assert "upstream-ca" in capsys.readouterr().err

@@ -27,6 +27,7 @@ import trio
 from p2pcache.config import Settings
 from p2pcache.fetch import Download, Fetcher, FetchFailed
 from p2pcache.metrics import Metrics
+from p2pcache.oci.errors import OciError
 from p2pcache.oci.rawbody import RawBody, detach_body
 from p2pcache.oci.reference import Repo
 from p2pcache.oci.upstream import CHUNK_SIZE, Upstream
@@ -180,12 +181,11 @@ class Pumps:
 
 
 async def cold_fetch(tmp_path: Path, url: str, nursery: trio.Nursery, read_timeout: float = 10.0,
-                     trust: ssl.SSLContext | None = None) -> Fetcher:
+                     ca: Path | None = None) -> Fetcher:
     settings = Settings(data=tmp_path, upstreams={"docker.io": url}, upstream_retries=2,
-                        upstream_read_timeout=read_timeout)
+                        upstream_read_timeout=read_timeout, upstream_ca=ca)
     metrics = Metrics()
-    transport = None if trust is None else httpx.AsyncHTTPTransport(verify=trust)
-    up = Upstream(settings, metrics, transport=transport, retry_backoff=0.001)
+    up = Upstream(settings, metrics, retry_backoff=0.001)
     fetcher = Fetcher(settings, BlobStore(settings.data, metrics=metrics), up, metrics)
     await nursery.start(fetcher.run)
     return fetcher
@@ -284,8 +284,9 @@ async def test_a_full_disk_under_the_pump_fails_the_download_without_resuming(
 
 
 @pytest.fixture(scope="module")
-def tls_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """A server context with a self-signed certificate for 127.0.0.1, and a client context that trusts it."""
+def tls_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, Path]:
+    """A server context with a self-signed certificate for 127.0.0.1, and that certificate's file (the node's
+    `--upstream-ca`)."""
     d = tmp_path_factory.mktemp("tls")
     key, cert = d / "key.pem", d / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
@@ -293,14 +294,13 @@ def tls_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, 
                     "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(cert, key)
-    client = ssl.create_default_context(cafile=str(cert))
-    return server, client
+    return server, cert
 
 
 @pytest.mark.parametrize("cut", [None, 5000 + CHUNK_SIZE + 17])
 async def test_a_tls_body_is_decrypted_by_the_pump_byte_exact(
         nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        tls_pair: tuple[ssl.SSLContext, ssl.SSLContext], cut: int | None) -> None:
+        tls_pair: tuple[ssl.SSLContext, Path], cut: int | None) -> None:
     """Over TLS (Docker Hub's case) the pump's receiver decrypts with the connection's own session (trio's
     SSLObject and BIOs): exact bytes, and a cut body resumes from its exact last byte over a new TLS
     connection."""
@@ -309,8 +309,18 @@ async def test_a_tls_body_is_decrypted_by_the_pump_byte_exact(
     if cut is not None:
         server.cut.append(cut)
     url = await server.start(nursery, tls_pair[0])
-    fetcher = await cold_fetch(tmp_path, url, nursery, trust=tls_pair[1])
+    fetcher = await cold_fetch(tmp_path, url, nursery, ca=tls_pair[1])
     with trio.fail_after(10):
         assert await read_blob(fetcher) == DATA
     assert pumps.tls == pumps.started == (1 if cut is None else 2)
     assert server.requests == ([""] if cut is None else ["", f"{cut}-"])
+
+
+async def test_an_upstream_with_an_untrusted_certificate_is_refused(
+        nursery: trio.Nursery, tmp_path: Path, tls_pair: tuple[ssl.SSLContext, Path]) -> None:
+    """Without `--upstream-ca` the self-signed upstream is not trusted: the client gets an error, no bytes."""
+    server = Server()
+    fetcher = await cold_fetch(tmp_path, await server.start(nursery, tls_pair[0]), nursery)
+    with trio.fail_after(10), pytest.raises(OciError):
+        await read_blob(fetcher)
+    assert server.requests == [] and fetcher.store.stat(DIGEST) is None
