@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import certifi
+
 from p2pcache.units import parse_duration, parse_rate, parse_size
 
 DOCKER_HUB = "docker.io"
@@ -43,7 +45,7 @@ class Settings:
     upstreams: dict[str, str] = field(default_factory=dict)  # ns -> base URL; see upstream_url()
     default_ns: str = DOCKER_HUB  # what Docker's registry-mirrors requests (no ns) mean
     credentials: Path | None = None  # TOML {registry = {username, password}} or Docker config.json "auths"
-    upstream_ca: Path | None = None  # PEM certificates trusted for upstream TLS, besides the system store
+    upstream_ca: Path | None = None  # PEM certificates trusted for upstream TLS, besides the usual bundles
     max_disk: int | None = None  # bytes; None = no quota
     tag_ttl: float = 30.0  # a tag is re-resolved (one cheap HEAD) at most this often
     log_level: str = "info"
@@ -204,15 +206,18 @@ def load_settings(
     return Settings(**values)
 
 
-def upstream_tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    """What upstream TLS connections trust: the system store (and SSL_CERT_FILE), plus `ca_file` if given: a
-    private registry's own CA. ConfigError when the file cannot be read or holds no certificate."""
-    ctx = ssl.create_default_context()
-    if ca_file is not None:
-        try:
-            ctx.load_verify_locations(cafile=str(ca_file))
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError(f"upstream-ca: cannot load CA certificates from {ca_file}: {e}") from None
+def upstream_tls_context(ca_file: Path | None) -> ssl.SSLContext | bool:
+    """What upstream TLS connections trust. Without `ca_file`: httpx's default (certifi's bundle, or
+    SSL_CERT_FILE). With it: that bundle, the system store and `ca_file` (a private registry's own CA).
+    ConfigError when the file cannot be read or holds no certificate."""
+    if ca_file is None:
+        return True
+    ctx = ssl.create_default_context(cafile=certifi.where())
+    ctx.load_default_certs()
+    try:
+        ctx.load_verify_locations(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"upstream-ca: cannot load CA certificates from {ca_file}: {e}") from None
     return ctx
 
 
@@ -228,7 +233,7 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
     a("--default-ns", dest="default_ns", help="namespace of requests that name none (default docker.io)")
     a("--credentials", help="registry credentials: TOML or Docker config.json (auths)")
     a("--upstream-ca", dest="upstream_ca",
-      help="PEM file of CA certificates to trust for upstream registries (besides the system store)")
+      help="PEM file of CA certificates to trust for upstream registries (besides the usual bundles)")
     a("--max-disk", dest="max_disk", help="disk quota for the store, e.g. 20GiB (LRU eviction)")
     a("--tag-ttl", dest="tag_ttl", help="how long a tag's digest is cached, e.g. 30s")
     a("--log-level", dest="log_level", help="debug, info, warning or error")
