@@ -287,6 +287,8 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
     the machine's load hits all three alike); medians printed with the spread."""
     import statistics
 
+    from _common import cpu_seconds
+
     from p2pcache.swarm.metainfo import piece_size_for
     from tests.integration.swarm_harness import Cluster, fetch_blob, push_random_image
 
@@ -299,6 +301,7 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
     wire: list[float] = []
     nodes: list[float] = []
     pieces: list[float] = []
+    cpu: list[tuple[float, float, float, float]] = []  # per pull: seconds, CPU-s of A, B and curl
     try:
         pair.wait_members(timeout=30)
         a, b = pair.nodes
@@ -309,6 +312,7 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
             pump.append(socket_pump(total))
             wire.append(wire_throughput(total, piece=piece, inflight=4))  # a node's pipeline with 1 peer
             mark = reg.log_mark()
+            a0, b0, c0 = cpu_seconds(a.proc.pid), cpu_seconds(b.proc.pid), os.times()
             t0 = time.monotonic()
             # curl, not httpx in this process: the client must not share a core with the bench's own Python.
             # The node aborts a blob whose digest fails, so a full-size 200 means the right bytes.
@@ -316,6 +320,10 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
                                   f"{b.url}/v2/library/p2p/blobs/{big.digest}"], capture_output=True, text=True,
                                  timeout=600).stdout.split()
             dt = time.monotonic() - t0
+            a1, b1, c1 = cpu_seconds(a.proc.pid), cpu_seconds(b.proc.pid), os.times()
+            if None not in (a0, a1, b0, b1):
+                cpu.append((dt, a1 - a0, b1 - b0,  # type: ignore[operator]
+                            c1.children_user + c1.children_system - c0.children_user - c0.children_system))
             assert out == ["200", str(big.size)], out
             assert pair.upstream_blob_gets(big.digest, mark) == 0, "B went upstream"
             nodes.append(big.size / dt)
@@ -336,6 +344,11 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
             "every piece was received, hashed and written (B's log)")
     say(f"p2p nodes: {fig(nodes)}  {total / MB:.0f} MB blob held by one node, pulled by another through its "
         "registry API (receive + SHA-256 + write + whole-blob hash + fsync + commit + serve to curl)")
+    if cpu:
+        dt, ca, cb, cc = (statistics.median(x[i] for x in cpu) for i in range(4))
+        say(f"p2p nodes CPU: {dt:.2f} s a pull; CPU-s: holder {ca:.2f}, puller {cb:.2f} "
+            f"({cb / (total / 1e9):.1f} per GB), curl {cc:.2f}; {(ca + cb + cc) / dt / (os.cpu_count() or 1):.0%} "
+            "of the machine's cores (medians)")
 
 
 def kumar_ross(F: float, n: int, u_s: float, d_min: float, u_peers: list[float]) -> float:
