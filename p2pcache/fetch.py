@@ -607,10 +607,6 @@ class Download:
             self._piece_pos = offset
         if not detached:
             self._stream_end = offset
-        err: BaseException | None = None
-        too_long = False
-        stopping = False
-        pos = offset
         self._streaming = solo
         detach = getattr(chunks, "detach_socket", None)
         body = detach() if detach is not None and solo and stop is None else None
@@ -619,6 +615,10 @@ class Download:
                 return await self._pump(body, offset, limit, chunks.count_bytes)  # type: ignore[attr-defined]
             finally:
                 self._streaming = False
+        err: BaseException | None = None
+        too_long = False
+        stopping = False
+        pos = offset
         try:
             async with trio.open_nursery() as nursery:
                 writer = ThreadLane(self._write_batch, depth=LANE_DEPTH, max_batch=BATCH_CHUNKS)
@@ -672,8 +672,7 @@ class Download:
         def digest(pos: int, view: memoryview) -> _Written:
             return self._write_batch([(pos, view)], write=False)
 
-        pump = SocketPump(body.sock, body.tls, body.leftover, body.left, body.timeout, write=write,
-                          digest=digest, count=count)
+        pump = SocketPump(body, write=write, digest=digest, count=count)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._after_writes, pump.results, nursery, False)

@@ -11,7 +11,7 @@ Over TLS the receiver also decrypts, with the connection's own session (`oci.raw
 SSLObject and its memory BIOs, untouched by any task meanwhile), into the same buffers. On the loop, trio's
 SSLStream hands a body over one 16 KiB TLS record per read, and each became a chunk for the writer lane and a
 wake-up for the clients: a cold 1 GiB pull from an HTTPS origin ran at 0.04 GB/s and ~28 CPU-seconds; through
-the pump, 0.28 GB/s (`bench/mirror_bench.py --tls`).
+the pump, 0.30 GB/s and 3.9 CPU-seconds (`bench/mirror_bench.py --tls`).
 
 Order: `write(pos, view)` (the receiver) runs before `digest(pos, view)` (the hasher) for each chunk, and the
 digests' results come out of `results` in stream order, so whoever marks bytes readable from them marks
@@ -38,7 +38,7 @@ import httpx
 import trio
 
 if TYPE_CHECKING:
-    from p2pcache.oci.rawbody import TlsState
+    from p2pcache.oci.rawbody import SocketBody, TlsState
 
 # The reused buffers: their size (the most a chunk holds) and number.
 CHUNK = 1 << 20
@@ -159,22 +159,18 @@ async def run_cancellable(fn: Callable[[], T], cancel: threading.Event) -> T:
 
 
 class SocketPump(Generic[R]):
-    """Pumps `left` bytes from `sock` (after `leftover`, bytes already received) through `write` and `digest`.
+    """Pumps the rest of a body (`oci.rawbody.SocketBody`: its leftover bytes, then `left` more from its socket,
+    decrypted if it is TLS) through `write` and `digest`.
 
-    `sock` is the pump's to close (a duplicate of the connection's socket: see `oci.rawbody.SocketBody`).
+    The body's socket is the pump's to close (a duplicate of the connection's).
     `count(n)` is called in the receiver for each chunk (metrics; must be thread-safe). `write` may raise
     OSError (a full or failing disk): `run()` then raises it. Each `digest` result lands in `results`, which
     closes when the pump ends; read it in a task beside `run()`.
     """
 
-    def __init__(self, sock: socket.socket, tls: TlsState | None, leftover: bytes, left: int,
-                 timeout: float | None, *, write: Callable[[int, memoryview], None],
+    def __init__(self, body: SocketBody, *, write: Callable[[int, memoryview], None],
                  digest: Callable[[int, memoryview], R], count: Callable[[int], None]) -> None:
-        self._sock = sock
-        self._tls = tls
-        self._leftover = leftover
-        self._left = left
-        self._timeout = timeout
+        self._body = body
         self._write = write
         self._digest = digest
         self._count = count
@@ -213,15 +209,15 @@ class SocketPump(Generic[R]):
         return None
 
     def _receive(self, pos: int, limit: int) -> BaseException | None:
-        left = self._left
+        left, leftover, timeout = self._body.left, self._body.leftover, self._body.timeout
         try:
-            with self._sock:
-                sock = ThreadSocket(self._sock, self._tls)
+            with self._body.sock:
+                sock = ThreadSocket(self._body.sock, self._body.tls)
                 buf = self._take(self._free)
                 if buf is None:
                     return None
-                got = min(len(self._leftover), limit - pos)
-                buf[:got] = self._leftover[:got]
+                got = min(len(leftover), limit - pos)
+                buf[:got] = leftover[:got]
                 err: BaseException | None = None
                 while True:
                     if got:
@@ -241,9 +237,9 @@ class SocketPump(Generic[R]):
                     want = min(CHUNK, limit - pos, left)
                     if want <= 0:
                         return httpx.ReadError(f"upstream body ended at byte {pos}")
-                    got, problem = sock.fill(buf[:want], self._cancel, self._timeout, FLUSH)
+                    got, problem = sock.fill(buf[:want], self._cancel, timeout, FLUSH)
                     if isinstance(problem, TimeoutError):
-                        err = httpx.ReadTimeout(f"no byte from upstream for {self._timeout} s")
+                        err = httpx.ReadTimeout(f"no byte from upstream for {timeout} s")
                     elif problem is not None:
                         err = httpx.ReadError(str(problem) or "read failed")
                     left -= got

@@ -97,7 +97,6 @@ class RawBody:
         sock = stream.get_extra_info("socket") if stream.get_extra_info("ssl_object") is None else None
         self._sock = sock if isinstance(sock, trio.socket.SocketType) else None
         # TLS: nothing to read past on the loop, but a worker thread may decrypt the body (detach_socket).
-        self._stream_socket = stream.get_extra_info("socket")
         self._tls = _tls_state(stream) if self._sock is None else None
         self._leftover = leftover[:length]
         self._left = length
@@ -141,7 +140,7 @@ class RawBody:
         """Hand the rest of the body to a reader in a worker thread (see `fetch.Download._pump`), or None (a TLS
         stream whose session we cannot reach). Afterwards this iterator yields nothing: the bytes are the
         thread's."""
-        sock = self._sock if self._sock is not None else self._stream_socket if self._tls is not None else None
+        sock = self._sock if self._tls is None else self._stream.get_extra_info("socket")
         if not isinstance(sock, trio.socket.SocketType) or self._left <= 0:
             return None
         dup = socket.fromfd(sock.fileno(), sock.family, sock.type)
