@@ -3,8 +3,9 @@
 What this module is for: a client asks for a blob; if the store holds it whole the client gets a handle over the
 stored file, otherwise it joins the one `Download` for that digest (or starts it). A `Download` fills a
 `PartialBlob` on disk (from upstream, or from the swarm once issue 3 plugs in), computes the whole-blob SHA-256
-and the per-piece SHA-256s as bytes arrive, and wakes every attached client so it can send the bytes already on
-disk. Clients never wait for the whole blob (time to first byte stays low).
+(and, in a swarm, the piece hashes: links of that SHA-256's chain, `swarm/chain.py`) as bytes arrive, and wakes
+every attached client so it can send the bytes already on disk. Clients never wait for the whole blob (time to
+first byte stays low).
 
 What it must never do:
 - never let a client read the blob's last piece before the whole-blob SHA-256 equals the digest: a client can
@@ -17,9 +18,11 @@ What it must never do:
 - never buffer a blob in memory: chunks go through bounded queues to disk (memory stays flat in blob size);
 - never hash on the event loop: hashing (~1.5 GB/s/core) is the CPU bottleneck, so both hashes run in worker
   threads (hashlib releases the GIL on large buffers) while the loop keeps receiving and serving;
-- never hash twice what nobody checks: per-piece hashes of an upstream stream are computed only when the node
-  shares with a swarm (peers verify pieces against them); a mirror-only node marks pieces without a hash, and
-  the whole-blob digest vouches for every byte (a 1 GiB cold pull: 0.7 s less CPU);
+- never hash twice: piece hashes of an upstream stream are computed only when the node shares with a swarm
+  (peers verify pieces against them); a mirror-only node marks pieces without a hash, and the whole-blob digest
+  vouches for every byte (a 1 GiB cold pull: 0.7 s less CPU). In a swarm the piece hashes are the chaining
+  values of the blob's own SHA-256 at piece boundaries, so the pass that checks (or computes) them also proves
+  the whole digest: no second pass over the blob (`_chained_digest`);
 - never fsync while streaming: an early `fdatasync` of the data file every 64 MiB slowed the pwrites behind it
   (a cold 1 GiB pull: 0.25 GB/s with it, 0.36 without), so the data reaches the disk in the commit's fsync,
   after clients have their bytes.
@@ -33,9 +36,10 @@ hash, and upstream is asked with `Range` from there). A mirror-only node streams
 `pump.SocketPump`: one worker thread receives (and decrypts, over TLS) into reused buffers and pwrites them, a
 second feeds the whole-blob hash, and the loop marks completed pieces and wakes clients (`_pump`). A swarm's
 streams (and any body the pump cannot take) are read by a task on the loop and handed through a bounded queue
-(`lane.ThreadLane`) to a writer thread (pwrite, and the whole-blob hash). In a swarm the writer computes
-per-piece hashes instead, and the whole-blob hash is fed from disk over marked pieces (peers write pieces too;
-the hash must cover the bytes on disk).
+(`lane.ThreadLane`) to a writer thread (pwrite, and the whole-blob hash). In a swarm the writer computes the
+chain's links at piece boundaries instead (the last piece: its own SHA-256), peers' pieces arrive checked against
+the same chain, and `finish()` proves the digest from the last link and the last piece when the marked pieces
+form one chain (else, say after a restart, it hashes the whole blob from disk).
 A body that ends early or a dropped connection resumes with `Range` from the last written byte (bounded retries).
 When every piece is held the whole hash is compared with the digest: equal -> `store.commit`, and the last piece
 becomes readable; different -> the partial is discarded, `digest_mismatches` counted, every attached client's
@@ -51,7 +55,7 @@ itself, then `download.finish()` (whole-hash check + commit) if `fill` did not c
 - `await download.start(size, piece_size)`: size and piece size known (from metainfo); opens/resumes the partial
   and releases the clients waiting for the size. Idempotent; a different size raises `FetchFailed`.
 - `await download.write_piece(index, data, sha256)`: a piece the swarm already verified against the metainfo:
-  pwrite, mark, advance the whole-blob hash over the contiguous prefix, wake clients. Clients then read the
+  pwrite, mark (with the chaining value it was checked from), wake clients. Clients then read the
   contiguous verified prefix, still minus the last piece until `finish()` verified the whole blob.
 - `await download.fetch_from_upstream(upstream, repo)`: while holding the cluster's claim: stream from upstream
   from the first byte not held contiguously to the end (pieces are hashed and marked as they stream in, and
@@ -83,6 +87,7 @@ from p2pcache.oci.errors import OciError, UpstreamUnavailable
 from p2pcache.oci.reference import parse_digest
 from p2pcache.pump import SocketPump
 from p2pcache.store.blobs import DigestMismatch
+from p2pcache.swarm.chain import ChainHasher, whole_digest
 from p2pcache.swarm.metainfo import piece_count, piece_size_for, piece_span
 
 if TYPE_CHECKING:
@@ -139,9 +144,9 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 # What the writer thread reports per batch: the stream's end after it, the pieces it completed (with their
-# hashes, or None when not hashing pieces), the bytes it fed the whole-blob hash, and the error that stopped
-# it, if any.
-_Written = tuple[int, list[tuple[int, bytes | None]], int, OSError | ValueError | None]
+# hashes and the chaining values they were computed from, or None when not hashing pieces), the bytes it fed
+# the whole-blob hash, and the error that stopped it, if any.
+_Written = tuple[int, list[tuple[int, bytes | None, bytes | None]], int, OSError | ValueError | None]
 
 
 def _single(group: BaseExceptionGroup) -> BaseException:
@@ -194,12 +199,21 @@ class Download:
         self._whole_pos = 0
         self._whole_lock = trio.Lock()
         self._streaming = False  # a solo stream runs: its writer thread feeds the whole-blob hash from memory
-        self._hashing_soon = False  # a background _advance_whole_hash is scheduled or running
-        # Per-piece hash of the piece the stream is in, over bytes [start of piece, _piece_pos).
-        self._piece_hasher = hashlib.sha256()
+        # Piece hashes of a swarm's stream (swarm/chain.py): the chain over bytes [0, _piece_pos) (None when no
+        # stream has started), the chaining value the piece in progress started from, and the last piece's
+        # own SHA-256 while the stream is in it.
+        self._chain: ChainHasher | None = None
+        self._chain_start: bytes | None = None
+        self._last_hasher = hashlib.sha256()
         self._piece_index = 0
         self._piece_pos = 0
         self._stream_hashes_pieces = True  # _write_batch computes piece hashes (decided per stream in _stream)
+        # For each marked piece, the chaining value its hash was checked (or computed) from: b"" for piece 0.
+        # finish() proves the whole digest from these when they form one chain (see _chained_digest).
+        self._links_from: dict[int, bytes] = {}
+        # The swarm's piece hash list (its metainfo), where a stream that starts past the held pieces finds the
+        # chaining value to start from.
+        self.link_hints: list[bytes | None] | None = None
         self._marked_since_save = 0
         self._save_due = False
         self._saving = False
@@ -302,8 +316,9 @@ class Download:
             # Pieces held from a run without the swarm have no hashes: peers need them to verify.
             await trio.to_thread.run_sync(partial.fill_missing_hashes)
 
-    async def write_piece(self, index: int, data: bytes, sha256: bytes) -> None:
-        """Store piece `index`, which the caller verified against `sha256`; wake clients."""
+    async def write_piece(self, index: int, data: bytes, sha256: bytes, link_from: bytes | None = None) -> None:
+        """Store piece `index`, which the caller verified against `sha256` (its link in the blob's SHA-256 chain,
+        checked from the chaining value `link_from`: None for piece 0 and the last piece); wake clients."""
         partial = self._require_started()
         assert self.size is not None and self.piece_size is not None
         if not 0 <= index < self.n_pieces:
@@ -318,11 +333,11 @@ class Download:
         if not await trio.to_thread.run_sync(partial.write_piece_once, index, data, sha256):
             return
         self._peer_pieces += 1
+        self._links_from[index] = link_from or b""
         self._after_mark(index, sha256)
         self._wake()
         if self._save_due:
             await self._save_state()
-        self._kick_whole_hash()
 
     async def fetch_from_upstream(self, upstream: Upstream, repo: Repo, *, start: int | None = None,
                                   end: int | None = None, stop: Callable[[], bool] | None = None) -> None:
@@ -330,7 +345,8 @@ class Download:
 
         For the swarm (the size is known): `start`, a piece boundary, begins the stream at the first piece from
         there not held yet, even past the contiguous prefix (a takeover claim holder fetching what no peer has:
-        such a detached stream hashes and marks pieces; the whole-blob hash catches up from disk later); `end`
+        such a detached stream hashes and marks pieces; it starts no later than the first piece whose chaining
+        value before it is known, held here or in `link_hints`); `end`
         (exclusive) is the Range end, so upstream sends nothing beyond; `stop()`, checked before each chunk,
         ends the stream cleanly at the end of the piece in progress (the bytes received are written and hashed;
         a stream always stops on a piece boundary, so any later stream can start where it stopped) and returns.
@@ -399,9 +415,11 @@ class Download:
         if self._pieces_end < self.size and self._stream_end < self.size:
             raise FetchFailed(f"{self.digest} is incomplete ({max(self._pieces_end, self._stream_end)} "
                               f"of {self.size} bytes)")
-        await self._advance_whole_hash()
-        got = self._whole.hexdigest()
-        if self._too_long or self._whole_pos != self.size or "sha256:" + got != self.digest:
+        got = None if self._solo() else await self._chained_digest()
+        if got is None:
+            await self._advance_whole_hash()
+            got = self._whole.hexdigest() if self._whole_pos == self.size else "(incomplete)"
+        if self._too_long or "sha256:" + got != self.digest:
             self.fetcher.metrics.digest_mismatches.labels(source=self.source()).inc()
             partial.discard()
             partial.close()  # handles read through their own file objects
@@ -486,25 +504,45 @@ class Download:
         return max(self._stream_end, self._pieces_end)
 
     def _next_offset(self, start: int | None) -> int:
-        """Where an upstream stream starts: the contiguous prefix's end, or the first piece not held from `start`."""
+        """Where an upstream stream starts: the contiguous prefix's end, or the first piece not held from `start`;
+        for a swarm's stream, no later than the first piece whose chaining value before it is known."""
+        ps = self.piece_size or 1
         pos = self._resume_offset()
-        if pos % (self.piece_size or 1) and pos != self._piece_pos:
+        if pos % ps and pos != self._piece_pos:
             # A stream that ended mid-piece, and another stream since: the piece hash state is gone, so start
             # over at the piece (only with a swarm; a solo stream is the only one and keeps its state).
-            pos -= pos % (self.piece_size or 1)
-        if start is None or start <= pos or self.partial is None or self.size is None or self.piece_size is None:
-            return pos
-        i = start // self.piece_size
-        while i < self.n_pieces and self.partial.have(i):
-            i += 1
-        return min(i * self.piece_size, self.size)
+            pos -= pos % ps
+        if start is not None and start > pos and self.partial is not None and self.size is not None:
+            i = start // ps
+            while i < self.n_pieces and self.partial.have(i):
+                i += 1
+            pos = min(i * ps, self.size)
+        if self._hash_pieces() and pos != self._piece_pos and self.partial is not None:
+            # The stream hashes a chain (swarm/chain.py) and must start from a known chaining value, which may
+            # mean fetching some held pieces' bytes again (hashed, not written: write_unless_held).
+            i = pos // ps
+            while 0 < i < self.n_pieces and not self._link_before(i)[0]:
+                i -= 1
+            pos = min(pos, i * ps)
+        return pos
+
+    def _link_before(self, index: int) -> tuple[bool, bytes | None]:
+        """Whether the chaining value before piece `index` is known, and it (None before piece 0): from the
+        pieces held here, else from the swarm's piece hash list."""
+        if index == 0:
+            return True, None
+        assert self.partial is not None
+        link = self.partial.piece_hashes()[index - 1]
+        if link is None and self.link_hints is not None and index - 1 < len(self.link_hints):
+            link = self.link_hints[index - 1]
+        return link is not None, link
 
     def _refresh_pieces_end(self) -> None:
         assert self.partial is not None and self.size is not None and self.piece_size is not None
         self._pieces_end = min(self.partial.contiguous_pieces() * self.piece_size, self.size)
 
     def _hash_pieces(self) -> bool:
-        """Whether an upstream stream computes per-piece hashes: only a node in a swarm has a use for them."""
+        """Whether an upstream stream computes piece hashes: only a node in a swarm has a use for them."""
         return self.fetcher.swarm is not None or bool(self._listeners)
 
     def _solo(self) -> bool:
@@ -512,11 +550,13 @@ class Download:
         from memory as it streams, and clients may read its bytes before their piece is complete."""
         return not self._hash_pieces()
 
-    def _mark(self, index: int, sha256: bytes | None) -> None:
+    def _mark(self, index: int, sha256: bytes | None, link_from: bytes | None = None) -> None:
         partial = self._require_started()
         if partial.have(index):
             return
         partial.mark(index, sha256)
+        if link_from is not None:
+            self._links_from[index] = link_from
         self._after_mark(index, sha256)
 
     def _after_mark(self, index: int, sha256: bytes | None) -> None:
@@ -548,23 +588,22 @@ class Download:
                     raise
                 self._whole_pos = end
 
-    def _kick_whole_hash(self) -> None:
-        """Advance the whole-blob hash in the background, so write_piece's caller (the swarm) goes on at once;
-        finish() catches up whatever is left."""
-        nursery = self.fetcher._nursery
-        if nursery is None or self._hashing_soon or self._streaming or self._whole_pos >= self._pieces_end:
-            return
-        self._hashing_soon = True
-
-        async def advance() -> None:
-            try:
-                await self._advance_whole_hash()
-            except Exception as e:  # e.g. the download failed and closed its file meanwhile
-                log.debug("background hashing of %s stopped: %s", self.digest, e)
-            finally:
-                self._hashing_soon = False
-
-        nursery.start_soon(advance)
+    async def _chained_digest(self) -> str | None:
+        """The blob's SHA-256 (hex) from its piece hashes, when every piece but the last was checked from the
+        chaining value of the piece before it as marked here (one chain from SHA-256's initial state): then one
+        pass over the last piece's bytes on disk proves the whole digest (swarm/chain.py). None when that cannot
+        be shown (pieces resumed from an earlier run, a stream that met a peer's different copy): finish() then
+        hashes the whole blob from disk, as before."""
+        partial = self._require_started()
+        assert self.size is not None and self.piece_size is not None
+        n = self.n_pieces
+        hashes = partial.piece_hashes()
+        for i in range(n - 1):
+            if hashes[i] is None or self._links_from.get(i) != (hashes[i - 1] if i else b""):
+                return None
+        start, length = piece_span(n - 1, self.size, self.piece_size)
+        before = hashes[n - 2] if n > 1 else None
+        return (await trio.to_thread.run_sync(lambda: whole_digest(before, partial.read(start, length), start))).hex()
 
     def _hash_from_disk(self, start: int, end: int) -> None:
         # Worker thread: only this function touches self._whole while _whole_lock is held by its caller.
@@ -587,7 +626,7 @@ class Download:
         # Who hashes what: the writer thread pwrites, and computes piece hashes for a swarm. A solo stream (no
         # swarm: nobody else writes this blob) also feeds the whole-blob hash from memory, in the same thread
         # (one thread per stream: fewer GIL hand-offs, measured faster on 2 cores). With a swarm the whole-blob
-        # hash is fed from disk over marked pieces instead (_kick_whole_hash), because peers write pieces too
+        # hash is proved from the pieces' chain instead (_chained_digest), because peers write pieces too
         # and the hash must cover exactly the bytes that end up on disk.
         solo = self._solo() and not detached
         self._stream_hashes_pieces = not self._solo()
@@ -598,13 +637,20 @@ class Download:
                     self._whole_pos = offset
             if self._whole_pos != offset:
                 raise FetchFailed(f"{self.digest}: whole hash at {self._whole_pos}, stream at {offset}")
-        if self._piece_pos != offset:
-            # Starting at a piece boundary (a resumed or swarm-filled prefix): a fresh piece hash.
+        if self._piece_pos != offset or (self._stream_hashes_pieces and self._chain is None):
+            # Starting at a piece boundary (a resumed or swarm-filled prefix): the chain from the chaining value
+            # there (_next_offset starts a swarm's stream only where it is known).
             if offset % self.piece_size:
                 raise FetchFailed(f"{self.digest}: cannot resume mid-piece at {offset}")
-            self._piece_hasher = hashlib.sha256()
             self._piece_index = offset // self.piece_size
             self._piece_pos = offset
+            self._last_hasher = hashlib.sha256()
+            self._chain = self._chain_start = None
+            if self._stream_hashes_pieces:
+                known, link = self._link_before(self._piece_index)
+                if not known:
+                    raise FetchFailed(f"{self.digest}: no chaining value at piece {self._piece_index}")
+                self._chain, self._chain_start = ChainHasher(link, offset), link
         if not detached:
             self._stream_end = offset
         self._streaming = solo
@@ -696,21 +742,21 @@ class Download:
                     raise FetchFailed(f"cannot write {self.digest}: {error}") from error
                 if not detached:
                     self._stream_end = end
-                for index, digest in done:
-                    self._mark(index, digest)
+                for index, digest, link_from in done:
+                    self._mark(index, digest, link_from)
                 self._wake()
-                self._kick_whole_hash()  # with a swarm: the marked prefix may have grown
                 if self._save_due:
                     nursery.start_soon(self._save_state)
 
     def _write_batch(self, batch: list[tuple[int, bytes | memoryview]], *, write: bool = True) -> _Written:
-        # Writer thread: pwrite, per-piece hashes, and for a solo stream the whole-blob hash (see _stream); the
-        # piece-hash state, and then self._whole, are only touched here while streaming. write=False: a solo
-        # stream's bytes are on disk already (_pump's receiver wrote them); hash and count pieces only.
+        # Writer thread: pwrite, piece hashes (chain links), and for a solo stream the whole-blob hash (see
+        # _stream); the chain state, and then self._whole, are only touched here while streaming. write=False:
+        # a solo stream's bytes are on disk already (_pump's receiver wrote them); hash and count pieces only.
         assert self.size is not None and self.piece_size is not None and self.partial is not None
         partial, solo = self.partial, self._streaming
         hashing = self._stream_hashes_pieces
-        done: list[tuple[int, bytes | None]] = []
+        done: list[tuple[int, bytes | None, bytes | None]] = []
+        last = self.n_pieces - 1
         end = self._stream_end
         hashed = 0
         try:
@@ -728,12 +774,23 @@ class Download:
                         # Peers write pieces too: never over a piece already held (its bytes may be hashed).
                         partial.write_unless_held(self._piece_index, self._piece_pos, take)
                     if hashing:
-                        self._piece_hasher.update(take)
+                        if self._piece_index == last:
+                            self._last_hasher.update(take)
+                        elif self._chain is not None:
+                            self._chain.update(take)
                     self._piece_pos += len(take)
                     view = view[len(take):]
                     if self._piece_pos == start + length:
-                        done.append((self._piece_index, self._piece_hasher.digest() if hashing else None))
-                        self._piece_hasher = hashlib.sha256()
+                        if not hashing or (self._chain is None and self._piece_index < last):
+                            done.append((self._piece_index, None, None))
+                        else:
+                            link_from = self._chain_start or b""
+                            if self._piece_index == last:
+                                done.append((self._piece_index, self._last_hasher.digest(), link_from))
+                            else:
+                                assert self._chain is not None
+                                self._chain_start = self._chain.link()
+                                done.append((self._piece_index, self._chain_start, link_from))
                         self._piece_index += 1
                 end = pos + len(chunk)
         except (OSError, ValueError) as e:  # a full or failing disk; a partial discarded under us

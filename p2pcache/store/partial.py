@@ -12,7 +12,7 @@ run in a worker thread.
 Never:
 - writes outside [0, size) of the data file;
 - claims a piece it was not told about (`mark` is the caller's statement that the piece is written, and, with a
-  hash, that the piece's SHA-256 matched);
+  hash, that the piece matched it: its link in the blob's SHA-256 chain, see swarm/chain.py);
 - deletes anything under `blobs/`: becoming a complete blob is `BlobStore.commit`'s job, after the whole-blob
   digest matched.
 
@@ -38,9 +38,10 @@ from typing import Any, BinaryIO
 
 import msgpack
 
-from p2pcache.swarm.metainfo import piece_count, piece_span
+from p2pcache.swarm.chain import piece_hash
+from p2pcache.swarm.metainfo import piece_count, piece_span, prev_link
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: piece hashes are chaining values (swarm/chain.py), not each piece's own SHA-256
 HASH_LEN = 32  # SHA-256
 # The bitfield and hash list live in memory and in every save(): a million pieces (1 TiB at 1 MiB pieces) is
 # far beyond any image layer and still only ~40 MB of hashes.
@@ -250,8 +251,8 @@ class PartialBlob:
         return _bit(self._bits, index)
 
     def mark(self, index: int, piece_sha256: bytes | None) -> None:
-        """Record piece `index` as written, with its verified SHA-256 (32 raw bytes), or None when nobody needs
-        per-piece hashes (see the module docstring)."""
+        """Record piece `index` as written, with its verified piece hash (32 raw bytes, swarm/chain.py), or None
+        when nobody needs per-piece hashes (see the module docstring)."""
         self._check_index(index)
         if piece_sha256 is not None and (
                 not isinstance(piece_sha256, bytes | bytearray) or len(piece_sha256) != HASH_LEN):
@@ -297,16 +298,25 @@ class PartialBlob:
         return start + length
 
     def fill_missing_hashes(self) -> int:
-        """Hash every held piece that was marked without a hash; returns how many. Slow: run in a thread."""
+        """Hash every held piece that was marked without a hash and whose chaining value before it is known
+        (see swarm/chain.py: a piece's hash depends on every byte before it); returns how many. Slow: run in a
+        thread. A held piece after a gap keeps None: peers cannot check it, so it is not offered to them."""
         with self._lock:
-            todo = [i for i in range(self.n_pieces) if _bit(self._bits, i) and self._hashes[i] is None]
-        for i in todo:
+            hashes = list(self._hashes)
+            held = [_bit(self._bits, i) for i in range(self.n_pieces)]
+        filled = 0
+        for i in range(self.n_pieces):
+            if not held[i] or hashes[i] is not None:
+                continue
+            if i and i < self.n_pieces - 1 and hashes[i - 1] is None:
+                continue
             start, length = piece_span(i, self.size, self.piece_size)
-            digest = hashlib.sha256(self.read(start, length)).digest()
+            hashes[i] = piece_hash(i, self.n_pieces, prev_link(hashes, i), self.read(start, length), start)
             with self._lock:
                 if _bit(self._bits, i) and self._hashes[i] is None:
-                    self._hashes[i] = digest
-        return len(todo)
+                    self._hashes[i] = hashes[i]
+                    filled += 1
+        return filled
 
     def sha256_hex(self) -> str:
         """SHA-256 of the whole data file, read with pread in 1 MiB chunks. CPU/disk heavy: run in a thread."""

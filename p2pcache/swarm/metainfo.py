@@ -40,3 +40,14 @@ def piece_span(index: int, size: int, piece_size: int) -> tuple[int, int]:
     """(offset, length) of piece `index`."""
     start = index * piece_size
     return start, max(0, min(piece_size, size - start))
+
+
+def checkable(hashes: list[bytes | None], index: int) -> bool:
+    """Whether piece `index` can be checked: its own hash and, but for the first and the last piece, the one before
+    (piece hashes are links of a SHA-256 chain, see swarm/chain.py)."""
+    return hashes[index] is not None and (index == 0 or index == len(hashes) - 1 or hashes[index - 1] is not None)
+
+
+def prev_link(hashes: list[bytes | None], index: int) -> bytes | None:
+    """The chaining value piece `index` resumes from (None for the first piece: SHA-256's initial state)."""
+    return hashes[index - 1] if index else None

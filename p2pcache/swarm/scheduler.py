@@ -73,7 +73,7 @@ from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
-from p2pcache.swarm.metainfo import piece_count, piece_span
+from p2pcache.swarm.metainfo import checkable, piece_count, piece_span
 from p2pcache.swarm.picker import PiecePicker, mask_of
 
 __all__ = [
@@ -610,16 +610,18 @@ class DownloadScheduler:
     def metainfo_known(
         self, hashes: Sequence[bytes | None], now: float, source: Peer | None = None,
     ) -> list[Decision]:
-        """Piece hashes learnt (None = not published yet); only pieces with a known hash are requested."""
+        """Piece hashes learnt (None = not published yet); only pieces that can be checked are requested (their
+        hash known and, as they are links of a chain, the one before: `metainfo.checkable`)."""
         out: list[Decision] = []
-        self.picker.set_known(i for i, h in enumerate(hashes) if h is not None)
+        hashes = list(hashes)
+        self.picker.set_known(i for i in range(len(hashes)) if checkable(hashes, i))
         if source is not None:
             self.meta_source = source
         self._fill_all(now, out)
         return out
 
     def piece_known(self, index: int, now: float) -> list[Decision]:
-        """One more piece hash was published (cheaper than metainfo_known for piece-by-piece publication)."""
+        """One more piece can be checked (cheaper than metainfo_known for piece-by-piece publication)."""
         out: list[Decision] = []
         if not self.picker.known >> index & 1:
             self.picker.add_known(index)

@@ -54,8 +54,9 @@ from p2pcache.discovery import rendezvous
 from p2pcache.discovery.dns import run_dns_seeds
 from p2pcache.discovery.gossip import GossipDriver
 from p2pcache.discovery.membership import Membership
+from p2pcache.swarm.chain import ChainHasher, piece_hash
 from p2pcache.swarm.handshake import Handshake, HandshakeError, PeerInfo, load_secret
-from p2pcache.swarm.metainfo import piece_count, piece_span
+from p2pcache.swarm.metainfo import checkable, piece_count, piece_span, prev_link
 from p2pcache.swarm.peer import (
     MAX_REQUESTS_IN,
     PeerConnection,
@@ -675,15 +676,19 @@ class SwarmService:
         piece_size = self._piece_size_of(digest, size)
 
         def work() -> tuple[list[bytes], str]:
-            whole = hashlib.sha256()
+            # One pass: the chain's links are the piece hashes, its end the whole digest (swarm/chain.py).
+            chain = ChainHasher()
             out = []
+            n = piece_count(size, piece_size)
             with f:
-                for i in range(piece_count(size, piece_size)):
+                for i in range(n):
                     start, length = piece_span(i, size, piece_size)
                     data = os.pread(f.fileno(), length, start)
-                    whole.update(data)
-                    out.append(hashlib.sha256(data).digest())
-            return out, "sha256:" + whole.hexdigest()
+                    out.append(hashlib.sha256(data).digest() if i == n - 1 else b"")
+                    chain.update(data)
+                    if i < n - 1:
+                        out[i] = chain.link()
+            return out, "sha256:" + chain.digest().hex()
 
         hashes, got = await trio.to_thread.run_sync(work)
         if got != digest:
@@ -872,8 +877,9 @@ class _Fill:
         await d.start(size, piece_size)
         assert d.size is not None and d.piece_size is not None and d.partial is not None
         self.hashes = list(hashes) + [None] * (d.n_pieces - len(hashes))
+        d.link_hints = self.hashes  # updated in place as hashes are learnt
         have_mask = mask_of(d.partial.bitfield(), d.n_pieces)
-        known = [i for i, h in enumerate(self.hashes) if h is not None]
+        known = [i for i in range(d.n_pieces) if checkable(self.hashes, i)]
         now = trio.current_time()
         self.sched = DownloadScheduler(d.size, d.piece_size, rng=random.Random(), zone=svc.zone,
                                        have=have_mask, known=known, bans=svc.bans, now=now)
@@ -1172,15 +1178,13 @@ class _Fill:
         conn = self.peers.get(node)
         key = (node, index)
         data: bytes | bytearray | None = None
-        got: bytes | None = None
         not_held = False
         with trio.CancelScope() as scope:
             self.piece_tasks[key] = scope
             try:
                 if conn is None or conn.closed:
                     raise PeerGone("no connection")
-                msg = await conn.request_piece(self.digest, index)
-                data, got = msg.payload, msg.sha256
+                data = (await conn.request_piece(self.digest, index)).payload
             except (PeerGone, PieceRejected) as e:
                 log.debug("%s: piece %d from %s: %s", self.digest[:19], index, node, e)
                 data = None
@@ -1200,14 +1204,20 @@ class _Fill:
                 self._apply(sched.piece_refused(node, index, now))
             return
         want = self.hashes[index] if index < len(self.hashes) else None
-        if got is None:  # hashed here, in a worker thread (NO_LOOP_HASHING), while the loop receives the next
-            got = await trio.to_thread.run_sync(_sha256, data)
-        ok = want is not None and got == want and len(data) == sched.piece_len(index)
+        link_from = prev_link(self.hashes, index) if index < sched.n - 1 else None
+        ok = False
+        if index < len(self.hashes) and checkable(self.hashes, index) and len(data) == sched.piece_len(index):
+            # Checked in a worker thread (NO_LOOP_HASHING) while the loop receives the next: its link in the
+            # blob's SHA-256 chain, from the link before it (swarm/chain.py).
+            offset = index * self.download.piece_size  # type: ignore[operator]
+            got = await trio.to_thread.run_sync(piece_hash, index, sched.n, link_from, data, offset)
+            ok = got == want
         if not ok:
             self.svc.metrics.pieces_rejected.inc()
             log.warning("%s: piece %d from %s failed its hash check", self.digest[:19], index, node)
             self._apply(sched.piece_received(node, index, False, len(data), trio.current_time()))
             return
+        assert want is not None
         self.svc.metrics.pieces_verified.inc()
         # Verified: tell the scheduler now, so the next request goes out while this piece is written (the write
         # is in a worker thread). "Done" waits for the writes in flight (see _done_pieces).
@@ -1216,7 +1226,7 @@ class _Fill:
         try:
             self._apply(sched.piece_received(node, index, True, len(data), trio.current_time()))
             if not self.download.have(index):
-                await self.download.write_piece(index, data, got)
+                await self.download.write_piece(index, data, want, link_from)
         except Exception as e:
             self._finish(e)
         finally:
@@ -1358,6 +1368,3 @@ async def _logged(fn: Any, *args: Any) -> None:
 def _known(hashes: list[bytes | None]) -> int:
     return sum(h is not None for h in hashes)
 
-
-def _sha256(data: bytes | bytearray) -> bytes:
-    return hashlib.sha256(data).digest()

@@ -34,7 +34,7 @@ import msgpack
 
 from p2pcache.swarm.metainfo import MAX_PIECE
 
-PROTOCOL_VERSION = 2  # 2: "renew"
+PROTOCOL_VERSION = 3  # 2: "renew"; 3: piece hashes are links of a SHA-256 chain (swarm/chain.py)
 FRAME_HEAD = struct.Struct(">II")
 MAX_HEADER = 1 << 20  # a metainfo answer of a 100 GB blob in 16 MiB pieces is ~200 KiB of hashes; members too
 MAX_RENEW = 1024  # entries in one "renew" frame (~80 bytes each)
