@@ -46,6 +46,7 @@ from _common import (  # noqa: E402
     fmt_rate,
     fmt_size,
     free_port,
+    fresh_write,
     make_blob,
     make_tls_cert,
     median,
@@ -109,6 +110,7 @@ class Results:
     cold_node_use: list[UpstreamUse] = field(default_factory=list)
     cold_reg_cpu: list[PullCpu] = field(default_factory=list)
     cold_node_cpu: list[PullCpu] = field(default_factory=list)
+    cold_store: list[float] = field(default_factory=list)  # a new file of the blob's size written, bytes/s
     rss: list[RssResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -279,6 +281,7 @@ class Bench:
         assert self.access is not None
         node, data = self.start_node()
         try:
+            self.results.cold_store.append(fresh_write(data, blob.size)[0])
             self.access.mark()
             pull, cpu = self.pull_with_cpu(node, node.url + self.blob_path(blob.digest))
             speed = self.check(pull, blob, "node cold")
@@ -431,6 +434,10 @@ def report(args: argparse.Namespace, res: Results) -> str:
     if res.cold_reg_cpu or res.cold_node_cpu:
         rows.append(("cold: CPU-s per pull: server/origin/curl", cpu_str(res.cold_reg_cpu),
                      cpu_str(res.cold_node_cpu), "", ""))
+    if res.cold_store:
+        # The node stores the blob on the client's path; the proxy streams it and stores it from a second GET.
+        rows.append(("cold: a new file of the blob's size written", "", fmt_rate(median(res.cold_store)), "",
+                     "(the machine)"))
     n = args.clients
     for r in res.rss:
         s = fmt_size(r.size)

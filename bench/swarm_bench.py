@@ -287,7 +287,7 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
     the machine's load hits all three alike); medians printed with the spread."""
     import statistics
 
-    from _common import cpu_seconds
+    from _common import cpu_seconds, fresh_write
 
     from p2pcache.swarm.metainfo import piece_size_for
     from tests.integration.swarm_harness import Cluster, fetch_blob, push_random_image
@@ -298,6 +298,7 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
     pair = Cluster(work / "pair", reg, 2, extra_args=["--log-level", "info"])  # B's log says when pieces were done
     pair.start()
     pump: list[float] = []
+    store: list[float] = []
     wire: list[float] = []
     nodes: list[float] = []
     pieces: list[float] = []
@@ -309,6 +310,7 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
             assert hashlib.sha256(fetch_blob(a, "library/p2p", big.digest, timeout=600)).hexdigest() == \
                 big.digest.split(":")[1]
         for big in blobs:
+            store.append(fresh_write(work, total)[0])
             pump.append(socket_pump(total))
             wire.append(wire_throughput(total, piece=piece, inflight=4))  # a node's pipeline with 1 peer
             mark = reg.log_mark()
@@ -337,6 +339,8 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
         return f"{statistics.median(xs) / 1e9:.2f} GB/s (runs: {', '.join(f'{x / 1e9:.2f}' for x in xs)})"
 
     say(f"p2p pump:  {fig(pump)}  bare trio sockets, sendfile -> recv_into, no framing (the baseline)")
+    say(f"p2p store: {fig(store)}  a new {total / MB:.0f} MB file written from one buffer, no network (what storing "
+        "costs here: a bound for any node that keeps what it receives)")
     say(f"p2p wire:  {fig(wire)}  one PeerConnection pair, {piece >> 20} MiB pieces, 4 requests in flight "
         "(sendfile -> recv_into, SHA-256 in a worker thread)")
     if pieces:
