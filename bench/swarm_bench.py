@@ -347,7 +347,7 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
         say(f"p2p swarm: {fig(pieces)}  the same pulls, B's swarm transfer alone: from its first request until "
             "every piece was received, hashed and written (B's log)")
     say(f"p2p nodes: {fig(nodes)}  {total / MB:.0f} MB blob held by one node, pulled by another through its "
-        "registry API (receive + SHA-256 + write + whole-blob hash + fsync + commit + serve to curl)")
+        "registry API (receive + SHA-256 chain check + write + digest proof + serve to curl; commit's fsync after)")
     if cpu:
         dt, ca, cb, cc = (statistics.median(x[i] for x in cpu) for i in range(4))
         say(f"p2p nodes CPU: {dt:.2f} s a pull; CPU-s: holder {ca:.2f}, puller {cb:.2f} "
