@@ -299,6 +299,7 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
     pair.start()
     pump: list[float] = []
     store: list[float] = []
+    store_cpu: list[float] = []  # CPU-s per GB of those writes
     wire: list[float] = []
     nodes: list[float] = []
     pieces: list[float] = []
@@ -310,7 +311,9 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
             assert hashlib.sha256(fetch_blob(a, "library/p2p", big.digest, timeout=600)).hexdigest() == \
                 big.digest.split(":")[1]
         for big in blobs:
-            store.append(fresh_write(work, total)[0])
+            rate, cpu_s = fresh_write(work, total)
+            store.append(rate)
+            store_cpu.append(cpu_s / (total / 1e9))
             pump.append(socket_pump(total))
             wire.append(wire_throughput(total, piece=piece, inflight=4))  # a node's pipeline with 1 peer
             mark = reg.log_mark()
@@ -339,8 +342,9 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
         return f"{statistics.median(xs) / 1e9:.2f} GB/s (runs: {', '.join(f'{x / 1e9:.2f}' for x in xs)})"
 
     say(f"p2p pump:  {fig(pump)}  bare trio sockets, sendfile -> recv_into, no framing (the baseline)")
-    say(f"p2p store: {fig(store)}  a new {total / MB:.0f} MB file written from one buffer, no network (what storing "
-        "costs here: a bound for any node that keeps what it receives)")
+    say(f"p2p store: {fig(store)}  a new {total / MB:.0f} MB file written from one buffer, no network, "
+        f"{statistics.median(store_cpu):.1f} CPU-s per GB (what storing costs here: a bound for any node that keeps "
+        "what it receives)")
     say(f"p2p wire:  {fig(wire)}  one PeerConnection pair, {piece >> 20} MiB pieces, 4 requests in flight "
         "(sendfile -> recv_into, SHA-256 in a worker thread)")
     if pieces:

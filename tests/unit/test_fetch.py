@@ -451,14 +451,20 @@ async def test_the_swarm_seam_fills_pieces_out_of_order(settings: Settings) -> N
         assert up.opens == []
 
 
-async def test_pieces_checked_along_one_chain_prove_the_digest_without_a_whole_blob_pass(
-        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = blob(7 * PIECE + 99)
-    d = digest_of(data)
+def whole_blob_passes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The (start, end) of every whole-blob hash a Download runs from disk, recorded as they happen."""
     passes: list[tuple[int, int]] = []
     real = Download._hash_from_disk
     monkeypatch.setattr(Download, "_hash_from_disk",
                         lambda self, start, end: (passes.append((start, end)), real(self, start, end))[1])
+    return passes
+
+
+async def test_pieces_checked_along_one_chain_prove_the_digest_without_a_whole_blob_pass(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = blob(7 * PIECE + 99)
+    d = digest_of(data)
+    passes = whole_blob_passes(monkeypatch)
     async with running(settings, FakeUpstream({})) as fetcher:
         fetcher.swarm = PieceSwarm(data, [6, 2, 0, 7, 5, 1, 4, 3])
         assert await fetch(fetcher, d) == data
@@ -484,10 +490,7 @@ async def test_pieces_not_on_one_chain_fall_back_to_hashing_the_whole_blob(
         settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     data = blob(4 * PIECE + 1)
     d = digest_of(data)
-    passes: list[tuple[int, int]] = []
-    real = Download._hash_from_disk
-    monkeypatch.setattr(Download, "_hash_from_disk",
-                        lambda self, start, end: (passes.append((start, end)), real(self, start, end))[1])
+    passes = whole_blob_passes(monkeypatch)
     async with running(settings, FakeUpstream({})) as fetcher:
         fetcher.swarm = UnlinkedSwarm(data, [0, 1, 2, 3, 4])
         assert await fetch(fetcher, d) == data
