@@ -386,8 +386,8 @@ def fresh_write(directory: Path, size: int, chunk: int = 2 * MiB) -> tuple[float
     """(bytes/s, CPU-s): writing `size` new bytes to a new file in `directory` (pwrite from one reused buffer,
     no fsync, as a node stores what it receives), then deleting it. The machine's bound for anything that stores
     what it receives: on this VM memory the guest freed goes back to the host (virtio-balloon free page
-    reporting), and the copy into each fresh page-cache page pays the host's fault (measured: 0.42 GiB/s and
-    2.1 CPU-s per GiB into a new file; 2.1-2.7 GiB/s when the pages were freed a moment before)."""
+    reporting), and the copy into each fresh page-cache page pays the host's fault (a standalone script here,
+    2026-11-28: 0.42 GiB/s and 2.1 CPU-s per GiB into a new file; 2.1-2.7 GiB/s into pages freed a moment before)."""
     buf = os.urandom(chunk)
     path = directory / f"fresh-write-{os.getpid()}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
