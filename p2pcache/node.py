@@ -178,9 +178,39 @@ def _startup_problem(exc: BaseException) -> str | None:
     return None
 
 
+def raise_fd_limit() -> tuple[int, int] | None:
+    """Raise the soft limit on open files to the hard one; (old, new) when it was raised, else None.
+
+    Why: a node holds a socket per peer connection (gossip alone connects it to most members of a large
+    cluster over time, up to MAX_CONNS_PER_PEER each), one per client and one file per blob it serves, and the
+    usual soft limit of 1024 would end in EMFILE on accept and open in a cluster of a few hundred nodes. The
+    hard limit stays the operator's (systemd `LimitNOFILE=`, the container runtime's)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:  # the kernel's ceiling for any process
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft >= target:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, e)
+        return None
+    return soft, target
+
+
 def run_node_blocking(settings: Settings) -> int:
     """The `p2pcache node` command: run until SIGTERM/SIGINT. 0 on a clean stop, 2 on a startup problem."""
     setup_logging(settings.log_level, settings.log_format)
+    raised = raise_fd_limit()
+    if raised is not None:
+        log.info("open-files limit raised from %d to %d", *raised)
     try:
         trio.run(run_node, settings)
     except KeyboardInterrupt:  # a second Ctrl-C before the signal receiver was installed
