@@ -195,8 +195,8 @@ def raise_fd_limit() -> tuple[int, int] | None:
                 target = int(f.read())
         except (OSError, ValueError):
             target = 1 << 20
-    if soft != resource.RLIM_INFINITY and soft >= target:
-        return None
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return None  # unlimited already, or at the ceiling
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (ValueError, OSError) as e:
