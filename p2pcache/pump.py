@@ -70,14 +70,13 @@ class ThreadSocket:
         self._tls = tls
         self._raw = memoryview(bytearray(CHUNK)) if tls is not None else None  # ciphertext on its way in
 
-    def fill(self, view: memoryview, cancel: threading.Event, timeout: float | None,
-             flush: float | None = None) -> tuple[int, OSError | None]:
+    def fill(self, view: memoryview, cancel: threading.Event, timeout: float | None) -> tuple[int, OSError | None]:
         """Fill `view`: (bytes received, error); never raises. In a worker thread.
 
-        Returns early with what it has when `cancel` is set; with `flush`, also once its first bytes are that
-        old or the peer pauses for a poll step with bytes in hand (a slow sender's bytes flow on in small
-        steps). Errors: ConnectionAbortedError when the peer closed, TimeoutError when it sent nothing for
-        `timeout` seconds, or the socket's own OSError."""
+        Returns early with what it has when `cancel` is set, once its first bytes are `FLUSH` old, or when the
+        peer pauses for a poll step with bytes in hand (a slow sender's bytes flow on in small steps).
+        Errors: ConnectionAbortedError when the peer closed, TimeoutError when it sent nothing for `timeout`
+        seconds, or the socket's own OSError."""
         got, first, quiet_since = 0, 0.0, time.monotonic()
         while got < len(view) and not cancel.is_set():
             try:
@@ -85,7 +84,7 @@ class ThreadSocket:
             except OSError as e:
                 return got, e
             if n is None:  # a quiet poll step
-                if got and flush is not None:
+                if got:
                     break
                 if timeout is not None and time.monotonic() - quiet_since >= timeout:
                     return got, TimeoutError(f"no byte for {timeout} s")
@@ -95,7 +94,7 @@ class ThreadSocket:
             quiet_since = now = time.monotonic()
             if not got:
                 first = now
-            elif flush is not None and now - first >= flush:
+            elif now - first >= FLUSH:
                 return got + n, None
             got += n
         return got, None
@@ -237,7 +236,7 @@ class SocketPump(Generic[R]):
                     want = min(CHUNK, limit - pos, left)
                     if want <= 0:
                         return httpx.ReadError(f"upstream body ended at byte {pos}")
-                    got, problem = sock.fill(buf[:want], self._cancel, timeout, FLUSH)
+                    got, problem = sock.fill(buf[:want], self._cancel, timeout)
                     if isinstance(problem, TimeoutError):
                         err = httpx.ReadTimeout(f"no byte from upstream for {timeout} s")
                     elif problem is not None:

@@ -6,6 +6,8 @@ explicit override agreed through the metainfo the fetching node publishes). Neve
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 # 512 KiB: small layers still get pieces that pass on quickly. With 1 MiB, a 25 MB layer had 24 pieces and the
 # swarm bench's 8 nodes at 10 MB/s (bench/swarm_bench.py --image-mb 100 --rate 10MB/s) finished at 1.34-1.35x
 # the bound; with 512 KiB at 1.18-1.26x (256 KiB: 1.21x, for 40% more CPU per byte than 1 MiB), and the simulator
@@ -42,12 +44,12 @@ def piece_span(index: int, size: int, piece_size: int) -> tuple[int, int]:
     return start, max(0, min(piece_size, size - start))
 
 
-def checkable(hashes: list[bytes | None], index: int) -> bool:
+def checkable(hashes: Sequence[bytes | None], index: int) -> bool:
     """Whether piece `index` can be checked: its own hash and, but for the first and the last piece, the one before
     (piece hashes are links of a SHA-256 chain, see swarm/chain.py)."""
     return hashes[index] is not None and (index == 0 or index == len(hashes) - 1 or hashes[index - 1] is not None)
 
 
-def prev_link(hashes: list[bytes | None], index: int) -> bytes | None:
+def prev_link(hashes: Sequence[bytes | None], index: int) -> bytes | None:
     """The chaining value piece `index` resumes from (None for the first piece: SHA-256's initial state)."""
     return hashes[index - 1] if index else None

@@ -613,7 +613,6 @@ class DownloadScheduler:
         """Piece hashes learnt (None = not published yet); only pieces that can be checked are requested (their
         hash known and, as they are links of a chain, the one before: `metainfo.checkable`)."""
         out: list[Decision] = []
-        hashes = list(hashes)
         self.picker.set_known(i for i in range(len(hashes)) if checkable(hashes, i))
         if source is not None:
             self.meta_source = source

@@ -682,10 +682,8 @@ class SwarmService:
                 for i in range(n):
                     start, length = piece_span(i, size, piece_size)
                     data = os.pread(f.fileno(), length, start)
-                    out.append(hashlib.sha256(data).digest() if i == n - 1 else b"")
                     chain.update(data)
-                    if i < n - 1:
-                        out[i] = chain.link()
+                    out.append(chain.link() if i < n - 1 else hashlib.sha256(data).digest())
             return out, "sha256:" + chain.digest().hex()
 
         hashes, got = await trio.to_thread.run_sync(work)

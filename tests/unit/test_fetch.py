@@ -460,18 +460,6 @@ def whole_blob_passes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     return passes
 
 
-async def test_pieces_checked_along_one_chain_prove_the_digest_without_a_whole_blob_pass(
-        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = blob(7 * PIECE + 99)
-    d = digest_of(data)
-    passes = whole_blob_passes(monkeypatch)
-    async with running(settings, FakeUpstream({})) as fetcher:
-        fetcher.swarm = PieceSwarm(data, [6, 2, 0, 7, 5, 1, 4, 3])
-        assert await fetch(fetcher, d) == data
-        assert passes == []
-        assert await settled_size(fetcher, d) == len(data)
-
-
 class UnlinkedSwarm(PieceSwarm):
     """Right pieces, but one reported as checked from a chaining value that is not its predecessor's link."""
 
@@ -486,15 +474,21 @@ class UnlinkedSwarm(PieceSwarm):
             await download.write_piece(i, piece, chain[i], link_from)
 
 
-async def test_pieces_not_on_one_chain_fall_back_to_hashing_the_whole_blob(
-        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = blob(4 * PIECE + 1)
+@pytest.mark.parametrize("swarm_type,size,order,whole_pass", [
+    (PieceSwarm, 7 * PIECE + 99, [6, 2, 0, 7, 5, 1, 4, 3], False),  # out of order, one chain: proved by it
+    (UnlinkedSwarm, 4 * PIECE + 1, [0, 1, 2, 3, 4], True),  # one piece's link does not follow: hashed whole
+])
+async def test_the_chain_proves_the_digest_else_the_whole_blob_is_hashed(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch, swarm_type: type[PieceSwarm], size: int,
+        order: list[int], whole_pass: bool) -> None:
+    data = blob(size)
     d = digest_of(data)
     passes = whole_blob_passes(monkeypatch)
     async with running(settings, FakeUpstream({})) as fetcher:
-        fetcher.swarm = UnlinkedSwarm(data, [0, 1, 2, 3, 4])
+        fetcher.swarm = swarm_type(data, order)
         assert await fetch(fetcher, d) == data
-        assert passes == [(0, len(data))]
+        assert passes == ([(0, len(data))] if whole_pass else [])
+        assert await settled_size(fetcher, d) == len(data)
 
 
 async def test_a_lying_swarm_is_refetched_from_upstream(settings: Settings) -> None:
