@@ -311,9 +311,6 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
             assert hashlib.sha256(fetch_blob(a, "library/p2p", big.digest, timeout=600)).hexdigest() == \
                 big.digest.split(":")[1]
         for big in blobs:
-            rate, cpu_s = fresh_write(work, total)
-            store.append(rate)
-            store_cpu.append(cpu_s / (total / 1e9))
             pump.append(socket_pump(total))
             wire.append(wire_throughput(total, piece=piece, inflight=4))  # a node's pipeline with 1 peer
             mark = reg.log_mark()
@@ -335,6 +332,12 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
             m = re.search(re.escape(big.digest[:19]) + r": pieces done after ([0-9.]+)s", b.log_text())
             if m:
                 pieces.append(big.size / float(m.group(1)))
+        # After every pull, not between them: deleting the file frees its pages, and the next pull's writes
+        # would reuse them cheaply (see _common.fresh_write).
+        for _ in blobs:
+            rate, cpu_s = fresh_write(work, total)
+            store.append(rate)
+            store_cpu.append(cpu_s / (total / 1e9))
     finally:
         pair.stop()
 
