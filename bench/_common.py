@@ -382,25 +382,37 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def fresh_write(directory: Path, size: int, chunk: int = 2 * MiB) -> tuple[float, float]:
-    """(bytes/s, CPU-s): writing `size` new bytes to a new file in `directory` (pwrite from one reused buffer,
-    no fsync, as a node stores what it receives), then deleting it. The machine's bound for anything that stores
-    what it receives: on this VM memory the guest freed goes back to the host (virtio-balloon free page
-    reporting), and the copy into each fresh page-cache page pays the host's fault (a standalone script here,
-    2026-11-28: 0.42 GiB/s and 2.1 CPU-s per GiB into a new file; 2.1-2.7 GiB/s into pages freed a moment before)."""
+def fresh_writes(directory: Path, size: int, count: int, chunk: int = 2 * MiB) -> list[tuple[float, float]]:
+    """(bytes/s, CPU-s) of writing `size` new bytes to each of `count` new files in `directory`, one after the
+    other (pwrite from one reused buffer, no fsync, as a node stores what it receives); all deleted at the end,
+    not one by one, so no write reuses the pages another freed. Run it after the pulls it is compared with:
+    deleting the files frees their pages, and a write right after reuses them cheaply.
+
+    The machine's bound for anything that stores what it receives: on this VM memory the guest freed goes back
+    to the host (virtio-balloon free page reporting), and the copy into each fresh page-cache page pays the
+    host's fault (this benchmark at 14:25 UTC, 2026-11-28, deleting each file before the next: 0.62 GB/s into the
+    first, 3.3 GB/s into the two after it)."""
     buf = os.urandom(chunk)
-    path = directory / f"fresh-write-{os.getpid()}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    out: list[tuple[float, float]] = []
+    paths: list[Path] = []
     try:
-        os.ftruncate(fd, size)
-        t0, c0 = time.perf_counter(), time.thread_time()
-        for off in range(0, size, chunk):
-            os.pwrite(fd, buf[: min(chunk, size - off)], off)
-        dt, cpu = time.perf_counter() - t0, time.thread_time() - c0
+        for k in range(count):
+            path = directory / f"fresh-write-{os.getpid()}-{k}"
+            paths.append(path)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.ftruncate(fd, size)
+                t0, c0 = time.perf_counter(), time.thread_time()
+                for off in range(0, size, chunk):
+                    os.pwrite(fd, buf[: min(chunk, size - off)], off)
+                dt, cpu = time.perf_counter() - t0, time.thread_time() - c0
+            finally:
+                os.close(fd)
+            out.append((size / dt, cpu))
     finally:
-        os.close(fd)
-        path.unlink()
-    return size / dt, cpu
+        for path in paths:
+            path.unlink(missing_ok=True)
+    return out
 
 
 def reset_peak_rss(pid: int) -> bool:

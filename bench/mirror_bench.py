@@ -46,7 +46,7 @@ from _common import (  # noqa: E402
     fmt_rate,
     fmt_size,
     free_port,
-    fresh_write,
+    fresh_writes,
     make_blob,
     make_tls_cert,
     median,
@@ -349,10 +349,8 @@ class Bench:
             for _ in range(self.args.runs):
                 self.guard("cold (registry)", lambda: self.cold_registry(main_blob))
                 self.guard("cold (node)", lambda: self.cold_node(main_blob))
-            # After every pull, not between them: deleting the file frees its pages, and the next pull's writes
-            # would reuse them cheaply (see _common.fresh_write).
-            for _ in range(self.args.runs):
-                self.results.cold_store.append(fresh_write(self.workdir, main_blob.size)[0])
+            # After every pull (see _common.fresh_writes).
+            self.results.cold_store += [r for r, _ in fresh_writes(self.workdir, main_blob.size, self.args.runs)]
         if "rss" in parts:
             for b in blobs:
                 if b.size in self.args.rss_sizes:

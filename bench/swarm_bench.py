@@ -287,7 +287,7 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
     the machine's load hits all three alike); medians printed with the spread."""
     import statistics
 
-    from _common import cpu_seconds, fresh_write
+    from _common import cpu_seconds, fresh_writes
 
     from p2pcache.swarm.metainfo import piece_size_for
     from tests.integration.swarm_harness import Cluster, fetch_blob, push_random_image
@@ -332,10 +332,7 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
             m = re.search(re.escape(big.digest[:19]) + r": pieces done after ([0-9.]+)s", b.log_text())
             if m:
                 pieces.append(big.size / float(m.group(1)))
-        # After every pull, not between them: deleting the file frees its pages, and the next pull's writes
-        # would reuse them cheaply (see _common.fresh_write).
-        for _ in blobs:
-            rate, cpu_s = fresh_write(work, total)
+        for rate, cpu_s in fresh_writes(work, total, len(blobs)):  # after every pull (see _common.fresh_writes)
             store.append(rate)
             store_cpu.append(cpu_s / (total / 1e9))
     finally:
