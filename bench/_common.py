@@ -356,26 +356,27 @@ def proc_status_kib(pid: int, key: str) -> int | None:
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """CPU seconds (user + system) of each live thread of `pid`, by thread id; {} if it is gone."""
-    tick = os.sysconf("SC_CLK_TCK")
     out: dict[int, float] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return out
     for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the thread ended meanwhile
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+        cpu = _stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
+        if cpu is not None:  # else the thread ended meanwhile
+            out[int(tid)] = cpu
     return out
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """CPU seconds (user + system) the process `pid` used so far, its ended threads included."""
+    """CPU seconds (user + system) the process `pid` used so far, its ended threads included; None if gone."""
+    return _stat_cpu_seconds(f"/proc/{pid}/stat")
+
+
+def _stat_cpu_seconds(stat_path: str) -> float | None:
+    """utime + stime from a /proc stat file, in seconds; None if it cannot be read."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(stat_path) as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None

@@ -269,17 +269,11 @@ def pull_with_curl(nodes: list, name: str, tag: str, timeout: float) -> list[flo
     return times
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of these processes so far (to tell CPU-starved from waiting)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
+def total_cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes so far (to tell CPU-starved from waiting); a gone process counts 0."""
+    from _common import cpu_seconds
+
+    return sum(cpu_seconds(pid) or 0.0 for pid in pids)
 
 
 def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
@@ -345,7 +339,7 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
     say(f"p2p store: {fig(store)}  a new {total / MB:.0f} MB file written from one buffer, no network, "
         f"{statistics.median(store_cpu):.1f} CPU-s per GB (what storing costs here: a bound for any node that keeps "
         "what it receives)")
-    say(f"p2p wire:  {fig(wire)}  one PeerConnection pair, {piece >> 20} MiB pieces, 4 requests in flight "
+    say(f"p2p wire:  {fig(wire)}  one PeerConnection pair, {piece / 2**20:g} MiB pieces, 4 requests in flight "
         "(sendfile -> recv_into, SHA-256 in a worker thread)")
     if pieces:
         say(f"p2p swarm: {fig(pieces)}  the same pulls, B's swarm transfer alone: from its first request until "
@@ -429,11 +423,11 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(2)  # let gossip settle so every node sees every other
             mark = reg.log_mark()
             pids = [n.proc.pid for n in cluster.nodes]
-            cpu0 = cpu_seconds(pids)
+            cpu0 = total_cpu_seconds(pids)
             t0 = time.monotonic()
             times = sorted(pull_with_curl(cluster.nodes, "library/bench", "1", timeout=900))
             wall = time.monotonic() - t0
-            cpu = cpu_seconds(pids) - cpu0
+            cpu = total_cpu_seconds(pids) - cpu0
             up_bytes = sum(a.size for a in reg.accesses_since(mark) if "/blobs/" in a.path and a.method == "GET")
             bound = kumar_ross(F, args.nodes, rate, rate, [rate] * args.nodes)
             say(f"swarm:     slowest {times[-1]:.1f} s, median {times[len(times) // 2]:.1f} s, fastest "
