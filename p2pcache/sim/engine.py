@@ -63,6 +63,7 @@ from p2pcache.swarm.scheduler import (
     StopUpstream,
     UploadSlots,
     claim_wait,
+    source_shares,
 )
 from p2pcache.swarm.tracker import ClaimGranted, Tracker
 
@@ -258,6 +259,7 @@ class Simulation:
             elif cls is Fail:
                 self.failures += 1
                 node.dl.pop(lid, None)
+                self._share_sources(node, now)
                 return
             elif cls is Discard:
                 for i in d.indices:
@@ -327,6 +329,14 @@ class Simulation:
         self.apply(node, lid, dec, now)
         if not dec:
             self._schedule_tick(node, lid, now)  # apply() schedules it when there were decisions
+        self._share_sources(node, now)
+
+    def _share_sources(self, node: SimNode, now: float) -> None:
+        """The node's downloads changed: split its sources among them again, as the node does (source_shares)."""
+        dls = list(node.dl.items())
+        for (lid, s), n in zip(dls, source_shares(self.cfg.max_sources, len(dls)), strict=True):
+            if s.max_sources != n and node.dl.get(lid) is s:
+                self.apply(node, lid, s.set_max_sources(n, now), now)
 
     def _layer_done(self, node: SimNode, lid: int, now: float) -> None:
         node.dl.pop(lid, None)
@@ -337,6 +347,7 @@ class Simulation:
             self.tracker.announce(now, lid, node.id, zone=node.zone, complete=True, ttl=INF)
             self.tracker.release(lid, node.id)
         self._next_layers(node, now)
+        self._share_sources(node, now)
 
     def _next_layers(self, node: SimNode, now: float) -> None:
         while node.todo and len(node.active) < self.sc.concurrent_layers:

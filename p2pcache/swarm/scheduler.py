@@ -15,8 +15,9 @@ first and names the holder to the others. Then:
 
 - Peers. `peer_added(peer, zone, bitfield)` and `peer_has(peer, i)` feed the picker's availability; each event
   fills that peer's request pipeline (`Request(peer, i)`, rarest first). At most `max_sources` peers have requests
-  outstanding at once; better peers (same zone first, then measured throughput, an EWMA of bytes over the time
-  since the request or the previous piece from that peer) are filled first when several are eligible.
+  outstanding at once, over all the node's downloads (each has its share: `source_shares`); better peers (same
+  zone first, then measured throughput, an EWMA of bytes over the time since the request or the previous piece
+  from that peer) are filled first when several are eligible.
 - Pieces. `piece_received(peer, i, ok, nbytes, now)`: ok means the driver checked the piece's SHA-256 against the
   metainfo. A good piece may make endgame duplicates redundant (`Cancel` to the losers). A bad piece bans the peer
   (`Ban(peer, until)`, recorded in the shared `BanList`), cancels its other requests and drops it.
@@ -54,6 +55,7 @@ Driving it (what swarm/service.py does; the simulator in sim/engine.py does the 
     hash list learnt        -> s.metainfo_known(hashes, now, source) or s.piece_known(i, now)
     whole blob hashed       -> digest mismatch: s.digest_failed(now)
     timer                   -> s.tick(now) at s.next_deadline() (or every second)
+    a download of the node starts or ends -> s.set_max_sources(share, now) for each, source_shares(...)
   and act() on each decision: Request/Cancel -> send to the peer; Ban -> close + refuse the peer until `until`;
   AskClaim -> tracker.claim; FetchUpstream(i)/StopUpstream -> start/stop a ranged upstream stream from piece i;
   Discard -> drop those pieces of the partial file; Done -> verify the digest, announce complete, release the
@@ -79,6 +81,7 @@ from p2pcache.swarm.picker import PiecePicker, mask_of
 __all__ = [
     "AskClaim", "Ban", "BanList", "Cancel", "Decision", "Discard", "Done", "DownloadScheduler", "Fail",
     "FetchUpstream", "Request", "SchedulerConfig", "Serve", "StopUpstream", "UPSTREAM", "UploadSlots", "claim_wait",
+    "source_shares",
 ]
 
 Peer = Hashable
@@ -158,8 +161,9 @@ Decision = Request | Cancel | Ban | AskClaim | FetchUpstream | StopUpstream | Di
 class SchedulerConfig:
     pipeline: int = 1  # requests outstanding per peer: uploaders refuse what they cannot start (no queues), and
     # more requests per peer only piled up behind busy peers in the simulator (1.28x vs 1.41x the bound)
-    max_sources: int = 4  # peers downloaded from at once; as many as a peer has upload slots, so that no
-    # downloader holds more slots than its fair share (8 made the slowest node 5-10% slower in the simulator)
+    max_sources: int = 4  # peers a node downloads from at once, over all its downloads (`source_shares`); as
+    # many as a peer has upload slots, so that no downloader holds more slots than its fair share (8 made the
+    # slowest node 5-10% slower in the simulator)
     # With few peers one request per peer leaves the link idle for a round trip between pieces (one holder served
     # 1 MiB pieces at 0.1 GB/s on loopback): a download with at most `few_peers` peers keeps `deep_pipeline`
     # requests in flight to each (at most an uploader's 4 slots, beyond which it answers "busy"). With more peers
@@ -187,6 +191,21 @@ class SchedulerConfig:
     claim_stagger_max: float = 0.06
     ewma_alpha: float = 0.3
     zone_bonus: float = 2.0  # a same-zone peer counts as this many times faster when choosing sources
+
+
+def source_shares(total: int, downloads: int) -> list[int]:
+    """How many sources each of a node's `downloads` concurrent downloads may use, oldest first: `total`
+    (SchedulerConfig.max_sources) split as evenly as it goes, the remainder to the oldest, at least one each.
+
+    Why: every uploader serves at most as many pieces at once as a downloader has sources, so the swarm's slots
+    and requests match. A node pulling three layers with four sources each held twelve slots, three times its
+    share: its requests met full uploaders and were refused while its link was already full. Splitting the
+    node's sources among its downloads (rollout-500.toml at 100 nodes, seeds 7 and 8: 1.33x and 1.37x the
+    bound with four per download, 1.30x and 1.29x split) costs a single download nothing."""
+    if downloads <= 0:
+        return []
+    base, extra = divmod(total, downloads)
+    return [max(1, base + (1 if i < extra else 0)) for i in range(downloads)]
 
 
 def claim_wait(others: int, waited: float, cfg: SchedulerConfig) -> float:
@@ -260,6 +279,7 @@ class DownloadScheduler:
         self.bans = bans if bans is not None else BanList()
         self.peers: dict[Peer, _PeerState] = {}
         self._active: set[Peer] = set()  # peers with requests outstanding
+        self.max_sources = cfg.max_sources  # this download's share of the node's sources (set_max_sources)
         self._deadlines: list[tuple[float, int, Peer, int, float]] = []
         self._seq = 0
         self._busy_wake: float | None = None  # earliest time a refusing peer may be asked again
@@ -314,7 +334,7 @@ class DownloadScheduler:
             return
         if st.snubbed_until > now or st.busy_until > now:
             return
-        if not st.reqs and len(self._active) >= self.cfg.max_sources:
+        if not st.reqs and len(self._active) >= self.max_sources:
             return
         idx = self.picker.pick(peer)
         if idx:
@@ -345,7 +365,7 @@ class DownloadScheduler:
                         self._fill(peer, now, out)
                 else:
                     fresh.append(peer)
-        room = self.cfg.max_sources - len(active)
+        room = self.max_sources - len(active)
         if room <= 0 or not fresh:
             return
         if len(fresh) > room:
@@ -413,6 +433,17 @@ class DownloadScheduler:
         self._fill(peer, now, out)
         return out
 
+    def set_max_sources(self, n: int, now: float) -> list[Decision]:
+        """The node's downloads changed: this one may use `n` sources from now on (`source_shares`). A larger
+        share is used at once; with a smaller one, requests outstanding run out and no new source is taken until
+        the download is below it."""
+        out: list[Decision] = []
+        grew = n > self.max_sources
+        self.max_sources = max(1, n)
+        if grew:
+            self._fill_all(now, out)
+        return out
+
     def _set_pipelines(self) -> None:
         """Deep pipelines while we have few peers, `pipeline` otherwise (see SchedulerConfig.few_peers). Takes
         effect at each peer's next fill."""
@@ -428,7 +459,7 @@ class DownloadScheduler:
             if st.reqs:
                 if len(st.reqs) < self.picker.limits.get(peer, self.cfg.pipeline):
                     self._fill(peer, now, out)
-            elif len(self._active) < self.cfg.max_sources:  # (the common case in a busy swarm: no room)
+            elif len(self._active) < self.max_sources:  # (the common case in a busy swarm: no room)
                 self._fill(peer, now, out)
         return out
 
@@ -497,7 +528,7 @@ class DownloadScheduler:
             for p in losers:
                 if p is not UPSTREAM:
                     self._fill(p, now, out)
-            if len(out) == n and len(self._active) < self.cfg.max_sources:
+            if len(out) == n and len(self._active) < self.max_sources:
                 self._fill_all(now, out)  # the sender had nothing more for us: a source slot is free
         return out
 
@@ -520,7 +551,7 @@ class DownloadScheduler:
         st.busy_until = now + wait
         if self._busy_wake is None or st.busy_until < self._busy_wake:
             self._busy_wake = st.busy_until
-        if len(self._active) < self.cfg.max_sources:
+        if len(self._active) < self.max_sources:
             self._fill_all(now, out)
         return out
 

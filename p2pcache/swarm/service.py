@@ -84,6 +84,7 @@ from p2pcache.swarm.scheduler import (
     StopUpstream,
     UploadSlots,
     claim_wait,
+    source_shares,
 )
 from p2pcache.swarm.tracker import ClaimGranted, Tracker
 from p2pcache.swarm.wire import MAX_RENEW, FrameDecoder, Message, ProtocolError
@@ -763,7 +764,21 @@ class SwarmService:
         finally:
             if self._fills.get(download.digest) is fill:
                 del self._fills[download.digest]
+            self._share_sources()
         self._spawn(self._after_fill, download, fill.meta_source)
+
+    def _share_sources(self) -> None:
+        """Split the node's sources among the downloads it drives, oldest first (`source_shares`): called
+        whenever one gets its scheduler or ends."""
+        fills = [f for f in self._fills.values() if f.sched is not None and not f.done.is_set()]
+        if not fills:
+            return
+        now = trio.current_time()
+        assert fills[0].sched is not None
+        for f, n in zip(fills, source_shares(fills[0].sched.cfg.max_sources, len(fills)), strict=True):
+            assert f.sched is not None
+            if f.sched.max_sources != n:
+                f._apply(f.sched.set_max_sources(n, now))
 
     async def _after_fill(self, download: Download, meta_source: str | None) -> None:
         """Once the fetcher checked the whole digest: if it failed, withdraw, forget the hashes and ban whoever
@@ -884,6 +899,7 @@ class _Fill:
         if self.claimed:
             nursery.start_soon(self._task, self._publish, 0, [])  # the layout at once: leechers can start
         self._apply(self.sched.start(now))
+        svc._share_sources()
         for conn, msg in self._early:
             self.peer_message(conn, msg)
         self._early.clear()

@@ -16,6 +16,7 @@ from p2pcache.swarm.scheduler import (
     Serve,
     StopUpstream,
     UploadSlots,
+    source_shares,
 )
 
 MiB = 1 << 20
@@ -247,3 +248,31 @@ def test_a_peer_that_no_longer_holds_a_piece_is_not_asked_for_it_again():
     for t in (0.7, 1.5, 3.0):  # ... nor after any busy back-off
         assert ("a", i) not in reqs(s.tick(t))
     assert ("b", i) in reqs(s.peer_added("b", None, [i], 3.1))  # another holder gets the request
+
+
+def test_a_nodes_sources_are_split_among_its_downloads_oldest_first():
+    assert source_shares(4, 0) == []
+    assert source_shares(4, 1) == [4]
+    assert source_shares(4, 2) == [2, 2]
+    assert source_shares(4, 3) == [2, 1, 1]
+    assert source_shares(4, 6) == [1] * 6  # every download keeps one source
+    assert source_shares(5, 2) == [3, 2]
+
+
+def test_a_smaller_share_takes_no_new_source_and_a_larger_one_is_used_at_once():
+    s = sched(32, max_sources=4)
+    s.start(0)
+    s.claim_denied("x", 0)
+    assert s.set_max_sources(2, 0) == []  # nothing asked yet
+    everything = list(range(32))
+    for peer in "abcdef":
+        s.peer_added(peer, None, everything, 0)
+    assert len(s._active) == 2  # two sources, though six peers hold everything
+    out = s.set_max_sources(4, 1)
+    assert len({p for p, _ in reqs(out)}) == 2 and len(s._active) == 4  # two more at once
+    assert s.set_max_sources(1, 2) == []  # no request is withdrawn...
+    assert len(s._active) == 4
+    for peer in list(s._active):
+        for i in list(s.peers[peer].reqs):
+            s.piece_received(peer, i, True, MiB, 3)
+    assert len(s._active) == 1  # ...but as pieces come in, only one source is asked again

@@ -163,3 +163,24 @@ def test_rate_limited_upstream_delays_the_baseline_not_the_swarm():
     assert base.upstream_requests == 30
     assert max(base.pull_seconds) > 50  # 27 requests beyond the burst at one every 2 s
     assert max(r.pull_seconds) < 5
+
+
+def test_a_node_splits_its_sources_among_the_layers_it_pulls(monkeypatch):
+    # The simulator gives each download its share of the node's sources as the node does (source_shares): every
+    # time a node's downloads change, their shares are the split of max_sources, oldest download first.
+    from p2pcache.sim import engine
+    from p2pcache.swarm.scheduler import source_shares
+
+    seen = []
+    share = engine.Simulation._share_sources
+
+    def check(self, node, now):
+        share(self, node, now)
+        got = [s.max_sources for s in node.dl.values()]
+        assert got == source_shares(self.cfg.max_sources, len(got))
+        seen.append(tuple(got))
+
+    monkeypatch.setattr(engine.Simulation, "_share_sources", check)
+    r = simulate(scenario(nodes=6, latency="1 ms", layers=("30 MB", "20 MB", "10 MB")))
+    assert r.unfinished == 0
+    assert (2, 1, 1) in seen and (4,) in seen  # three layers at once, then the last one alone
