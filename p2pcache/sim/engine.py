@@ -303,6 +303,7 @@ class Simulation:
 
     def _stop_upstream(self, node: SimNode, lid: int, now: float) -> None:
         node.up_gen[lid] = node.up_gen.get(lid, 0) + 1  # invalidates a pending UP_START
+        node.slots.stream_ended(lid)
         f = node.up_flow.pop(lid, None)
         if f is not None:
             self.upstream_bytes += self.net.stop(f, now)
@@ -340,6 +341,7 @@ class Simulation:
 
     def _layer_done(self, node: SimNode, lid: int, now: float) -> None:
         node.dl.pop(lid, None)
+        node.slots.stream_ended(lid)
         node.tick_at.pop(lid, None)
         node.active.discard(lid)
         node.completed.add(lid)
@@ -509,7 +511,8 @@ class Simulation:
                     s = node.dl.get(lid)
                     if not node.alive or s is None:
                         continue
-                    self._delivered(node, lid, idx, f.size, now, True)
+                    if self._delivered(node, lid, idx, f.size, now, True):
+                        node.slots.fresh(lid, idx)  # as the node does: first copies first (UploadSlots)
                     gen = node.up_gen.get(lid, 0)
                     self.apply(node, lid, s.upstream_progress(idx, f.size, now), now)
                     if s.upstream == idx + 1 and node.up_gen.get(lid, 0) == gen and node.dl.get(lid) is s:

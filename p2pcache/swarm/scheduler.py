@@ -781,6 +781,17 @@ class UploadSlots:
     (first come among equals), so the first holder of a cold blob sends each piece out about once and its peers
     spread it. `request` returns the uploads to start now (None: refused); `finished` and `cancel` free a slot
     and return what starts next.
+
+    First copies first. While a node streams a blob from upstream (it holds the claim), it is the swarm's only
+    source of each new piece, and its upload is as fast as the stream at best (the tight case: registry and
+    every link at one rate). Every second copy of a piece it sends delays the first copy of a newer one, and the
+    whole rollout waits for the newest piece. Its peers cannot help it: a requester connected to the holder but
+    not to the node that got the first copy sees the holder as the only source. So the driver marks each piece
+    the stream delivers (`fresh`), and while some piece of that blob has not been sent once, a request for a
+    piece of it that was sent already is refused ("busy"): the requester takes it from the peer that has it, or
+    asks again later. When the stream ends (`stream_ended`), the rule ends with it. In the simulator: the holder
+    of a 1 GiB blob sent 1.31 copies of each piece while streaming, 1.07 with the rule; 100 nodes at 1 Gbit/s
+    behind a 1 Gbit/s registry went from 1.36x to 1.25x the bound (seeds 1-4), smoke-10 from 1.20x to 1.15x.
     """
 
     def __init__(self, slots: int = 4, per_peer: int = 8, queue: int = 0) -> None:
@@ -791,12 +802,24 @@ class UploadSlots:
         self.queue: deque[tuple[Peer, Hashable, int]] = deque()
         self.queued: dict[Peer, int] = {}
         self.served: dict[tuple[Hashable, int], int] = {}  # (key, index) -> uploads started
+        self._fresh: dict[Hashable, set[int]] = {}  # key -> pieces from our upstream stream not sent yet
+
+    def fresh(self, key: Hashable, index: int) -> None:
+        """Our upstream stream delivered piece `index` of `key`: it goes out once before any piece goes twice."""
+        if not self.served.get((key, index)):
+            self._fresh.setdefault(key, set()).add(index)
+
+    def stream_ended(self, key: Hashable) -> None:
+        """Our upstream stream of `key` ended (or stopped): pieces are served in any order again."""
+        self._fresh.pop(key, None)
 
     def request(self, peer: Peer, key: Hashable, index: int) -> list[Serve] | None:
         """A peer asks for a piece. None if refused (busy), else the uploads to start now (maybe none: queued)."""
         if self.queued.get(peer, 0) >= self.per_peer or len(self.queue) >= self.max_queue + max(
                 0, self.slots - len(self.active)):
             return None
+        if key in self._fresh and self.served.get((key, index)):
+            return None  # a second copy while a first copy of a newer piece waits (see the class docstring)
         self.queue.append((peer, key, index))
         self.queued[peer] = self.queued.get(peer, 0) + 1
         return self._start()
@@ -820,6 +843,11 @@ class UploadSlots:
             self._dequeued(item[0])
             self.active.add(item)
             served[item[1:]] = served.get(item[1:], 0) + 1
+            fresh = self._fresh.get(item[1])
+            if fresh is not None:
+                fresh.discard(item[2])
+                if not fresh:
+                    del self._fresh[item[1]]
             out.append(Serve(*item))
         return out
 

@@ -1258,13 +1258,21 @@ class _Fill:
         cold blob: the blob's end), so a takeover holder pulls only what the swarm lacks; if the scheduler still
         wants the piece after that run when it ends, the loop asks again from there.
         """
-        d, sched = self.download, self.sched
-        assert sched is not None and d.size is not None and d.piece_size is not None
-        size, ps = d.size, d.piece_size
+        sched = self.sched
+        assert sched is not None
 
         def stopped() -> bool:
             return self.upstream_stop or self.done.is_set() or gen != self._upstream_gen or sched.upstream is None
 
+        try:
+            await self._upstream_runs(gen, stopped)
+        finally:
+            self.svc.uploads.stream_ended(self.digest)  # any piece may go twice again
+
+    async def _upstream_runs(self, gen: int, stopped: Callable[[], bool]) -> None:
+        d, sched = self.download, self.sched
+        assert sched is not None and d.size is not None and d.piece_size is not None
+        size, ps = d.size, d.piece_size
         async with self._upstream_lock:  # one stream at a time: the download's piece hasher is shared
             while not stopped():
                 first = sched.upstream
@@ -1309,6 +1317,7 @@ class _Fill:
             return
         if index in self._writing and sched.upstream != index:
             return  # from a peer: _get_piece already reported it
+        self.svc.uploads.fresh(self.digest, index)  # sent once before any piece is sent twice (UploadSlots)
         if 0 <= index < len(self.hashes):
             if self.hashes[index] is not None and self.hashes[index] != sha256:
                 # the published hash (from an earlier claim holder) is wrong, or upstream changed

@@ -213,6 +213,23 @@ def test_upload_slots_least_served_piece_first():
     assert u.finished("a", "d", 0) == [Serve("c", "d", 1)]  # piece 1 was never sent, piece 0 was
 
 
+def test_while_streaming_from_upstream_each_piece_goes_out_once_before_any_goes_twice():
+    u = UploadSlots(slots=4)
+    u.fresh("d", 0)
+    u.fresh("d", 1)
+    assert u.request("a", "d", 0) == [Serve("a", "d", 0)]
+    assert u.request("b", "d", 0) is None  # piece 1 has not gone out once: no second copy of 0 (slots are free)
+    assert u.request("x", "other", 5) == [Serve("x", "other", 5)]  # another blob is not held back
+    assert u.request("b", "d", 1) == [Serve("b", "d", 1)]
+    assert u.request("c", "d", 0) == [Serve("c", "d", 0)]  # every fresh piece sent once: copies again
+    u.fresh("d", 2)
+    u.fresh("d", 0)  # sent already: not fresh again
+    assert u.request("e", "d", 1) is None
+    u.stream_ended("d")  # the stream is over: piece 2 no longer holds the others back
+    assert u.finished("x", "other", 5) == []
+    assert u.request("e", "d", 1) == [Serve("e", "d", 1)]
+
+
 def test_upload_slots_first_come_first_served():
     u = UploadSlots(slots=2, per_peer=2, queue=8)
     assert u.request("a", "d", 0) == [Serve("a", "d", 0)]

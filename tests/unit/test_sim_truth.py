@@ -184,3 +184,36 @@ def test_a_node_splits_its_sources_among_the_layers_it_pulls(monkeypatch):
     r = simulate(scenario(nodes=6, latency="1 ms", layers=("30 MB", "20 MB", "10 MB")))
     assert r.unfinished == 0
     assert (2, 1, 1) in seen and (4,) in seen  # three layers at once, then the last one alone
+
+
+def test_the_claim_holder_sends_first_copies_first(monkeypatch):
+    # The simulator marks each piece its upstream stream delivers as the node does (UploadSlots.fresh), and while
+    # it streams, the holder's upload goes to pieces nobody has before second copies of others: here 3 of ~160
+    # uploads were second copies (without the rule, 33 of ~180, and the slowest node 7% slower).
+    from p2pcache.sim import engine
+    from p2pcache.swarm.scheduler import UploadSlots
+
+    marked, ended, sent = [], [], []
+    fresh, stream_ended, serve = UploadSlots.fresh, UploadSlots.stream_ended, engine.Simulation._serve
+    monkeypatch.setattr(UploadSlots, "fresh", lambda self, k, i: (marked.append((id(self), k, i)),
+                                                                  fresh(self, k, i))[1])
+    monkeypatch.setattr(UploadSlots, "stream_ended", lambda self, k: (ended.append((id(self), k)),
+                                                                      stream_ended(self, k))[1])
+
+    def record(self, u, serves, now):
+        sent.extend((u.id, s.index, now) for s in serves)
+        serve(self, u, serves, now)
+
+    monkeypatch.setattr(engine.Simulation, "_serve", record)
+    sim = engine.Simulation(scenario(nodes=30, layers=("100 MB",), latency="1 ms"))
+    r = sim.run()
+    assert r.unfinished == 0
+    holder = sim.first_claim[0]
+    slots = id(sim.nodes[holder].slots)
+    pieces = -(-100 * MB // r.piece_sizes["app:1#0"])
+    assert sorted(i for _, _, i in marked) == list(range(pieces)) and {s for s, _, _ in marked} == {slots}
+    assert (slots, 0) in ended
+    stream_end = max(t for t, up in zip(r.piece_log_t, r.piece_log_upstream, strict=True) if up)
+    uploads = [i for u, i, t in sent if u == holder and t <= stream_end]
+    assert len(uploads) > pieces / 2
+    assert len(uploads) - len(set(uploads)) <= 0.05 * len(uploads), uploads
