@@ -293,3 +293,18 @@ def test_a_smaller_share_takes_no_new_source_and_a_larger_one_is_used_at_once():
         for i in list(s.peers[peer].reqs):
             s.piece_received(peer, i, True, MiB, 3)
     assert len(s._active) == 1  # ...but as pieces come in, only one source is asked again
+
+
+def test_a_busy_peer_is_asked_again_soon_until_a_rate_is_measured_then_after_two_piece_times():
+    s = sched(16, busy_backoff=0.02, busy_backoff_max=0.5, few_peers=0)
+    s.start(0)
+    s.claim_denied("holder", 0)
+    everything = list(range(16))
+    [(_, i)] = reqs(s.peer_added("holder", None, everything, 0))
+    s.piece_refused("holder", i, 0.0)
+    assert s.peers["holder"].busy_until == 0.02  # nothing measured: not half a second at the assumed 4 MB/s
+    assert s.next_deadline() == 0.02
+    [(_, j)] = reqs(s.tick(0.02))
+    [(_, k)] = reqs(s.piece_received("holder", j, True, MiB, 0.52))  # 1 MiB in 0.5 s: 2 MB/s
+    s.piece_refused("holder", k, 0.6)
+    assert s.peers["holder"].busy_until == 0.6 + 0.5  # two piece times (1 s), capped at busy_backoff_max
