@@ -201,8 +201,9 @@ def source_shares(total: int, downloads: int) -> list[int]:
     Why: every uploader serves at most as many pieces at once as a downloader has sources, so the swarm's slots
     and requests match. A node pulling three layers with four sources each held twelve slots, three times its
     share: its requests met full uploaders and were refused while its link was already full. Splitting the
-    node's sources among its downloads (rollout-500.toml at 100 nodes, seeds 7 and 8: 1.33x and 1.37x the
-    bound with four per download, 1.30x and 1.29x split) costs a single download nothing."""
+    node's sources among its downloads (in the simulator, bench-8x100.toml, four layers at once, seeds 1-10:
+    1.19x -> 1.09x the bound; rollout-500.toml at 100 nodes, two layers, seeds 1-6: 1.35x -> 1.33x) costs a
+    single download nothing."""
     if downloads <= 0:
         return []
     base, extra = divmod(total, downloads)
