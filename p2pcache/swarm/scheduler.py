@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -779,6 +779,9 @@ class Serve:
     index: int
 
 
+SERVED_KEYS = 1024  # blobs whose per-piece upload counts an UploadSlots keeps (the most recently served)
+
+
 class UploadSlots:
     """At most `slots` piece uploads at once per node; beyond that a request is refused ("busy") or queued.
 
@@ -810,12 +813,14 @@ class UploadSlots:
         self.active: set[tuple[Peer, Hashable, int]] = set()
         self.queue: deque[tuple[Peer, Hashable, int]] = deque()
         self.queued: dict[Peer, int] = {}
-        self.served: dict[tuple[Hashable, int], int] = {}  # (key, index) -> uploads started
+        # key -> {index: uploads started}, for the SERVED_KEYS blobs served last: a node serves for weeks, and a
+        # count per piece ever sent grew without end (the counts only steer which piece goes next)
+        self.served: OrderedDict[Hashable, dict[int, int]] = OrderedDict()
         self._fresh: dict[Hashable, set[int]] = {}  # key -> pieces from our upstream stream not sent yet
 
     def fresh(self, key: Hashable, index: int) -> None:
         """Our upstream stream delivered piece `index` of `key`: it goes out once before any piece goes twice."""
-        if not self.served.get((key, index)):
+        if not self.times_served(key, index):
             self._fresh.setdefault(key, set()).add(index)
 
     def stream_ended(self, key: Hashable) -> None:
@@ -827,7 +832,7 @@ class UploadSlots:
         if self.queued.get(peer, 0) >= self.per_peer or len(self.queue) >= self.max_queue + max(
                 0, self.slots - len(self.active)):
             return None
-        if key in self._fresh and self.served.get((key, index)):
+        if key in self._fresh and self.times_served(key, index):
             return None  # a second copy while a first copy of a newer piece waits (see the class docstring)
         self.queue.append((peer, key, index))
         self.queued[peer] = self.queued.get(peer, 0) + 1
@@ -836,22 +841,22 @@ class UploadSlots:
     def _start(self) -> list[Serve]:
         out = []
         q = self.queue
-        served = self.served
+        served = self.times_served
         while q and len(self.active) < self.slots:
             # least-served piece first (ties: first come): a node's upload goes to pieces it has not sent yet,
             # which its peers then pass on, rather than to the 10th copy of the newest piece
             best = 0
             if len(q) > 1:
-                best_n = served.get(q[0][1:], 0)
+                best_n = served(*q[0][1:])
                 for j in range(1, len(q)):
-                    n = served.get(q[j][1:], 0)
+                    n = served(*q[j][1:])
                     if n < best_n:
                         best, best_n = j, n
             item = q[best]
             del q[best]
             self._dequeued(item[0])
             self.active.add(item)
-            served[item[1:]] = served.get(item[1:], 0) + 1
+            self._count_served(item[1], item[2])
             fresh = self._fresh.get(item[1])
             if fresh is not None:
                 fresh.discard(item[2])
@@ -859,6 +864,21 @@ class UploadSlots:
                     del self._fresh[item[1]]
             out.append(Serve(*item))
         return out
+
+    def times_served(self, key: Hashable, index: int) -> int:
+        """Uploads of piece `index` of `key` started here (0 once the blob fell out of the last SERVED_KEYS)."""
+        counts = self.served.get(key)
+        return counts.get(index, 0) if counts is not None else 0
+
+    def _count_served(self, key: Hashable, index: int) -> None:
+        counts = self.served.get(key)
+        if counts is None:
+            counts = self.served[key] = {}
+            if len(self.served) > SERVED_KEYS:
+                self.served.popitem(last=False)
+        else:
+            self.served.move_to_end(key)
+        counts[index] = counts.get(index, 0) + 1
 
     def _dequeued(self, peer: Peer) -> None:
         n = self.queued[peer] - 1

@@ -308,3 +308,15 @@ def test_a_busy_peer_is_asked_again_soon_until_a_rate_is_measured_then_after_two
     [(_, k)] = reqs(s.piece_received("holder", j, True, MiB, 0.52))  # 1 MiB in 0.5 s: 2 MB/s
     s.piece_refused("holder", k, 0.6)
     assert s.peers["holder"].busy_until == 0.6 + 0.5  # two piece times (1 s), capped at busy_backoff_max
+
+
+def test_upload_counts_are_kept_for_the_most_recently_served_blobs_only(monkeypatch):
+    from p2pcache.swarm import scheduler
+
+    monkeypatch.setattr(scheduler, "SERVED_KEYS", 3)
+    u = UploadSlots(slots=1)
+    for key in ("a", "b", "c", "a", "d"):  # "a" served again: "b" is now the one served longest ago
+        assert u.request("p", key, 0) == [Serve("p", key, 0)]
+        u.finished("p", key, 0)
+    assert list(u.served) == ["c", "a", "d"]
+    assert u.times_served("a", 0) == 2 and u.times_served("b", 0) == 0
