@@ -212,6 +212,7 @@ class PeerConnection:
         self.interested: set[str] = set()  # digests this peer wants "have"s for
         self.bytes_in = 0
         self.bytes_out = 0
+        self.last_active = trio.current_time()  # the last frame either way (SwarmService closes idle ones)
 
     def __repr__(self) -> str:
         return f"PeerConnection({self.peer.node}@{self.peer.addr}, {'out' if self.outgoing else 'in'})"
@@ -276,6 +277,7 @@ class PeerConnection:
             self.close()
             raise PeerGone("peer is not reading")
         self._control.append(encode(kind, payload, **fields))
+        self.last_active = trio.current_time()
         self._wake.set()
 
     async def _writer(self) -> None:
@@ -371,7 +373,12 @@ class PeerConnection:
         if self._stall.cancelled_caught:
             raise PeerGone(f"{self.peer.node} stalled for {STALL_TIMEOUT}s")
 
+    def busy(self) -> bool:
+        """Whether anything is outstanding on this connection: our requests or calls, or the peer's requests."""
+        return bool(self._waiting or self._requested or self._uploads or self._sending)
+
     def _dispatch(self, msg: Message) -> None:
+        self.last_active = trio.current_time()
         k = msg.kind
         if k == "piece" or k == "reject":
             w = self._pieces.pop((msg["digest"], msg["index"]), None)

@@ -105,6 +105,12 @@ ANNOUNCE_TTL = 30.0  # soft state: a holder that stops renewing is forgotten aft
 ANNOUNCE_EVERY = 10.0  # a third of the TTL, so one lost announce costs nothing
 CLAIM_TTL = 12.0  # > 2x the scheduler's claim_renew (5 s): one slow renewal must not hand the fetch to a second node
 MAX_CONNS_PER_PEER = 2  # one each way is normal; more is a misbehaving or looping peer
+# A connection no download of ours uses, with nothing outstanding and no frame either way for this long, is closed:
+# gossip (3 random members a second) and tracker lookups connect a node to most members of a large cluster over
+# time, and each connection is a socket (and a file descriptor) on both ends. Whoever needs the peer again connects
+# again (a TCP connect and the HMAC handshake). A pair of nodes in a cluster of N gossips about every N/6 s, so a
+# node keeps about the members it gossiped with in the last minute, its download peers and its trackers'.
+PEER_IDLE_CLOSE = 60.0
 MAX_INCOMING = 512  # total accepted connections: a flood on the peer port cannot exhaust descriptors
 TRACKER_EXPIRE_EVERY = 2.0  # housekeeping of the tracker shard
 METAINFO_POLL = 0.2  # how often a leecher refreshes piece hashes while the claim holder is still publishing
@@ -225,6 +231,11 @@ class SwarmService:
                     self._spawn(self._withdraw, digest)  # evicted or deleted since: stop sending peers here
                 if renew:
                     self._spawn(self._renew, renew)
+                in_use = {id(c) for f in self._fills.values() for c in f.peers.values()}
+                conns = [c for lst in self.conns.values() for c in lst]
+                for c in idle_connections(conns, in_use, now, PEER_IDLE_CLOSE):
+                    log.info("swarm: closing %r, idle for %.0fs", c, now - c.last_active)
+                    c.close()
 
     def claims_elsewhere(self, digest: str) -> int:
         """Claims this node holds or is asking for, other than `digest`'s (see scheduler.claim_wait)."""
@@ -1384,6 +1395,14 @@ async def _logged(fn: Any, *args: Any) -> None:
         await fn(*args)
     except Exception:
         log.exception("swarm: background task %s failed", getattr(fn, "__name__", fn))
+
+
+def idle_connections(conns: Iterable[PeerConnection], in_use: Container[int], now: float,
+                     idle: float) -> list[PeerConnection]:
+    """The connections to close as idle: open, not used by a download of ours (`in_use`: their ids), nothing
+    outstanding either way, and no frame sent or received for `idle` seconds."""
+    return [c for c in conns
+            if not c.closed and id(c) not in in_use and not c.busy() and now - c.last_active >= idle]
 
 
 def renewal_round(announced: dict[str, bool], stored: Callable[[str], bool], filling: Container[str],

@@ -161,3 +161,39 @@ async def test_malformed_frame_closes_only_that_connection(blob):
         assert srv in host.closed
         nursery.cancel_scope.cancel()
     lsock.close()
+
+
+async def test_frames_either_way_mark_a_connection_active_and_requests_keep_it_busy(blob):
+    # What SwarmService's idle closing looks at (service.idle_connections): the time of the last frame sent or
+    # received, and whether anything is outstanding.
+    path, _ = blob
+    host = Host(path, held=1)
+    async with trio.open_nursery() as nursery:
+        cli, server_side, lsock = await pair(nursery, host)
+        while "conn" not in server_side:
+            await trio.sleep(0.01)
+        srv = server_side["conn"]
+        assert not cli.busy() and not srv.busy()
+        await trio.sleep(0.05)
+        before = trio.current_time()
+        assert cli.last_active < before and srv.last_active < before
+        assert (await cli.call("ping"))["id"] > 0
+        assert cli.last_active >= before and srv.last_active >= before  # sent and answered; received and answered
+        assert not cli.busy()
+        rejected = []
+
+        async def ask():
+            try:
+                await cli.request_piece(D, 5)
+            except PieceRejected as e:
+                rejected.append(e)
+
+        seen_busy = False
+        async with trio.open_nursery() as n:
+            n.start_soon(ask)
+            while not rejected:  # a request is outstanding until its answer ("not held") comes
+                seen_busy = seen_busy or cli.busy()
+                await trio.sleep(0)
+        assert seen_busy and rejected and not cli.busy()
+        nursery.cancel_scope.cancel()
+    lsock.close()
