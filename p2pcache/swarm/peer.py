@@ -291,6 +291,7 @@ class PeerConnection:
                 finally:
                     self._sending = None
                     self._requested.discard(key)
+                    self.last_active = trio.current_time()  # (a piece's bytes are not frames sent by send())
                     self.host.upload_done(self, *key)
             else:
                 await self._wake.wait()
