@@ -794,10 +794,10 @@ class UploadSlots:
     spread it. `request` returns the uploads to start now (None: refused); `finished` and `cancel` free a slot
     and return what starts next.
 
-    First copies first. While a node streams a blob from upstream (it holds the claim), it is the swarm's only
-    source of each new piece, and its upload is as fast as the stream at best (the tight case: registry and
-    every link at one rate). Every second copy of a piece it sends delays the first copy of a newer one, and the
-    whole rollout waits for the newest piece. Its peers cannot help it: a requester connected to the holder but
+    First copies first. While a node streams a blob from upstream (it holds the claim, or fell back to
+    upstream), it is the swarm's only source of each new piece, and its upload is as fast as the stream at best
+    (the tight case: registry and every link at one rate). Every second copy of a piece it sends delays the
+    first copy of a newer one, and the whole rollout waits for the newest piece. Its peers cannot help it: a requester connected to the holder but
     not to the node that got the first copy sees the holder as the only source. So the driver marks each piece
     the stream delivers (`fresh`), and while some piece of that blob has not been sent once, a request for a
     piece of it that was sent already is refused ("busy"): the requester takes it from the peer that has it, or

@@ -109,7 +109,7 @@ MAX_CONNS_PER_PEER = 2  # one each way is normal; more is a misbehaving or loopi
 # gossip (3 random members a second) and tracker lookups connect a node to most members of a large cluster over
 # time, and each connection is a socket (and a file descriptor) on both ends. Whoever needs the peer again connects
 # again (a TCP connect and the HMAC handshake). A pair of nodes in a cluster of N gossips about every N/6 s, so a
-# node keeps about the members it gossiped with in the last minute, its download peers and its trackers'.
+# node keeps about the members it gossiped with in the last minute, its download peers and its trackers.
 PEER_IDLE_CLOSE = 60.0
 MAX_INCOMING = 512  # total accepted connections: a flood on the peer port cannot exhaust descriptors
 TRACKER_EXPIRE_EVERY = 2.0  # housekeeping of the tracker shard
@@ -781,15 +781,14 @@ class SwarmService:
     def _share_sources(self) -> None:
         """Split the node's sources among the downloads it drives, oldest first (`source_shares`): called
         whenever one gets its scheduler or ends."""
-        fills = [f for f in self._fills.values() if f.sched is not None and not f.done.is_set()]
-        if not fills:
+        driven = [(f, f.sched) for f in self._fills.values() if f.sched is not None and not f.done.is_set()]
+        if not driven:
             return
         now = trio.current_time()
-        assert fills[0].sched is not None
-        for f, n in zip(fills, source_shares(fills[0].sched.cfg.max_sources, len(fills)), strict=True):
-            assert f.sched is not None
-            if f.sched.max_sources != n:
-                f._apply(f.sched.set_max_sources(n, now))
+        shares = source_shares(driven[0][1].cfg.max_sources, len(driven))
+        for (f, sched), n in zip(driven, shares, strict=True):
+            if sched.max_sources != n:
+                f._apply(sched.set_max_sources(n, now))
 
     async def _after_fill(self, download: Download, meta_source: str | None) -> None:
         """Once the fetcher checked the whole digest: if it failed, withdraw, forget the hashes and ban whoever
@@ -1269,38 +1268,33 @@ class _Fill:
         cold blob: the blob's end), so a takeover holder pulls only what the swarm lacks; if the scheduler still
         wants the piece after that run when it ends, the loop asks again from there.
         """
-        sched = self.sched
-        assert sched is not None
+        d, sched = self.download, self.sched
+        assert sched is not None and d.size is not None and d.piece_size is not None
+        size, ps = d.size, d.piece_size
 
         def stopped() -> bool:
             return self.upstream_stop or self.done.is_set() or gen != self._upstream_gen or sched.upstream is None
 
         try:
-            await self._upstream_runs(gen, stopped)
+            async with self._upstream_lock:  # one stream at a time: the download's piece hasher is shared
+                while not stopped():
+                    first = sched.upstream
+                    assert first is not None
+                    end = self._upstream_run_end(first)
+                    try:
+                        await d.fetch_from_upstream(self._paced_upstream(), self.repo, start=first * ps,
+                                                    end=min(size, end * ps), stop=stopped)
+                    except Exception as e:
+                        log.warning("%s: upstream stream failed from piece %d: %s", self.digest[:19], first, e)
+                        if gen == self._upstream_gen and not self.done.is_set():
+                            self._apply(sched.upstream_failed(str(e), trio.current_time()))
+                        return
+                    if not stopped() and sched.upstream == first:
+                        # the stream ended without the piece the scheduler waits for: never loop on it
+                        self._apply(sched.upstream_failed(f"no progress at piece {first}", trio.current_time()))
+                        return
         finally:
             self.svc.uploads.stream_ended(self.digest)  # any piece may go twice again
-
-    async def _upstream_runs(self, gen: int, stopped: Callable[[], bool]) -> None:
-        d, sched = self.download, self.sched
-        assert sched is not None and d.size is not None and d.piece_size is not None
-        size, ps = d.size, d.piece_size
-        async with self._upstream_lock:  # one stream at a time: the download's piece hasher is shared
-            while not stopped():
-                first = sched.upstream
-                assert first is not None
-                end = self._upstream_run_end(first)
-                try:
-                    await d.fetch_from_upstream(self._paced_upstream(), self.repo, start=first * ps,
-                                                end=min(size, end * ps), stop=stopped)
-                except Exception as e:
-                    log.warning("%s: upstream stream failed from piece %d: %s", self.digest[:19], first, e)
-                    if gen == self._upstream_gen and not self.done.is_set():
-                        self._apply(sched.upstream_failed(str(e), trio.current_time()))
-                    return
-                if not stopped() and sched.upstream == first:
-                    # the stream ended without the piece the scheduler waits for: never loop on it
-                    self._apply(sched.upstream_failed(f"no progress at piece {first}", trio.current_time()))
-                    return
 
     def _upstream_run_end(self, first: int) -> int:
         """The first piece after `first` the upstream stream should not fetch: one we hold, or (unless the

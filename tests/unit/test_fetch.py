@@ -451,15 +451,6 @@ async def test_the_swarm_seam_fills_pieces_out_of_order(settings: Settings) -> N
         assert up.opens == []
 
 
-def whole_blob_passes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """The (start, end) of every whole-blob hash a Download runs from disk, recorded as they happen."""
-    passes: list[tuple[int, int]] = []
-    real = Download._hash_from_disk
-    monkeypatch.setattr(Download, "_hash_from_disk",
-                        lambda self, start, end: (passes.append((start, end)), real(self, start, end))[1])
-    return passes
-
-
 class UnlinkedSwarm(PieceSwarm):
     """Right pieces, but one reported as checked from a chaining value that is not its predecessor's link."""
 
@@ -483,7 +474,10 @@ async def test_the_chain_proves_the_digest_else_the_whole_blob_is_hashed(
         order: list[int], whole_pass: bool) -> None:
     data = blob(size)
     d = digest_of(data)
-    passes = whole_blob_passes(monkeypatch)
+    passes: list[tuple[int, int]] = []  # (start, end) of every whole-blob hash the Download runs from disk
+    real = Download._hash_from_disk
+    monkeypatch.setattr(Download, "_hash_from_disk",
+                        lambda self, start, end: (passes.append((start, end)), real(self, start, end))[1])
     async with running(settings, FakeUpstream({})) as fetcher:
         fetcher.swarm = swarm_type(data, order)
         assert await fetch(fetcher, d) == data
