@@ -794,16 +794,16 @@ class UploadSlots:
     spread it. `request` returns the uploads to start now (None: refused); `finished` and `cancel` free a slot
     and return what starts next.
 
-    First copies first. While a node streams a blob from upstream (it holds the claim, or fell back to
-    upstream), it is the swarm's only source of each new piece, and its upload is as fast as the stream at best
-    (the tight case: registry and every link at one rate). Every second copy of a piece it sends delays the
-    first copy of a newer one, and the whole rollout waits for the newest piece. Its peers cannot help it: a requester connected to the holder but
-    not to the node that got the first copy sees the holder as the only source. So the driver marks each piece
-    the stream delivers (`fresh`), and while some piece of that blob has not been sent once, a request for a
-    piece of it that was sent already is refused ("busy"): the requester takes it from the peer that has it, or
-    asks again later. When the stream ends (`stream_ended`), the rule ends with it. In the simulator: the holder
-    of a 1 GiB blob sent 1.31 copies of each piece while streaming, 1.07 with the rule; 100 nodes at 1 Gbit/s
-    behind a 1 Gbit/s registry went from 1.36x to 1.25x the bound (seeds 1-4), smoke-10 from 1.20x to 1.15x.
+    First copies first. While a node streams a blob from upstream (it holds the claim, or fell back to upstream), it
+    is the swarm's only source of each new piece, and its upload is as fast as the stream at best (the tight case:
+    registry and every link at one rate). Every second copy of a piece it sends delays the first copy of a newer
+    one, and the whole rollout waits for the newest piece. Its peers cannot help it: a requester connected to the
+    holder but not to the node that got the first copy sees the holder as the only source. So the driver marks each
+    piece the stream delivers (`fresh`), and while some piece of that blob has not been sent once, a request for a
+    piece of it that was sent already is refused ("busy"): the requester takes it from the peer that has it, or asks
+    again later. When the stream ends (`stream_ended`), the rule ends with it. In the simulator: the holder of a 1
+    GiB blob sent 1.31 copies of each piece while streaming, 1.07 with the rule; 100 nodes at 1 Gbit/s behind a 1
+    Gbit/s registry went from 1.36x to 1.25x the bound (seeds 1-4), smoke-10 from 1.20x to 1.15x.
     """
 
     def __init__(self, slots: int = 4, per_peer: int = 8, queue: int = 0) -> None:
