@@ -806,15 +806,26 @@ class BlobHandle:
         self.file = file
         self._download = download
 
-    async def readable(self, offset: int) -> int:
-        """Wait until bytes [0, end) with end > offset (or end == size) are final; return end.
+    async def readable(self, offset: int, stop: int | None = None) -> int:
+        """Wait until bytes [0, end) with end > offset (or end == size) may be sent; return end.
 
-        The last piece only becomes readable after the whole-blob SHA-256 matched; raises FetchFailed when the
-        download failed (the response must then be aborted).
+        `stop` is where the response's body ends (default: the blob's end). Its last byte waits for the
+        whole-blob SHA-256: the blob's last piece only becomes readable after it matched, and a body that ends
+        earlier (a Range) gets at most `stop - 1` bytes before it. Bytes a solo stream wrote are readable before
+        anything could check them, so without this a Range of a cold blob made a complete 206 of bytes that
+        could turn out wrong. Raises FetchFailed when the download failed (the response must then be aborted).
         """
-        if self._download is None:
+        d = self._download
+        if d is None:
             return self.size
-        return await self._download.readable(offset)
+        end = await d.readable(offset)
+        if stop is None:
+            stop = self.size
+        if end < stop or d.verified:
+            return end
+        if offset < stop - 1:
+            return stop - 1
+        return await d.readable(d.size - 1)  # returns once verified (or raises FetchFailed)
 
 
 class Fetcher:

@@ -55,7 +55,7 @@ class BlobSource(Protocol):
     size: int
     file: BinaryIO
 
-    async def readable(self, offset: int) -> int: ...
+    async def readable(self, offset: int, stop: int | None = None) -> int: ...
 
 
 @dataclass
@@ -230,7 +230,7 @@ class _Conn:
         timeout = self.settings.client_send_timeout
         while offset < end:
             try:
-                readable = min(await body.handle.readable(offset), end)
+                readable = min(await body.handle.readable(offset, end), end)
             except Exception as e:  # FetchFailed, or anything else: the rest of this body cannot be trusted
                 raise _BodyAborted(f"blob became unreadable at {offset}: {e!r}") from e
             if readable <= offset:

@@ -10,6 +10,8 @@ It forwards every request to `target` and records what it was asked (method, tar
 - "ignore_range":  Range stripped: 200 with the whole blob (legal, the node must skip the prefix itself)
 - "wrong_range":   206 with the right Content-Range header but the bytes from offset 0 (a lie)
 - "trickle":       pass through at `rate` bytes/s (to stop a node mid-download)
+- "flip_trickle":  "flip" at the pace of "trickle" (the bytes around the wrong one reach clients long before
+                   the body's end could tell anyone it is wrong)
 - "stall":         the headers and half the body, then nothing until the proxy stops (a hung upstream)
 - "429", "500", "503": that status with an OCI error body (429 with `Retry-After: 7`), the registry not asked
 
@@ -185,11 +187,12 @@ class LyingUpstream:
                         return
                     self._send_head(resp.status, rheaders, total)
                     sent, cut = 0, total // 2
+                    slow = mode in ("trickle", "flip_trickle")
                     while sent < total:
-                        chunk = resp.read(min(16384 if mode == "trickle" else 1 << 20, total - sent))
+                        chunk = resp.read(min(16384 if slow else 1 << 20, total - sent))
                         if not chunk:
                             break
-                        if mode == "flip" and sent <= total // 2 < sent + len(chunk):
+                        if mode in ("flip", "flip_trickle") and sent <= total // 2 < sent + len(chunk):
                             i = total // 2 - sent
                             chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1:]
                         if mode == "stall" and sent + len(chunk) > cut:
@@ -206,7 +209,7 @@ class LyingUpstream:
                             return
                         self._write(path, chunk)
                         sent += len(chunk)
-                        if mode == "trickle":
+                        if slow:
                             time.sleep(len(chunk) / outer.rate)
                 except (BrokenPipeError, ConnectionResetError, OSError):
                     self.close_connection = True

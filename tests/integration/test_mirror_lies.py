@@ -3,6 +3,8 @@ node's store never holds one, and once the upstream tells the truth again the bl
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from .harness import images as im
@@ -83,3 +85,23 @@ def test_bit_rot_in_the_real_registry(make_registry, make_node):
     got = fetch_blob(node.url, path)
     assert not got.complete, got
     assert node.store_files(layer.digest) == []
+
+
+def test_a_range_of_a_cold_blob_never_completes_with_a_wrong_byte(make_registry, make_node):
+    """A Range that ends before the blob does: its bytes stream from upstream before any hash could check them,
+    so its last byte waits for the whole-blob digest; a lie ends the 206 short, never complete."""
+    reg, layer, path = _setup(make_registry, "lie-part")
+    n = len(layer.data) // 2 + 11  # bytes [0, n) hold the one the liar flips (the middle one)
+    rng = {"Range": f"bytes=0-{n - 1}"}
+    # At 2 MB/s the range's last byte is there ~0.7 s before the body's end shows the blob is wrong.
+    with LyingUpstream(reg.url, mode="flip_trickle", only=layer.digest, rate=2_000_000) as liar:
+        node = make_node({"docker.io": liar.url}, env={"P2PCACHE_UPSTREAM_RETRIES": "1"})
+        got = fetch_blob(node.url, path, headers=rng)
+        assert got.status == 206, got
+        assert got.error is not None and got.nbytes < n, f"a 206 with a wrong byte completed: {got}"
+        assert node.store_files(layer.digest) == []
+        liar.mode = "honest"
+        got = fetch_blob(node.url, path, headers=rng)
+        assert (got.status, got.error, got.nbytes) == (206, None, n), got
+        assert got.sha256 == hashlib.sha256(layer.data[:n]).hexdigest()
+        _check_store(node, layer.digest)

@@ -232,6 +232,28 @@ async def test_clients_read_before_the_end_but_never_the_last_piece_before_verif
         assert await settled_size(fetcher, d) == len(data)
 
 
+
+async def test_a_range_that_ends_early_gets_its_last_byte_only_after_verification(settings: Settings) -> None:
+    """A Range of a blob still streaming from upstream: its bytes are on disk before anything could check them,
+    so the body's last byte waits for the whole-blob SHA-256 (else a wrong blob makes a complete 206)."""
+    data = blob(5 * PIECE + 1000)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    up.pause_at = len(data) - 10
+    stop = PIECE + 100  # bytes [0, stop): far from the blob's last piece
+    async with running(settings, up) as fetcher:
+        async with fetcher.open_blob(REPO, d) as h:
+            end = await h.readable(0, stop)
+            while end < stop - 1:
+                end = await h.readable(end, stop)
+            assert end == stop - 1, "all but the body's last byte may go before verification"
+            with trio.move_on_after(0.2) as scope:
+                await h.readable(stop - 1, stop)
+            assert scope.cancelled_caught, "the body's last byte must wait for the whole-blob hash"
+            up.release.set()
+            assert await h.readable(stop - 1, stop) == len(data)
+        assert await settled_size(fetcher, d) == len(data)
+
 async def test_a_lying_upstream_fails_every_client_and_stores_nothing(settings: Settings) -> None:
     data = blob(6 * PIECE)
     d = digest_of(data)
