@@ -18,6 +18,7 @@ Grammars (OCI distribution spec, distribution/reference):
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -41,7 +42,8 @@ _DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
 # Lower case only, like names: a namespace ends up in cache keys and file names, where "GHCR.io" and
 # "ghcr.io" must not become two different things.
 _HOST_LABEL = r"(?:[a-z0-9]|[a-z0-9][a-z0-9-]*[a-z0-9])"
-_NS_RE = re.compile(rf"(?:{_HOST_LABEL}(?:\.{_HOST_LABEL})*|\[[0-9a-f:.]+\])(?::([0-9]{{1,5}}))?")
+_NS_RE = re.compile(rf"((?:{_HOST_LABEL}(?:\.{_HOST_LABEL})*|\[[0-9a-f:.]+\]))(?::([0-9]{{1,5}}))?")
+_IPV4_LIKE = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+")
 
 
 def _shown(text: object) -> str:
@@ -108,9 +110,22 @@ def check_ns(ns: str) -> str:
     if not isinstance(ns, str) or not ns or len(ns) > MAX_NS_LENGTH:
         raise OciError("NAME_INVALID", f"invalid registry namespace {_shown(ns)}")
     m = _NS_RE.fullmatch(ns)
-    if m is None or (m.group(1) is not None and not 0 < int(m.group(1)) <= 65535):
+    if m is None or (m.group(2) is not None and not 0 < int(m.group(2)) <= 65535) or not _valid_ip(m.group(1)):
         raise OciError("NAME_INVALID", f"invalid registry namespace {_shown(ns)}")
     return ns
+
+
+def _valid_ip(host: str) -> bool:
+    """False for a host the grammar lets through but no URL can hold: "[1:2]", "999.1.1.1" (URL parsers read
+    four dotted numbers as an IPv4 address, and refuse it; httpx raised InvalidURL, a 500, for these)."""
+    try:
+        if host.startswith("["):
+            ipaddress.IPv6Address(host[1:-1])
+        elif _IPV4_LIKE.fullmatch(host):
+            ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _looks_like_host(segment: str) -> bool:

@@ -70,7 +70,7 @@ DEFAULT_MANIFEST_ACCEPT = (
     "application/vnd.docker.distribution.manifest.v2+json",
 )
 _HEADER_VALUE = re.compile(r"[\x21-\x7e][\x20-\x7e]*")
-_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_CONTENT_RANGE = re.compile(r"bytes\s+([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")  # ASCII, int()-sized
 
 T = TypeVar("T")
 
@@ -133,7 +133,7 @@ def _check_ref(ref: str) -> str:
 
 def _content_length(resp: httpx.Response) -> int | None:
     value = resp.headers.get("content-length")
-    if value is None or not value.strip().isdigit():
+    if value is None or not re.fullmatch(r"[0-9]{1,19}", value.strip()):
         return None
     return int(value)
 
@@ -478,7 +478,10 @@ class Upstream:
                 return cached
             if refused is not None:
                 self._tokens.forget(registry, scope)
-            realm = httpx.URL(challenge.params["realm"])
+            try:
+                realm = httpx.URL(challenge.params["realm"])
+            except httpx.InvalidURL:
+                raise OciError("UNAUTHORIZED", "upstream token realm is not a valid URL") from None
             if realm.scheme not in ("http", "https") or not realm.host:
                 raise OciError("UNAUTHORIZED", "upstream token realm is not an http(s) URL")
             params = {"scope": scope}

@@ -15,6 +15,22 @@ import re
 _SPEC = re.compile(r"^\s*([0-9]*)\s*-\s*([0-9]*)\s*$")
 
 
+# Larger than any blob. A position with more digits than this is taken as this: Python's int() refuses strings
+# of more than 4300 digits (ValueError), and nothing that long can point inside a blob anyway.
+_HUGE = 10**18
+
+
+def _num(digits: str) -> int:
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) < 19 else _HUGE
+
+
+def _less(a: str, b: str) -> bool:
+    """a < b for digit strings of any length, exactly."""
+    a, b = a.lstrip("0") or "0", b.lstrip("0") or "0"
+    return (len(a), a) < (len(b), b)
+
+
 class RangeNotSatisfiable(Exception):
     """The Range selects nothing inside a blob of `size` bytes: answer 416."""
 
@@ -47,16 +63,16 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     if first == "":
         # suffix range "-n": the last n bytes
-        n = int(last)
+        n = _num(last)
         if n == 0 or size == 0:
             raise RangeNotSatisfiable(size)
         return max(0, size - n), size
-    start = int(first)
-    if last != "" and int(last) < start:
+    start = _num(first)
+    if last != "" and _less(last, first):
         return None  # "5-3" is invalid syntax, not unsatisfiable (RFC 9110 §14.1.1)
     if start >= size:
         raise RangeNotSatisfiable(size)
-    end = size if last == "" else min(int(last) + 1, size)
+    end = size if last == "" else min(_num(last) + 1, size)
     return start, end
 
 

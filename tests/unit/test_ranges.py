@@ -26,6 +26,13 @@ from p2pcache.proxy.ranges import RangeNotSatisfiable, content_range, parse_rang
         ("bytes=+1-2", 100, None),
         ("bytes=١-٢", 100, None),  # non-ASCII digits are not digits here
         ("bytes", 100, None),
+        # positions longer than int() takes (4300 digits) or than any blob
+        ("bytes=0-" + "9" * 5000, 100, (0, 100)),
+        ("bytes=-" + "9" * 5000, 100, (0, 100)),
+        ("bytes=" + "0" * 5000 + "5-9", 100, (5, 10)),
+        ("bytes=5-" + "9" * 19, 100, (5, 100)),
+        ("bytes=" + "9" * 5000 + "-1", 100, None),  # last < first: invalid, ignored
+        ("bytes=" + "2" * 19 + "-" + "1" * 19, 100, None),
     ],
 )
 def test_parse_range(header, size, expected):
@@ -33,7 +40,8 @@ def test_parse_range(header, size, expected):
 
 
 @pytest.mark.parametrize("header,size", [("bytes=100-", 100), ("bytes=100-200", 100), ("bytes=-0", 100),
-                                         ("bytes=0-", 0), ("bytes=-5", 0)])
+                                         ("bytes=0-", 0), ("bytes=-5", 0), ("bytes=" + "1" * 5000 + "-", 100),
+                                         ("bytes=" + "1" * 19 + "-" + "1" * 20, 100)])
 def test_unsatisfiable(header, size):
     with pytest.raises(RangeNotSatisfiable) as e:
         parse_range(header, size)

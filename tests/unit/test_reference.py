@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -132,6 +133,8 @@ def test_resolve_repo_default_ns() -> None:
         ("Alpine", None), ("a/b", "../x"), ("a/b", ""), ("a/b", "GHCR.io"), ("a/b", "ghcr.io/x"),
         ("a/b", "host:99999"), ("a/b", "host:0"), ("a/b", "-host"), ("a/b", "host:"), ("a/b", "a..b"),
         ("bad_host.io/app", None), ("", None), ("a/b", "host\n"),
+        # the grammar's shape, but no URL can hold them (httpx raised InvalidURL: a 500)
+        ("a/b", "[.]"), ("a/b", "[1:2]"), ("a/b", "999.1.1.1"), ("a/b", "01.2.3.4:5000"), ("999.1.1.1/x", None),
     ],
 )
 def test_resolve_repo_rejects(path: str, ns_query: str | None) -> None:
@@ -146,7 +149,7 @@ def test_library_prefix_cannot_overflow_the_limit() -> None:
 
 
 def test_check_ns() -> None:
-    for ok in ["docker.io", "127.0.0.1:5000", "a-b.example.com:443", "[::1]", "localhost"]:
+    for ok in ["docker.io", "127.0.0.1:5000", "a-b.example.com:443", "[::1]", "localhost", "[::ffff:1.2.3.4]:5000"]:
         assert check_ns(ok) == ok
 
 
@@ -165,8 +168,22 @@ def test_resolve_repo_never_crashes_and_never_yields_traversal(path: str, ns: st
         return
     for part in [*repo.name.split("/"), repo.ns]:
         assert part not in ("", ".", "..")
+    httpx.URL(f"https://{repo.ns}/v2/{repo.name}/")  # an upstream URL can be made of it (no InvalidURL)
     assert _SAFE.fullmatch(repo.name) and _SAFE.fullmatch(repo.ns)
     assert ".." not in repo.name and "%" not in repo.name and repo.name == repo.name.lower()
+
+
+@settings(max_examples=300, deadline=None)
+@given(ns=st.from_regex(r"(\[[0-9a-f:.]{0,12}\]|[0-9]{1,4}(\.[0-9]{1,4}){2,4}|[a-z0-9.]{1,12})(:[0-9]{1,5})?",
+                        fullmatch=True))
+def test_a_namespace_check_ns_accepts_makes_a_url(ns: str) -> None:
+    """IP-like namespaces in particular: what check_ns lets through, httpx can make an upstream URL of."""
+    try:
+        check_ns(ns)
+    except OciError as e:
+        assert e.code == "NAME_INVALID"
+        return
+    httpx.URL(f"https://{ns}/v2/")
 
 
 _component = st.from_regex(r"[a-z0-9]{1,4}((\.|_|__|-{1,2})[a-z0-9]{1,4}){0,2}", fullmatch=True)

@@ -70,6 +70,7 @@ class FakeRegistry:
     """Just enough of the distribution API, with switches for each misbehaviour we must survive."""
 
     auth: str | None = None  # None, "bearer" or "basic"
+    realm: str = "http://auth.test/token"  # the Bearer challenge's token server
     user: tuple[str, str] = ("alice", "wonderland")
     anonymous_tokens: bool = True  # token server issues tokens without credentials
     expires_in: int | None = None
@@ -135,7 +136,7 @@ class FakeRegistry:
             if got.startswith("Bearer ") and got[7:] in self.valid_tokens:
                 return None
             return respond(401, headers={
-                "WWW-Authenticate": 'Bearer realm="http://auth.test/token",service="registry.test",'
+                "WWW-Authenticate": f'Bearer realm="{self.realm}",service="registry.test",'
                                     'scope="repository:library/alpine:pull"'})
         if self.auth == "basic":
             want = "Basic " + base64.b64encode(f"{self.user[0]}:{self.user[1]}".encode()).decode()
@@ -253,6 +254,14 @@ async def test_wrong_credentials_are_unauthorized() -> None:
     up2 = make(reg)  # no credentials, token server wants some
     with pytest.raises(OciError, match="anonymous"):
         await up2.get_manifest(REPO, "latest", [OCI_MANIFEST])
+
+
+@pytest.mark.parametrize("realm", ["http://[::1", "ftp://auth.test/token", "http://999.1.1.1/token"])
+async def test_a_realm_that_is_no_usable_url_is_unauthorized(realm: str) -> None:
+    up = make(FakeRegistry(auth="bearer", realm=realm))
+    with pytest.raises(OciError) as e:
+        await up.get_manifest(REPO, "latest", [OCI_MANIFEST])
+    assert e.value.code == "UNAUTHORIZED"
 
 
 async def test_token_expiry_fetches_a_new_token() -> None:
