@@ -155,7 +155,8 @@ async def run_node(settings: Settings, *, task_status: trio.TaskStatus[Node] = t
             registry = Registry(settings, node.fetcher, node.resolver, node.metrics)
             admin = Admin(settings, node.store, node.manifests, node.tags, node.fetcher, node.resolver,
                           node.metrics)
-            node.registry_address = await _listen(nursery, "registry", settings.listen, registry, settings)
+            node.registry_address = await _listen(nursery, "registry", settings.listen, registry, settings,
+                                                  before_body=registry.before_body)
             node.admin_address = await _listen(nursery, "admin", settings.admin_listen, admin, settings,
                                                max_body_bytes=ADMIN_MAX_BODY)
             log.info("listening on %s (registry), %s (admin)%s", node.registry_url, node.admin_url,

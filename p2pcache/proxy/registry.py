@@ -137,6 +137,16 @@ class Registry:
             return "manifests", await self._manifest(req, repo, ref)
         return "blobs", await self._blob(req, repo, parse_digest(ref))
 
+    def before_body(self, req: Request) -> Response | None:
+        """The server asks before it reads a request's body: a push (any method but GET and HEAD) is answered
+        405 UNSUPPORTED from its head alone, whatever the path, never 413 for a big layer or after reading it."""
+        if req.method in READ_METHODS:
+            return None
+        resp = oci_error_response(OciError("UNSUPPORTED", "this registry is a read-only pull-through cache"))
+        resp.headers.append(API_VERSION_HEADER)
+        self.metrics.requests.labels(route="unknown", method=req.method, status=str(resp.status)).inc()
+        return resp
+
     def _read_only(self, req: Request) -> Response | None:
         if req.method in READ_METHODS:
             return None

@@ -7,7 +7,9 @@ is held to, so a slow or hostile client can only ever cost its own connection:
   long an idle keep-alive connection is kept);
 - a client that stops reading for `client_send_timeout` is dropped (the timeout is on progress, not on the
   whole transfer, so a slow-but-moving client of a big blob is fine);
-- request bodies are read only up to `max_body_bytes` (the registry port is read-only; admin takes small JSON).
+- request bodies are read only up to `max_body_bytes` (the registry port is read-only; admin takes small JSON),
+  and only after `before_body` (if given) saw the head: the registry port answers a push 405 from its head,
+  not 413 after reading (or inviting with 100-continue) a layer's worth of it.
 
 Blob bodies (`Response.stream`) take the fast path: headers through h11, then the bytes straight from the
 blob's file to the non-blocking socket with `os.sendfile`, waiting on `trio.lowlevel.wait_writable` when the
@@ -104,6 +106,9 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+# Called with a request's head before its body is read (or invited with 100-continue): a Response here is sent
+# instead of calling the handler, and the connection is closed (the body is never read).
+BeforeBody = Callable[[Request], Response | None]
 
 
 def oci_error_response(err: OciError) -> Response:
@@ -136,9 +141,11 @@ class _BodyAborted(Exception):
 class _Conn:
     """One client connection: the h11 state machine plus the socket it drives."""
 
-    def __init__(self, stream: trio.SocketStream, handler: Handler, settings: Settings, max_body: int) -> None:
+    def __init__(self, stream: trio.SocketStream, handler: Handler, settings: Settings, max_body: int,
+                 before_body: BeforeBody | None = None) -> None:
         self.stream = stream
         self.handler = handler
+        self.before_body = before_body
         self.settings = settings
         self.max_body = max_body
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_header_bytes)
@@ -175,6 +182,10 @@ class _Conn:
                 req = _make_request(event)
                 if isinstance(req, Response):
                     return req
+                if self.before_body is not None:
+                    early = self.before_body(req)
+                    if early is not None:
+                        return early
                 declared = req.header("content-length")
                 if declared is not None and declared.isdigit() and int(declared) > self.max_body:
                     # Refused before reading (or inviting, with 100-continue) a byte of it.
@@ -370,7 +381,7 @@ def _make_request(event: h11.Request) -> Request | Response:
     """Decode the target once; a target that is not valid text is 400 before any handler sees it."""
     try:
         target = event.target.decode("ascii")
-        method = event.method.decode("ascii").upper()
+        method = event.method.decode("ascii")  # case-sensitive (RFC 9110 §9.1): "head" is not HEAD
         raw_path, _, raw_query = target.partition("?")
         path = urllib.parse.unquote_to_bytes(raw_path).decode("utf-8")
         query = dict(urllib.parse.parse_qsl(raw_query, keep_blank_values=True, errors="strict"))
@@ -388,6 +399,7 @@ async def serve_http(
     settings: Settings,
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY,
+    before_body: BeforeBody | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `handler` on `listen` ("HOST:PORT", port 0 = any) until cancelled.
@@ -401,7 +413,7 @@ async def serve_http(
 
     async def on_connection(stream: trio.SocketStream) -> None:
         try:
-            await _Conn(stream, handler, settings, max_body_bytes).serve()
+            await _Conn(stream, handler, settings, max_body_bytes, before_body).serve()
         except Exception:
             # A bug in one connection must cost that connection only, never the listener and its siblings.
             log.exception("connection handler crashed")

@@ -34,7 +34,7 @@ class FakeHandle:
         self.changed.set()
         self.changed = trio.Event()
 
-    async def readable(self, offset: int) -> int:
+    async def readable(self, offset: int, stop: int | None = None) -> int:
         while True:
             if self.fail_at is not None and offset >= self.fail_at:
                 raise FetchFailed("digest mismatch")  # the whole-blob check failed: the body must be cut short

@@ -53,7 +53,7 @@ class Handle:
         self.file.write(data)
         self.file.flush()
 
-    async def readable(self, offset: int) -> int:
+    async def readable(self, offset: int, stop: int | None = None) -> int:
         return self.size
 
 
@@ -100,7 +100,8 @@ async def node(nursery):
     fetcher, resolver, metrics = FakeFetcher(), FakeResolver(), Metrics()
     settings = Settings(default_ns="docker.io")
     reg = Registry(settings, fetcher, resolver, metrics)  # type: ignore[arg-type]
-    _, port = await nursery.start(serve_http, "127.0.0.1:0", reg, settings)
+    _, port = await nursery.start(functools.partial(serve_http, "127.0.0.1:0", reg, settings,
+                                                    before_body=reg.before_body))
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
         yield client, fetcher, resolver, metrics
 
@@ -227,10 +228,32 @@ async def test_traversal_gets_400(node):
     ("DELETE", "/v2/alpine/manifests/1"),
     ("PUT", "/v2/"),
 ])
-async def test_push_is_405_unsupported(node, method, path):
+@pytest.mark.parametrize("size", [2, 200_000])  # a layer's worth: 405 from the head, not 413 after reading
+async def test_push_is_405_unsupported(node, method, path, size):
     client, *_ = node
-    r = await client.request(method, path, content=b"{}")
+    r = await client.request(method, path, content=b"{" + b" " * (size - 2) + b"}")
     assert r.status_code == 405 and error_code(r) == "UNSUPPORTED"
+
+
+async def test_push_with_expect_100_continue_is_refused_without_inviting_the_body(node):
+    client, *_ = node
+    port = client.base_url.port
+    s = await trio.open_tcp_stream("127.0.0.1", port)
+    await s.send_all(b"PUT /v2/alpine/blobs/uploads/x HTTP/1.1\r\nhost: t\r\ncontent-length: 1000000\r\n"
+                     b"expect: 100-continue\r\n\r\n")
+    with trio.fail_after(2):
+        reply = await s.receive_some(1000)
+    assert reply.startswith(b"HTTP/1.1 405 ") and b"UNSUPPORTED" in reply
+
+
+async def test_methods_are_case_sensitive(node):
+    """"head" is not HEAD (RFC 9110): h11 expects a body for it, so answering it as HEAD broke the connection."""
+    client, *_ = node
+    s = await trio.open_tcp_stream("127.0.0.1", client.base_url.port)
+    await s.send_all(b"head /v2/ HTTP/1.1\r\nhost: t\r\n\r\n")
+    with trio.fail_after(2):
+        reply = await s.receive_some(1000)
+    assert reply.startswith(b"HTTP/1.1 405 ")
 
 
 async def test_lists_unknown_paths_metrics_healthz(node):
@@ -299,7 +322,8 @@ async def test_node_serves_and_caches(real_node):
     assert status["blobs"] >= 2 and status["store_bytes"] >= len(LAYER)
     # the admin API is not on the registry port, and the registry API is not on the admin port
     assert (await reg.get("/admin/status")).status_code == 404
-    assert (await reg.delete(f"/admin/blobs/{LAYER_D}")).status_code == 404
+    assert (await reg.delete(f"/admin/blobs/{LAYER_D}")).status_code == 405  # the port refuses every write
+    assert node.fetcher.store.stat(LAYER_D) is not None
     assert (await admin.get("/v2/")).status_code == 404
 
 
