@@ -70,7 +70,10 @@ def split_image(ref: str, default_ns: str) -> tuple[Repo, str]:
 
 
 def manifest_children(body: bytes) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
-    """(child manifests with their index entries, blob digests) referenced by a manifest body."""
+    """(child manifests with their index entries, blob digests) referenced by a manifest body.
+
+    The body is the upstream's and may be any JSON: only lists of objects with a string digest count (a
+    `"layers": 5` was a TypeError, a 500 of preheat and rmi)."""
     try:
         doc = json.loads(body)
     except ValueError:
@@ -79,20 +82,26 @@ def manifest_children(body: bytes) -> tuple[list[tuple[str, dict[str, Any]]], li
         return [], []
     children: list[tuple[str, dict[str, Any]]] = []
     blobs: list[str] = []
-    for entry in doc.get("manifests") or []:
+    for entry in _list(doc.get("manifests")):
         if isinstance(entry, dict) and isinstance(entry.get("digest"), str):
             children.append((entry["digest"], entry))
     config = doc.get("config")
     if isinstance(config, dict) and isinstance(config.get("digest"), str):
         blobs.append(config["digest"])
-    for layer in doc.get("layers") or []:
+    for layer in _list(doc.get("layers")):
         if isinstance(layer, dict) and isinstance(layer.get("digest"), str):
             blobs.append(layer["digest"])
     return children, blobs
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def _platform(entry: dict[str, Any]) -> str:
-    p = entry.get("platform") or {}
+    p = entry.get("platform")
+    if not isinstance(p, dict):
+        p = {}
     parts = [str(p.get("os", "")), str(p.get("architecture", ""))]
     if p.get("variant"):
         parts.append(str(p["variant"]))

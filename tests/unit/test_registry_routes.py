@@ -21,6 +21,7 @@ from p2pcache.config import Settings
 from p2pcache.metrics import Metrics
 from p2pcache.node import run_node
 from p2pcache.oci.errors import OciError, UpstreamUnavailable
+from p2pcache.proxy.admin import _platform, manifest_children
 from p2pcache.proxy.registry import Registry, accept_types, split_v2_path
 from p2pcache.proxy.server import Request, serve_http
 
@@ -400,3 +401,21 @@ def test_startup_problems_are_one_line_and_status_2(tmp_path):
             assert p.stderr.strip().splitlines()[-1].startswith("p2pcache: ")
     finally:
         busy.close()
+
+
+@pytest.mark.parametrize("doc", [
+    {"layers": 5}, {"layers": "sha256:x"}, {"manifests": {"digest": "x"}}, {"manifests": [{"platform": "linux"}]},
+    {"manifests": [{"digest": 3}], "config": [1]}, [1, 2], "x", {"layers": [None, 1, {"digest": None}]},
+    {"manifests": [{"digest": "sha256:a", "platform": ["linux"]}]},
+])
+def test_manifest_children_takes_any_json(doc):
+    """An upstream's manifest may be any JSON: what preheat and rmi read from it never raises."""
+    children, blobs = manifest_children(json.dumps(doc).encode())
+    assert blobs == []
+    for _, entry in children:
+        _platform(entry)
+
+
+def test_platform_of_an_index_entry():
+    assert _platform({"platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}}) == "linux/arm64/v8"
+    assert _platform({"platform": "linux/amd64"}) == "/"
