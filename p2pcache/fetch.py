@@ -874,6 +874,13 @@ class Fetcher:
             counter = self.metrics.cache_hits if download.verified else self.metrics.cache_misses
             counter.labels(kind="blob").inc()
             size = await download.wait_size()
+            if size == 0 and not download.verified:
+                # An empty body is complete with its headers: nothing after them could abort it. So a blob the
+                # upstream calls empty is handed out once its digest is checked (only one digest is empty).
+                try:
+                    await download.readable(0)
+                except FetchFailed:
+                    raise _client_error(download.error) from None
             reader = download.open_reader()
             stack.callback(reader.close)
             yield BlobHandle(size, reader, download)

@@ -427,6 +427,20 @@ async def test_an_empty_blob(settings: Settings) -> None:
         assert await settled_size(fetcher, d) == 0
 
 
+async def test_an_upstream_that_calls_a_blob_empty_gets_no_client_a_complete_empty_body(settings: Settings) -> None:
+    """An empty body is complete once its headers are out, so the handle waits for the digest check first."""
+    data = blob(1000)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    up.lies[d] = b""
+    async with running(settings, up) as fetcher:
+        with pytest.raises(OciError) as e:
+            async with fetcher.open_blob(REPO, d):
+                pass
+        assert e.value.code == "UNAVAILABLE"
+        assert fetcher.store.stat(d) is None
+
+
 async def test_node_shutdown_cancels_downloads_and_leaves_nothing_running(settings: Settings) -> None:
     data = blob(4 * PIECE)
     d = digest_of(data)
