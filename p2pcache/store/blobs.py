@@ -197,8 +197,10 @@ class BlobStore:
             f = open(path, "rb")  # returned to the caller
         except FileNotFoundError:
             # Removed behind our back (an operator, a full-disk cleanup): forget it instead of failing forever.
+            # Checked again under the lock: a commit (a worker thread) may have renamed the blob into place and
+            # indexed it since the open failed, and forgetting that entry left a file no quota counted.
             with self._lock:
-                if self._index.remove(hex_) is not None:
+                if not os.path.exists(path) and self._index.remove(hex_) is not None:
                     self._publish()
             return None
         with self._lock:

@@ -57,6 +57,28 @@ def test_commit_with_callers_hash_puts_blob_in_place(tmp_path: Path) -> None:
     p.close()
 
 
+def test_an_open_that_missed_a_commit_by_a_moment_keeps_its_index_entry(tmp_path: Path, monkeypatch) -> None:
+    """open() found no file, and the commit (a worker thread) renamed and indexed the blob before open() took
+    the lock to forget it: the entry stays, or the file is on disk with no quota counting it."""
+    import p2pcache.store.blobs as blobs_mod
+
+    store = BlobStore(tmp_path)
+    data = blob(1000)
+    d = digest_of(data)
+    p = store.partial(d, len(data), 256)
+    fill(p, data)
+
+    def open_racing_the_commit(path, mode="r", *a, **kw):
+        store.commit(p, hashlib.sha256(data).hexdigest())  # lands between the failed open and the lock
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(blobs_mod, "open", open_racing_the_commit, raising=False)
+    assert store.open(d) is None
+    monkeypatch.undo()
+    assert store.stat(d) == 1000 and store.used_bytes() == 1000
+    p.close()
+
+
 def test_commit_rehashes_when_no_hash_given(tmp_path: Path) -> None:
     store = BlobStore(tmp_path)
     data = blob(3000, 1)
