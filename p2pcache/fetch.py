@@ -296,7 +296,7 @@ class Download:
         piece_size = piece_size or settings.piece_size or piece_size_for(size)
         store = self.fetcher.store
         try:
-            store.make_room(size)
+            store.make_room(size, keep=self.digest)
             partial = store.partial(self.digest, size, piece_size)
         except (OSError, ValueError) as e:  # no space, an absurd size announced by upstream or metainfo
             raise FetchFailed(f"cannot hold {self.digest} ({size} bytes): {e}") from e

@@ -11,16 +11,18 @@ Rules (what this module must never do):
   `blobs/` only by `rename` of a fully written, fsynced file whose SHA-256 matched, on the same filesystem.
 - Never build a path from an unvalidated digest: every public method first checks `sha256:<64 lowercase hex>`
   and raises `OciError("DIGEST_INVALID")` otherwise, so nothing can escape the store directory.
-- Never evict a pinned blob or a partial download.
+- Never evict a pinned blob or a partial download being written.
 
 Partials untouched for a week (PARTIAL_MAX_AGE) are removed at start-up: abandoned downloads.
 
 Quota: `max_bytes` counts complete blobs (sizes tracked in memory, computed once at startup by walking
-`blobs/`) plus the full size of every download in progress, which is reserved when it starts: two 2 GiB pulls
-started at once on a store 1 GiB under its quota evict 3 GiB of old blobs between them, not nothing each. LRU
-order is by last access (open, stat for serving), initialised from file mtimes at startup; `open` also bumps the
-mtime (at most once a minute per blob) so the order survives a restart. `make_room(n)` (called before a download
-starts) evicts least-recently-used unpinned blobs until `used + reserved + n <= max_bytes`. When that is
+`blobs/`), the disk held by idle partial downloads (a failed one, one a restart left to resume; the first to
+be removed when room is needed), plus the full size of every download in progress, which is reserved when it
+starts: two 2 GiB pulls started at once on a store 1 GiB under its quota evict 3 GiB of old blobs between
+them, not nothing each. LRU order is by last access (open, stat for serving), initialised from file mtimes at
+startup; `open` also bumps the mtime (at most once a minute per blob) so the order survives a restart.
+`make_room(n)` (called before a download starts) removes idle partials, then evicts least-recently-used unpinned
+blobs, until `used + idle + reserved + n <= max_bytes`; for an `n` above `max_bytes` it does nothing. When that is
 impossible (too much pinned) it evicts what it can and returns: the download proceeds anyway, because serving a
 pull over the quota is better than refusing it. `over_quota()` tells whether that happened. `commit` and
 `put_bytes` apply the quota too.
@@ -310,12 +312,19 @@ class BlobStore:
         with self._lock:
             return self.max_bytes is not None and self._index.used > self.max_bytes
 
-    def make_room(self, nbytes: int) -> None:
-        """Evict least-recently-used unpinned blobs until used + nbytes <= max_bytes, or nothing evictable is left.
+    def make_room(self, nbytes: int, keep: str | None = None) -> None:
+        """Make room for a download of `nbytes`: evict idle partial downloads (not `keep`'s, the digest about to
+        resume its own), then least-recently-used unpinned blobs, until it fits or nothing evictable is left.
 
-        Never fails: if pins keep the store above quota the caller proceeds anyway (see over_quota()).
+        Never fails: if pins keep the store above quota the caller proceeds anyway (see over_quota()). A download
+        larger than the whole quota evicts nothing: it cannot fit whatever goes (an upstream that announced an
+        absurd size emptied the cache before its first byte), and its commit applies the quota as usual.
         """
-        self._enforce(max(0, nbytes), exclude=None)
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            log.warning("store: a download of %d bytes is larger than the quota (%d): nothing evicted for it",
+                        nbytes, self.max_bytes)
+            return
+        self._enforce(max(0, nbytes), exclude=None, keep=digest_hex(keep) if keep is not None else None)
 
     def reserved_bytes(self) -> int:
         """The sizes of the downloads in progress (live partials), which the quota holds room for."""
@@ -323,13 +332,46 @@ class BlobStore:
             return self._reserved()
 
     def _reserved(self) -> int:
-        return sum(p.size for p in self._partials.values() if not (p.discarded or p.committed))
+        limit = self.max_bytes
+        return sum(p.size for p in self._partials.values()
+                   if not (p.discarded or p.committed or p.file.closed) and (limit is None or p.size <= limit))
 
-    def _enforce(self, nbytes: int, exclude: str | None) -> None:
+    def _live(self, hex_: str) -> bool:
+        p = self._partials.get(hex_)
+        return p is not None and not (p.discarded or p.committed or p.file.closed)
+
+    def _idle_partials(self, keep: str | None) -> list[tuple[float, str, int]]:
+        """Partial downloads on disk that no download is writing (one failed, or a restart left it to resume):
+        (mtime, hex, bytes on disk), oldest first. The quota counts them, and they are the first to go."""
+        out = []
+        for p in self.partial_dir.glob("*.data"):
+            hex_ = p.name[: -len(".data")]
+            if hex_ == keep or not _HEX_RE.fullmatch(hex_) or self._live(hex_):
+                continue
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out.append((st.st_mtime, hex_, st.st_blocks * 512))
+        out.sort()
+        return out
+
+    def _enforce(self, nbytes: int, exclude: str | None, keep: str | None = None) -> None:
         if self.max_bytes is None:
             return
         with self._lock:
-            victims = self._index.victims(nbytes + self._reserved(), self.max_bytes, exclude)
+            need = nbytes + self._reserved()
+            # Idle partials first: a download that failed on a full disk left one no quota counted, and every
+            # later pull failed on the disk it held (found in review: a 20 MB tmpfs under a 15 MB quota).
+            idle = self._idle_partials(keep)
+            idle_bytes = sum(n for _, _, n in idle)
+            while idle and self._index.used + idle_bytes + need > self.max_bytes:
+                _, hex_, n = idle.pop(0)
+                log.info("store: removing the idle partial download of sha256:%s (%d bytes) for quota", hex_, n)
+                for kind in ("data", "state"):
+                    _remove(self.partial_dir / f"{hex_}.{kind}")
+                idle_bytes -= n
+            victims = self._index.victims(need + idle_bytes, self.max_bytes, exclude)
             for hex_ in victims:
                 # A reader with the file open keeps its inode; unlinking under it is safe.
                 self._unlink_blob(hex_)

@@ -30,6 +30,7 @@ other (the whole-blob hash is rebuilt from disk and checked at commit); a node t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -174,11 +175,16 @@ class PartialBlob:
                 "hashes": list(self._hashes),
             }
             tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-            with open(tmp, "wb") as f:
-                f.write(msgpack.packb(doc, use_bin_type=True))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(msgpack.packb(doc, use_bin_type=True))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.state_path)
+            except BaseException:
+                with contextlib.suppress(OSError):  # a full disk: leave no .tmp behind (the old state stands)
+                    os.unlink(tmp)
+                raise
 
     # --- data -------------------------------------------------------------------------------------------------
 

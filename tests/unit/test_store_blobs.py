@@ -251,12 +251,47 @@ def test_a_download_bigger_than_the_quota_still_completes(tmp_path: Path) -> Non
     big = blob(5000, 9)
     store.make_room(len(big))
     p = store.partial(digest_of(big), len(big), 1024)
-    assert store.stat(a, touch=False) is None  # everything evictable went to make room
+    # It cannot fit whatever goes, so nothing goes for it up front (an upstream that announces an absurd size
+    # must not empty the cache before its first byte arrives)...
+    assert store.stat(a, touch=False) == 100
     fill(p, big)
     assert store.partial(digest_of(big), len(big), 1024) is p  # partials are never evicted
     store.commit(p)
+    assert store.stat(a, touch=False) is None  # ...its commit applies the quota like any other
     assert store.used_bytes() == 5000  # over quota, but served: better than refusing the pull
     assert store.over_quota()
+
+
+def test_idle_partial_downloads_count_and_go_first(tmp_path: Path) -> None:
+    """A download that failed (a full disk, an upstream gone) leaves its partial for a later resume; the quota
+    counts the disk it holds, and it is removed before any complete blob when room is needed."""
+    store = BlobStore(tmp_path, max_bytes=8000)
+    a = put(store, blob(3000, 1))
+    failed = blob(6000, 2)
+    p = store.partial(digest_of(failed), len(failed), 4096)
+    p.write(0, failed[:4096])
+    p.mark(0, hashlib.sha256(failed[:4096]).digest())
+    p.save()
+    p.close()  # the download gave up: its files stay, to resume
+    resumable = blob(5000, 3)
+    q = store.partial(digest_of(resumable), len(resumable), 4096)
+    q.write(0, resumable[:4096])
+    q.save()
+    q.close()
+    assert len(files_under(tmp_path / "partial")) == 4
+    # 3000 used + the idle partial of `failed` (4 KiB on disk) + 2000 wanted (`resumable`, whose own partial is
+    # about to be resumed, not dropped): over 8000. The idle partial goes; the blob stays.
+    os.utime(tmp_path / "partial" / f"{digest_of(failed)[7:]}.data", (1000, 1000))
+    store.make_room(2000, keep=digest_of(resumable))
+    assert store.stat(a) == 3000
+    names = {f.name for f in files_under(tmp_path / "partial")}
+    assert names == {f"{digest_of(resumable)[7:]}.data", f"{digest_of(resumable)[7:]}.state"}
+    # A download being written is never removed for room, however much is needed.
+    live = store.partial(digest_of(resumable), len(resumable), 4096)
+    store.make_room(4000)  # 3000 used + 5000 reserved + 4000: a goes, and that is all that can
+    assert not live.file.closed and (tmp_path / "partial" / f"{digest_of(resumable)[7:]}.data").exists()
+    assert store.stat(a, touch=False) is None
+    live.close()
 
 
 def test_restart_recounts_and_keeps_lru_order_from_mtime(tmp_path: Path) -> None:

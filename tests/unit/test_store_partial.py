@@ -189,3 +189,22 @@ def test_discard_removes_files(tmp_path: Path) -> None:
         write_piece(p, 1)
     p.save()  # no-op, recreates nothing
     assert list((tmp_path / "partial").iterdir()) == []
+
+
+def test_a_save_that_fails_leaves_no_temporary_file(tmp_path: Path, monkeypatch) -> None:
+    """A full disk during save(): the error goes to the caller, the old state stands, no .state.tmp is left."""
+    p = BlobStore(tmp_path).partial(digest_of(DATA), len(DATA), PIECE)
+    p.save()
+    before = p.state_path.read_bytes()
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    write_piece(p, 0)
+    with pytest.raises(OSError):
+        p.save()
+    monkeypatch.undo()
+    assert sorted(f.name for f in p.state_path.parent.iterdir()) == sorted([p.data_path.name, p.state_path.name])
+    assert p.state_path.read_bytes() == before
+    p.close()
