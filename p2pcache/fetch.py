@@ -75,6 +75,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -109,6 +110,9 @@ BATCH_CHUNKS = 8
 # Persist the partial's state (bitfield + piece hashes) after this many newly marked bytes, so a crash loses
 # little (a clean stop saves anyway). Each save is an fsync: every 16 MiB cost a cold 1 GiB pull ~8%.
 SAVE_EVERY_BYTES = 64 << 20
+# ... and after this many seconds with anything newly marked: a blob under 64 MiB (or a slow download) had no
+# state on disk at all, so a kill -9 meant starting over (found in review: a 50 MB blob at 10 MB/s, killed at 3.5 s).
+SAVE_EVERY_SECONDS = 5.0
 # Resume attempts after an upstream body ended early without making any progress in between.
 MAX_IDLE_RESUMES = 3
 # Hard cap on resume attempts per download, progress or not, so a flapping upstream cannot loop forever.
@@ -217,6 +221,7 @@ class Download:
         self._marked_since_save = 0
         self._save_due = False
         self._saving = False
+        self._saved_at = time.monotonic()  # when a save was last due
         self._peer_pieces = 0  # pieces that came through write_piece (the swarm), for blame on a mismatch
         self._too_long = False  # upstream sent more bytes than the size it announced
         self._mismatch: BlobDigestMismatch | None = None  # what finish() found, if the bytes were wrong
@@ -563,8 +568,10 @@ class Download:
         self._refresh_pieces_end()
         assert self.size is not None and self.piece_size is not None
         self._marked_since_save += piece_span(index, self.size, self.piece_size)[1]
-        if self._marked_since_save >= SAVE_EVERY_BYTES:
+        now = time.monotonic()
+        if self._marked_since_save >= SAVE_EVERY_BYTES or now - self._saved_at >= SAVE_EVERY_SECONDS:
             self._marked_since_save = 0
+            self._saved_at = now
             self._save_due = True  # saved by the writer or write_piece, in a worker thread (it fsyncs)
         if sha256 is not None:
             for cb in self._listeners:

@@ -368,6 +368,28 @@ async def test_a_restarted_node_resumes_where_the_download_stopped(settings: Set
     assert up2.opens == [(d, 3 * PIECE)], "the bytes already held must not be asked for again"
 
 
+async def test_a_slow_or_small_download_saves_its_state_by_time_too(settings: Settings, monkeypatch) -> None:
+    """Without a save every SAVE_EVERY_SECONDS, a blob under SAVE_EVERY_BYTES had no state on disk until a clean
+    stop: a kill -9 meant starting over. The state on disk must name the pieces held while the download runs."""
+    import msgpack
+
+    import p2pcache.fetch as fetch_mod
+
+    monkeypatch.setattr(fetch_mod, "SAVE_EVERY_SECONDS", 0.0)
+    data = blob(8 * PIECE + 7)
+    d = digest_of(data)
+    up = FakeUpstream({d: data})
+    up.pause_at = 3 * PIECE + 5000
+    async with running(settings, up) as fetcher:
+        async with fetcher.open_blob(REPO, d) as h:
+            await readable_to(h, 3 * PIECE)
+            state = fetcher.store.partial_dir / f"{d[7:]}.state"
+            with trio.fail_after(5):
+                while not state.exists() or not msgpack.unpackb(state.read_bytes())["bitfield"][0]:
+                    await trio.sleep(0.01)
+        up.release.set()
+
+
 async def test_errors_before_the_first_byte_reach_every_waiting_client(settings: Settings) -> None:
     missing = digest_of(b"nope")
     up = FakeUpstream({})
