@@ -101,6 +101,9 @@ class ManifestResolver:
         run: Callable[[], Awaitable[tuple[ManifestInfo, bytes]]]
         if is_digest(ref):
             run = functools.partial(self._by_digest, repo, parse_digest(ref), accept)
+            # Its bytes are the digest's whatever the Accept set (a held one is served to any), so docker,
+            # containerd and skopeo asking at once with their different Accept sets make one upstream GET.
+            key = ""
         else:
             run = functools.partial(self._by_tag, repo, check_tag(ref), accept, key)
         info, body = await self._coalesced((repo.ns, repo.name, ref, key), run)

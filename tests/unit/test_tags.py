@@ -197,6 +197,24 @@ async def test_identical_concurrent_resolutions_are_coalesced(settings: Settings
     assert up.calls == [("HEAD", "latest"), ("GET", digest)]
 
 
+async def test_a_digest_asked_with_different_accept_sets_at_once_is_one_upstream_get(settings: Settings) -> None:
+    """docker, containerd and skopeo send different Accept sets; a manifest by digest is the same bytes to all."""
+    up, clock = FakeUpstream(), Clock()
+    digest = up.publish("latest", 1)
+    up.delay = 0.01
+    r = make(settings, up, clock)
+    results: list[str] = []
+
+    async def client(accept: list[str]) -> None:
+        results.append((await r.resolve(REPO, digest, accept))[0].digest)
+
+    async with trio.open_nursery() as n:
+        for accept in (ACCEPT, ACCEPT[:1], list(reversed(ACCEPT)), ACCEPT):
+            n.start_soon(client, accept)
+    assert results == [digest] * 4
+    assert up.calls == [("GET", digest)]
+
+
 async def test_a_client_that_gives_up_does_not_fail_the_others(settings: Settings) -> None:
     up, clock = FakeUpstream(), Clock()
     digest = up.publish("latest", 1)
