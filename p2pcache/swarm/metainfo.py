@@ -15,6 +15,10 @@ from collections.abc import Sequence
 # request, a hash, a HAVE to each peer, a thread hop) costs more CPU than the latency it saves.
 MIN_PIECE = 512 << 10
 MAX_PIECE = 16 << 20  # 16 MiB: above this, a slow peer holds a large share of the blob hostage
+# The most pieces a blob's metainfo may have: their hashes (34 bytes each in msgpack) must fit one metainfo answer
+# (wire.MAX_HEADER, 1 MiB). piece_size_for never comes near it (16 MiB pieces of a 256 GiB blob); a tracker
+# refuses a layout with more (a peer that published 2^27 one-byte pieces made it allocate a gigabyte).
+MAX_META_PIECES = 1 << 14
 # About 256 pieces per blob (so 4 MiB for 1 GiB, 2 MiB for 500 MB). Chosen with the simulator (see
 # simulations/README.md): when the registry and the nodes' links are equally fast (the hard case), the slowest
 # of 100 nodes pulling 1 GB lands at 1.26x the Kumar-Ross bound with 2 MiB pieces, 1.39x with 4 MiB, 1.59x with

@@ -36,6 +36,8 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from p2pcache.swarm.metainfo import MAX_META_PIECES, MAX_PIECE, piece_count
+
 __all__ = [
     "ClaimGranted", "ClaimHeld", "Holder", "Metainfo", "TagAnswer", "Tracker",
     "DEFAULT_ANNOUNCE_TTL", "DEFAULT_CLAIM_TTL",
@@ -311,9 +313,11 @@ class Tracker:
         """
         if self.claim_holder(digest, now) != node:
             return False
+        if not (0 < piece_size <= MAX_PIECE and size >= 0) or piece_count(size, piece_size) > MAX_META_PIECES:
+            return False  # no layout a node makes, and its hash list would be the publisher's to size
         m = self._meta.get(digest)
-        n = max(1, -(-size // piece_size)) if piece_size > 0 else 0
-        if n == 0 or first < 0 or first + len(hashes) > n:
+        n = piece_count(size, piece_size)
+        if first < 0 or first + len(hashes) > n:
             return False
         if m is None:
             m = self._meta[digest] = Metainfo(size, piece_size, [None] * n)

@@ -1,5 +1,7 @@
 import random
 
+import pytest
+
 from p2pcache.swarm.tracker import ClaimGranted, ClaimHeld, Tracker
 
 D = "sha256:" + "a" * 64
@@ -53,6 +55,18 @@ def test_metainfo_only_from_the_claim_holder_and_never_rewritten():
     assert t.publish_metainfo(D, "a", 0, size=10, piece_size=4, first=1, hashes=[b"h1", b"h2"])
     m = t.metainfo(D)
     assert m.hashes == [b"h0", b"h1", b"h2"] and m.complete
+
+
+@pytest.mark.parametrize("size,piece_size", [
+    (2**27, 1),  # 2^27 one-byte pieces: a gigabyte of hash list for the tracker, from one frame
+    (2**40, 2**20),  # more pieces than a metainfo answer can carry
+    (10, 0), (10, -4), (-1, 4), (10, (16 << 20) + 1),
+])
+def test_metainfo_of_no_layout_a_node_makes_is_refused(size, piece_size):
+    t = Tracker()
+    t.claim(D, "a", now=0)
+    assert not t.publish_metainfo(D, "a", 0, size=size, piece_size=piece_size, first=0, hashes=[b"h0"])
+    assert t.metainfo(D) is None
 
 
 def test_tags_newest_wins():
