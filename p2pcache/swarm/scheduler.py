@@ -880,6 +880,20 @@ class UploadSlots:
             self.served.move_to_end(key)
         counts[index] = counts.get(index, 0) + 1
 
+    def not_held(self, key: Hashable, index: int) -> None:
+        """An upload that started turned out to be of a piece we do not hold (the driver found no bytes for it):
+        it was never served. Without this a peer asking for indexes of a blob we lack grew `served` by one entry
+        per index, for as long as the key stayed among the last SERVED_KEYS."""
+        counts = self.served.get(key)
+        if counts is None or index not in counts:
+            return
+        if counts[index] > 1:
+            counts[index] -= 1
+        else:
+            del counts[index]
+            if not counts:
+                del self.served[key]
+
     def _dequeued(self, peer: Peer) -> None:
         n = self.queued[peer] - 1
         if n:

@@ -403,6 +403,12 @@ class SwarmService:
     # what peers ask of us
     # =========================================================================================================
     def piece_source(self, digest: str, index: int) -> tuple[int, int, int] | None:
+        src = self._piece_source(digest, index)
+        if src is None:
+            self.uploads.not_held(digest, index)
+        return src
+
+    def _piece_source(self, digest: str, index: int) -> tuple[int, int, int] | None:
         f = self.store.open(digest)
         if f is not None:
             try:

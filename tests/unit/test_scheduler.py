@@ -320,3 +320,19 @@ def test_upload_counts_are_kept_for_the_most_recently_served_blobs_only(monkeypa
         u.finished("p", key, 0)
     assert list(u.served) == ["c", "a", "d"]
     assert u.times_served("a", 0) == 2 and u.times_served("b", 0) == 0
+
+
+def test_an_upload_of_a_piece_not_held_is_not_counted():
+    """A peer asking for indexes of a blob we lack must not grow the served counts (one entry per index)."""
+    u = UploadSlots(slots=1)
+    for i in range(1000):
+        assert u.request("p", "x", i) == [Serve("p", "x", i)]
+        u.not_held("x", i)  # the driver found no bytes for it
+        u.finished("p", "x", i)
+    assert "x" not in u.served
+    u.request("p", "y", 0)
+    u.finished("p", "y", 0)
+    u.request("p", "y", 0)
+    u.not_held("y", 0)
+    u.finished("p", "y", 0)
+    assert u.times_served("y", 0) == 1
