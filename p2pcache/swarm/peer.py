@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 2.0  # loopback/LAN connects take milliseconds; a black-holed host must not stall a download
 HANDSHAKE_TIMEOUT = 5.0  # three small frames; anything slower is broken or hostile
 STALL_TIMEOUT = 5.0  # silence while we wait on the peer: it is dead or wedged; its pieces are re-asked elsewhere
+# A peer that takes no byte of what we send for this long is dropped: it held one of the node's few upload slots
+# (and its queue) for as long as it liked (found in review: 4 slots held by one peer that never read, for minutes).
+SEND_STALL_TIMEOUT = 10.0
 RPC_TIMEOUT = 3.0  # tracker answers are in-memory lookups; slower means the owner is in trouble
 MAX_REQUESTS_IN = 32  # queued piece requests one peer may have with us; bounds memory and upload fairness
 MAX_REQUESTS_OUT = 8  # our piece requests in flight per connection: enough to fill a LAN pipe with 1-16 MiB pieces
@@ -193,6 +196,7 @@ class PeerConnection:
         self.peer = peer
         self.host = host
         self.dec = dec
+        dec.accept_payload = self._wants_payload
         self.outgoing = outgoing
         self.throttle_tx = throttle_tx
         self.throttle_rx = throttle_rx
@@ -283,7 +287,7 @@ class PeerConnection:
     async def _writer(self) -> None:
         while True:
             if self._control:
-                await _send_all(self.sock, self._control.popleft())
+                await self._send_all(self._control.popleft())
             elif self._uploads:
                 key = self._sending = self._uploads.popleft()
                 try:
@@ -300,11 +304,11 @@ class PeerConnection:
     async def _serve_piece(self, digest: str, index: int) -> None:
         src = self.host.piece_source(digest, index)
         if src is None:
-            await _send_all(self.sock, encode("reject", digest=digest, index=index, reason="not held"))
+            await self._send_all(encode("reject", digest=digest, index=index, reason="not held"))
             return
         fd, offset, length = src
         try:
-            await _send_all(self.sock, encode_head("piece", length, digest=digest, index=index))
+            await self._send_all(encode_head("piece", length, digest=digest, index=index))
             sent = 0
             while sent < length:
                 n = min(SEND_CHUNK, length - sent)
@@ -326,17 +330,42 @@ class PeerConnection:
             try:
                 n = os.sendfile(out, fd, offset, count)
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)
+                with trio.move_on_after(SEND_STALL_TIMEOUT) as cs:
+                    await trio.lowlevel.wait_writable(self.sock)
+                if cs.cancelled_caught:
+                    raise PeerGone(f"{self.peer.node} took no byte for {SEND_STALL_TIMEOUT:g} s") from None
                 continue
             if n == 0:  # the file is shorter than the piece: we cannot keep the frame's promise
                 raise OSError(errno.EIO, "piece file truncated")
             offset += n
             count -= n
 
+    async def _send_all(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            with trio.move_on_after(SEND_STALL_TIMEOUT) as cs:
+                n = await self.sock.send(view)
+            if cs.cancelled_caught:
+                raise PeerGone(f"{self.peer.node} took no byte for {SEND_STALL_TIMEOUT:g} s")
+            view = view[n:]
+
     # -- receiving ---------------------------------------------------------------------------------------------
+    def _wants_payload(self, kind: str, fields: dict[str, Any]) -> bool:
+        """The decoder asks before it buffers a payload: only a piece we asked for, or the manifest answering
+        one of our calls. Any other is dropped as it arrives (a piece cancelled meanwhile: dropped anyway)."""
+        if kind == "piece":
+            return (fields["digest"], fields["index"]) in self._pieces
+        if kind == "manifest":
+            return fields["id"] in self._calls
+        return False
+
+    def _stalls(self) -> bool:
+        """Silence is a stall while we wait on the peer, or while it is inside a frame (a frame sent in part)."""
+        return bool(self._waiting) or self.dec.mid_frame()
+
     def _arm(self) -> None:
         if self._stall is not None:
-            self._stall.deadline = trio.current_time() + STALL_TIMEOUT if self._waiting else math.inf
+            self._stall.deadline = trio.current_time() + STALL_TIMEOUT if self._stalls() else math.inf
 
     async def _reader(self) -> None:
         buf = bytearray(RECV_CHUNK)
@@ -362,7 +391,7 @@ class PeerConnection:
                     self.dec.eof()
                     return
                 self.bytes_in += n
-                if self._waiting:
+                if self._stalls():
                     # push the stall deadline back, but not on every read (moving a deadline has a cost)
                     deadline = trio.current_time() + STALL_TIMEOUT
                     if deadline - self._stall.deadline > STALL_TIMEOUT / 10:
@@ -371,6 +400,8 @@ class PeerConnection:
                     await self.throttle_rx(n)
                 for msg in self.dec.events():
                     self._dispatch(msg)
+                if self._stalls() != (self._stall.deadline != math.inf):
+                    self._arm()  # a frame began (the rest must follow), or the last one ended
         if self._stall.cancelled_caught:
             raise PeerGone(f"{self.peer.node} stalled for {STALL_TIMEOUT}s")
 

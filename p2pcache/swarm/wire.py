@@ -265,6 +265,11 @@ class FrameDecoder:
         # Payloads of these kinds are hashed while they arrive, a chunk at a time, so the hash is ready with the
         # last byte (no second pass over the piece, no wait for a worker thread before the next request).
         self.hash_kinds = hash_kinds
+        # Whether a frame's payload is wanted (its kind and header fields): an unwanted one (a piece nobody asked
+        # for, or one cancelled meanwhile) is read and dropped as it arrives, never buffered whole. Without it a
+        # frame head declaring 16 MiB made us allocate (and zero) 16 MiB at once, per connection.
+        self.accept_payload: Callable[[str, dict[str, Any]], bool] | None = None
+        self._skip = 0  # bytes of an unwanted payload still to drop
         self._hasher: Any = None
         self._buf = bytearray()
         self._pending: tuple[str, dict[str, Any]] | None = None  # header parsed, payload being received
@@ -276,6 +281,10 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._broken:
             raise ProtocolError("decoder already failed")
+        if self._skip and not self._buf:
+            n = min(len(data), self._skip)
+            self._skip -= n
+            data = data[n:]
         if self._payload is not None:
             n = min(len(data), len(self._payload) - self._have)
             self._payload[self._have:self._have + n] = data[:n]
@@ -284,6 +293,10 @@ class FrameDecoder:
             data = data[n:]
         if data:
             self._buf += data
+
+    def mid_frame(self) -> bool:
+        """Whether part of a frame has arrived and the rest has not (a peer that stops here is stalled)."""
+        return bool(self._buf) or self._payload is not None or self._skip > 0
 
     def payload_space(self) -> memoryview | None:
         """While a payload is being received and nothing is buffered: where to `recv_into` it directly."""
@@ -304,7 +317,7 @@ class FrameDecoder:
 
     def eof(self) -> None:
         """The peer closed its side: fine between frames, a ProtocolError inside one."""
-        if self._buf or self._payload is not None:
+        if self.mid_frame():
             self._broken = True
             raise ProtocolError("connection closed inside a frame")
 
@@ -327,6 +340,12 @@ class FrameDecoder:
             yield ev
 
     def _next(self) -> Message | _NeedData:
+        if self._skip:
+            n = min(self._skip, len(self._buf))
+            del self._buf[:n]
+            self._skip -= n
+            if self._skip:
+                return NEED_DATA
         if self._payload is not None:
             if self._have < len(self._payload):
                 # bytes that arrived after the header but before the payload buffer existed
@@ -365,6 +384,9 @@ class FrameDecoder:
         del self._buf[:end]
         if payload_len == 0:
             return Message(kind, fields, b"", _EMPTY_SHA256 if kind in self.hash_kinds else None)
+        if self.accept_payload is not None and not self.accept_payload(kind, fields):
+            self._skip = payload_len
+            return self._next()
         self._pending = (kind, fields)
         self._payload = bytearray(payload_len)
         self._have = 0

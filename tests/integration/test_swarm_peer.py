@@ -12,7 +12,7 @@ import trio
 from p2pcache.swarm import peer as peer_mod
 from p2pcache.swarm.handshake import Handshake, HandshakeError, PeerInfo
 from p2pcache.swarm.peer import PeerConnection, PeerGone, PieceRejected, handshake, open_peer_socket
-from p2pcache.swarm.wire import FrameDecoder, ProtocolError
+from p2pcache.swarm.wire import FrameDecoder, ProtocolError, encode
 
 D = "sha256:" + "cd" * 32
 PIECE = 1 << 20
@@ -195,5 +195,61 @@ async def test_frames_either_way_mark_a_connection_active_and_requests_keep_it_b
                 seen_busy = seen_busy or cli.busy()
                 await trio.sleep(0)
         assert seen_busy and rejected and not cli.busy()
+        nursery.cancel_scope.cancel()
+    lsock.close()
+
+
+async def test_a_peer_that_never_reads_loses_its_uploads_after_the_send_stall_timeout(tmp_path, monkeypatch):
+    """It asked for pieces and stopped reading: without a deadline on send progress it held the node's upload
+    slots for as long as it liked."""
+    monkeypatch.setattr(peer_mod, "SEND_STALL_TIMEOUT", 0.5)
+    path = tmp_path / "big"
+    with open(path, "wb") as f:
+        f.truncate(32 * PIECE)  # more than any socket buffer takes
+    host = Host(path, held=32)
+    async with trio.open_nursery() as nursery:
+        lsock = trio.socket.socket()
+        await lsock.bind(("127.0.0.1", 0))
+        lsock.listen(4)
+        port = lsock.getsockname()[1]
+        server_side: dict = {}
+
+        async def serve():
+            s, _ = await lsock.accept()
+            dec = FrameDecoder()
+            p = await handshake(s, Handshake("server", b"s", PeerInfo("srv", "127.0.0.1:1", None)), dec)
+            c = server_side["conn"] = PeerConnection(s, p, host, dec, outgoing=False)
+            await c.run()
+
+        nursery.start_soon(serve)
+        s = trio.socket.socket()
+        s.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        await s.connect(("127.0.0.1", port))
+        await handshake(s, Handshake("client", b"s", PeerInfo("cli", "127.0.0.1:2", None)), FrameDecoder())
+        for i in range(32):
+            await s.send(encode("request", digest=D, index=i))
+        with trio.fail_after(5):  # then never reads
+            while "conn" not in server_side or not server_side["conn"].closed:
+                await trio.sleep(0.05)
+        assert server_side["conn"] in host.closed
+        s.close()
+        nursery.cancel_scope.cancel()
+    lsock.close()
+
+
+async def test_a_peer_that_stops_inside_a_frame_is_dropped_after_the_stall_timeout(blob, monkeypatch):
+    """Half a frame, then silence: the receiver was waiting on nothing of its own, so no deadline ran."""
+    monkeypatch.setattr(peer_mod, "STALL_TIMEOUT", 0.5)
+    path, _ = blob
+    host = Host(path)
+    async with trio.open_nursery() as nursery:
+        cli, server_side, lsock = await pair(nursery, host)
+        await trio.sleep(0.05)
+        srv = server_side["conn"]
+        frame = encode("piece", b"x" * 1000, digest=D, index=0)
+        await cli.sock.send(frame[:300])  # a head and some of an unasked-for payload
+        with trio.fail_after(3):
+            while not srv.closed:
+                await trio.sleep(0.02)
         nursery.cancel_scope.cancel()
     lsock.close()

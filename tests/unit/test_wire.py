@@ -128,3 +128,39 @@ def test_garbage_never_crashes_the_decoder(data):
         list(dec.events())
     except ProtocolError:
         pass
+
+
+@pytest.mark.parametrize("step,size", [(1, 50_000), (7, 200_000), (4096, MAX_PAYLOAD), (1 << 20, MAX_PAYLOAD),
+                                       (None, MAX_PAYLOAD)])
+def test_an_unwanted_payload_is_dropped_as_it_arrives(step, size):
+    """A frame head may declare 16 MiB: unless the owner wants that payload (a piece it asked for) it is read
+    and dropped in the chunks it comes in, never allocated whole; the frames after it decode as usual."""
+    dec = FrameDecoder()
+    asked: list[tuple[str, int]] = []
+    dec.accept_payload = lambda kind, fields: asked.append((kind, fields["index"])) or fields["index"] == 2
+    big = b"z" * size
+    stream = (encode("piece", big, digest=D, index=1) + encode("piece", b"wanted", digest=D, index=2)
+              + encode("ping", id=9))
+    step = step or len(stream)
+    out = []
+    assert not dec.mid_frame()
+    for i in range(0, len(stream), step):
+        dec.feed(stream[i:i + step])
+        out.extend(dec.events())
+        assert dec._payload is None or len(dec._payload) == len(b"wanted")  # never 16 MiB
+        assert len(dec._buf) <= max(step, 1 << 16)
+        if i + step < FRAME_HEAD.size + 40 + size:
+            assert dec.mid_frame()
+    assert [(m.kind, bytes(m.payload)) for m in out] == [("piece", b"wanted"), ("ping", b"")]
+    assert asked == [("piece", 1), ("piece", 2)]
+    assert not dec.mid_frame()
+    dec.eof()
+
+
+def test_eof_inside_a_dropped_payload_is_a_protocol_error():
+    dec = FrameDecoder()
+    dec.accept_payload = lambda kind, fields: False
+    dec.feed(encode("piece", b"x" * 1000, digest=D, index=0)[:500])
+    assert list(dec.events()) == []
+    with pytest.raises(ProtocolError):
+        dec.eof()
