@@ -112,6 +112,12 @@ MAX_CONNS_PER_PEER = 2  # one each way is normal; more is a misbehaving or loopi
 # node keeps about the members it gossiped with in the last minute, its download peers and its trackers.
 PEER_IDLE_CLOSE = 60.0
 MAX_INCOMING = 512  # total accepted connections: a flood on the peer port cannot exhaust descriptors
+# Connections from one address still in their handshake (HANDSHAKE_TIMEOUT at most each). Without it one host
+# that kept 512 silent connections open, reopened within the handshake timeout, locked every peer out of the
+# node, secret or not. A handshake takes milliseconds: even many nodes behind one address (loopback) stay far below.
+MAX_HANDSHAKING_PER_IP = 32
+# Stored blobs hashed at once to answer metainfo requests (each a pass over the whole blob in a thread).
+HASHERS = 2
 TRACKER_EXPIRE_EVERY = 2.0  # housekeeping of the tracker shard
 METAINFO_POLL = 0.2  # how often a leecher refreshes piece hashes while the claim holder is still publishing
 UPLOAD_SLOTS = 4  # pieces uploaded at once: a cold blob's first holder finishes pieces fast so they spread
@@ -176,6 +182,11 @@ class SwarmService:
         self._granted: dict[str, set[str]] = {}  # node -> digests whose claim our tracker shard granted it
         self._tracker_node: str | None = None  # node id behind --tracker, once connected
         self._meta_cache: dict[str, tuple[int, int, list[bytes]]] = {}  # piece hashes of complete blobs
+        # Stored blobs being hashed for their piece hashes: one pass per digest however many ask (a peer sent
+        # 200 metainfo requests for one 128 MiB blob: 200 passes, 41 threads), at most HASHERS at a time.
+        self._hashing: dict[str, trio.Event] = {}
+        self._hashers = trio.CapacityLimiter(HASHERS)
+        self._handshaking: dict[str, int] = {}  # incoming connections still in their handshake, by source IP
         self.gossip = GossipDriver(self.membership, list(settings.join), self.connect_node, self.connect_addr)
         self.bound_port: int | None = None
 
@@ -316,13 +327,15 @@ class SwarmService:
                     log.warning("swarm: accept failed: %s", e)
                     await trio.sleep(0.1)
                     continue
-                if self._incoming >= MAX_INCOMING:
+                ip = _source_ip(client)
+                if self._incoming >= MAX_INCOMING or self._handshaking.get(ip, 0) >= MAX_HANDSHAKING_PER_IP:
                     client.close()
                     continue
-                nursery.start_soon(_logged, self._serve_incoming, client)
+                nursery.start_soon(_logged, self._serve_incoming, client, ip)
 
-    async def _serve_incoming(self, sock: trio.socket.SocketType) -> None:
+    async def _serve_incoming(self, sock: trio.socket.SocketType, ip: str) -> None:
         self._incoming += 1
+        self._handshaking[ip] = self._handshaking.get(ip, 0) + 1
         try:
             dec = FrameDecoder(hash_kinds=NO_LOOP_HASHING)
             try:
@@ -331,6 +344,10 @@ class SwarmService:
                 log.info("swarm: refused an incoming peer connection: %s", e)
                 sock.close()
                 return
+            finally:
+                n = self._handshaking.pop(ip) - 1
+                if n:
+                    self._handshaking[ip] = n
             conn = self._new_conn(sock, peer, dec, outgoing=False)
             if not self._register(conn):
                 sock.close()
@@ -684,7 +701,22 @@ class SwarmService:
 
     async def _hash_complete_blob(self, digest: str) -> tuple[int, int, list[bytes | None]] | None:
         """Piece hashes of a stored blob, computed in a thread. The whole digest is checked on the way: a blob
-        that rotted on disk is deleted and never vouched for."""
+        that rotted on disk is deleted and never vouched for. One pass per digest at a time (others wait for
+        it and take its answer), at most HASHERS passes at once."""
+        running = self._hashing.get(digest)
+        if running is not None:
+            await running.wait()
+            cached = self._meta_cache.get(digest)
+            return None if cached is None else (cached[0], cached[1], list(cached[2]))
+        done = self._hashing[digest] = trio.Event()
+        try:
+            async with self._hashers:
+                return await self._hash_stored(digest)
+        finally:
+            del self._hashing[digest]
+            done.set()
+
+    async def _hash_stored(self, digest: str) -> tuple[int, int, list[bytes | None]] | None:
         f = self.store.open(digest)
         if f is None:
             return None
@@ -1428,3 +1460,9 @@ def renewal_round(announced: dict[str, bool], stored: Callable[[str], bool], fil
 def _known(hashes: list[bytes | None]) -> int:
     return sum(h is not None for h in hashes)
 
+
+def _source_ip(sock: trio.socket.SocketType) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return ""

@@ -273,3 +273,51 @@ def test_garbage_on_the_peer_port_does_not_hurt_the_node(cluster_of, reg):
         assert not isinstance(r, BaseException), r
     assert c.upstream_blob_gets(image.layers[0].digest) == 1
     assert c.nodes[0].metric("p2pcache_peers_connected") >= 1
+
+
+def test_a_flood_of_silent_connections_from_one_address_locks_no_peer_out(cluster_of, reg):
+    """600 connections from one address that never handshake (the node allowed 512 in all, handshaking or not,
+    so they locked every peer out): at most MAX_HANDSHAKING_PER_IP stay open, and a peer with the secret
+    still completes its handshake meanwhile."""
+    import trio
+
+    from p2pcache.swarm.handshake import Handshake, PeerInfo, load_secret
+    from p2pcache.swarm.peer import handshake, open_peer_socket
+    from p2pcache.swarm.service import MAX_HANDSHAKING_PER_IP
+    from p2pcache.swarm.wire import FrameDecoder
+
+    c = cluster_of(2)
+    c.wait_members()
+    host, port = c.nodes[0].peer_addr.rsplit(":", 1)
+    flood = []
+    try:
+        for _ in range(600):
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))  # another loopback address: the flood's own
+            s.connect((host, int(port)))
+            flood.append(s)
+        time.sleep(0.5)
+        open_ = 0
+        for s in flood:
+            s.setblocking(False)
+            try:
+                open_ += s.recv(1) != b""  # b"": the node closed it at once
+            except BlockingIOError:
+                open_ += 1
+            except OSError:
+                pass
+        assert open_ <= MAX_HANDSHAKING_PER_IP, open_
+
+        async def a_peer_handshakes() -> str:
+            with trio.fail_after(3):
+                sock = await open_peer_socket(c.nodes[0].peer_addr)
+                hs = Handshake("client", load_secret(c.secret_file), PeerInfo("probe", "127.0.0.1:9", None))
+                peer = await handshake(sock, hs, FrameDecoder())
+                sock.close()
+                return peer.node
+
+        assert trio.run(a_peer_handshakes)
+    finally:
+        for s in flood:
+            s.close()
+    assert c.nodes[0].running
