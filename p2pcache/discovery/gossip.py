@@ -66,7 +66,7 @@ class GossipDriver:
     async def _tell(self, node: str) -> None:
         try:
             conn = await self.connect_node(node)
-            conn.send("gossip", members=self.membership.gossip_entries())
+            conn.send("gossip", members=self.membership.gossip_entries(self.rng))
         except Exception as e:  # a peer we cannot reach is the membership's news, not an error here
             log.debug("gossip to %s failed: %s", node, e)
 
@@ -85,6 +85,6 @@ class GossipDriver:
     async def _contact_seed(self, addr: str) -> None:
         try:
             conn = await self.connect_addr(addr)
-            conn.send("gossip", members=self.membership.gossip_entries())
+            conn.send("gossip", members=self.membership.gossip_entries(self.rng))
         except Exception as e:
             log.debug("seed %s not reachable: %s", addr, e)

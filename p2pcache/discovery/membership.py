@@ -27,6 +27,7 @@ Transitions (the whole state machine):
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -35,6 +36,10 @@ from typing import Any
 SUSPECT_AFTER = 3.0  # three missed gossip rounds (1 s apart): a slow round is not a death
 DEAD_AFTER = 6.0  # twice that: long enough for a GC pause, short enough that a claim moves on quickly
 FORGET_AFTER = 60.0  # remember the dead a while, so old gossip cannot bring them back
+# Gossip is taken from any member, so what one frame can do is bounded (found in review: 100 frames of forged
+# members grew a node's table to 409,600 entries it dialled and handed tracker ownership to):
+MAX_MEMBERS = 20_000  # entries learnt from gossip beyond this are ignored (heard-from members still count)
+GOSSIP_ENTRIES = 4096  # entries per gossip frame (wire.py's limit): a random sample in a larger cluster
 
 
 class State(Enum):
@@ -97,20 +102,29 @@ class Membership:
         m.addr, m.zone, m.state, m.updated = addr, zone, State.ALIVE, now
         return revived
 
-    def merge(self, entries: Iterable[list[Any] | tuple[Any, ...]], now: float) -> list[str]:
-        """Gossip from a peer: [[node, addr, zone, heartbeat], ...]. Returns nodes that became ALIVE."""
+    def merge(self, entries: Iterable[list[Any] | tuple[Any, ...]], now: float,
+              max_heartbeat: int | None = None) -> list[str]:
+        """Gossip from a peer: [[node, addr, zone, heartbeat], ...]. Returns nodes that became ALIVE.
+
+        Second-hand news is bounded: a heartbeat above `max_heartbeat` (the driver's: no node's heartbeat runs
+        ahead of the wall clock it starts from, plus skew) is ignored, or one forged entry of 2^62 would pin its
+        address for good; a member we hold ALIVE keeps its address (only the member itself, `heard`, moves it;
+        gossip only once we cannot reach it); and the table takes no new member beyond MAX_MEMBERS."""
         became: list[str] = []
         for node, addr, zone, heartbeat in entries:
-            if node == self.me.node:
+            if node == self.me.node or (max_heartbeat is not None and heartbeat > max_heartbeat):
                 continue
             m = self.members.get(node)
             if m is None:
+                if len(self.members) >= MAX_MEMBERS:
+                    continue
                 self.members[node] = Member(node, addr, zone, heartbeat, State.ALIVE, now)
                 became.append(node)
             elif heartbeat > m.heartbeat:
                 if m.state is not State.ALIVE:
                     became.append(node)
-                m.heartbeat, m.addr, m.zone, m.state, m.updated = heartbeat, addr, zone, State.ALIVE, now
+                    m.addr, m.zone = addr, zone
+                m.heartbeat, m.state, m.updated = heartbeat, State.ALIVE, now
         return became
 
     def unreachable(self, node: str, now: float) -> bool:
@@ -135,8 +149,12 @@ class Membership:
         m = self.get(node)
         return m is not None and m.state is State.ALIVE
 
-    def gossip_entries(self) -> list[list[Any]]:
-        """What we tell others: ourselves and everyone not DEAD (the dead age out on their own elsewhere)."""
+    def gossip_entries(self, rng: random.Random | None = None) -> list[list[Any]]:
+        """What we tell others: ourselves and everyone not DEAD (the dead age out on their own elsewhere). In a
+        cluster of more than GOSSIP_ENTRIES members, ourselves and a random sample (`rng`) of the others: one
+        frame carries no more, and a node that could not encode its gossip was soon taken for dead."""
         out = [[self.me.node, self.me.addr, self.me.zone, self.me.heartbeat]]
-        out += [[m.node, m.addr, m.zone, m.heartbeat] for m in self.members.values() if m.state is not State.DEAD]
-        return out
+        others = [[m.node, m.addr, m.zone, m.heartbeat] for m in self.members.values() if m.state is not State.DEAD]
+        if len(others) >= GOSSIP_ENTRIES:
+            others = (rng or random.Random()).sample(others, GOSSIP_ENTRIES - 1)
+        return out + others

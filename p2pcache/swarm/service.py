@@ -494,7 +494,8 @@ class SwarmService:
         now = trio.current_time()
         peer = conn.peer
         if k == "gossip":
-            self.membership.merge(msg["members"], now)
+            # no heartbeat runs ahead of the wall clock its node started from (x10); an hour of skew allowed
+            self.membership.merge(msg["members"], now, max_heartbeat=int(time.time() * 10) + 36_000)
             return []
         if k == "ping":
             return [("pong", {"id": msg["id"]}, b"")]

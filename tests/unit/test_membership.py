@@ -37,6 +37,38 @@ def test_dead_are_forgotten_and_not_gossiped():
     assert m.me.heartbeat == hb + 1
 
 
+def test_second_hand_news_is_bounded():
+    """Gossip comes from any member: a forged heartbeat, an address for a live member and a flood of invented
+    members do only so much (found in review: 409,600 forged members, a real member's address pinned)."""
+    from p2pcache.discovery import membership as mod
+
+    m = Membership("a", "a:1", None)
+    m.heard("b", "10.0.0.2:5002", None, now=0)
+    m.merge([["b", "203.0.113.66:22", None, 2**62]], now=1, max_heartbeat=1000)  # from the future: ignored
+    assert m.get("b").addr == "10.0.0.2:5002" and m.get("b").heartbeat == 0
+    m.merge([["b", "203.0.113.66:22", None, 7]], now=1, max_heartbeat=1000)  # fresher, but b is ALIVE here
+    assert m.get("b").addr == "10.0.0.2:5002" and m.get("b").heartbeat == 7
+    m.unreachable("b", now=2)  # once we cannot reach it, gossip may tell us where it is
+    assert m.merge([["b", "10.0.0.9:5002", None, 8]], now=3, max_heartbeat=1000) == ["b"]
+    assert m.get("b").addr == "10.0.0.9:5002"
+    flood = [[f"f{i}", f"10.1.{i // 250}.{i % 250}:1", None, 1] for i in range(mod.MAX_MEMBERS + 500)]
+    m.merge(flood, now=4)
+    assert len(m.members) == mod.MAX_MEMBERS
+
+
+def test_gossip_of_a_large_cluster_fits_one_frame():
+    from p2pcache.discovery.membership import GOSSIP_ENTRIES
+    from p2pcache.swarm.wire import FrameDecoder, encode
+
+    m = Membership("a", "a:1", None)
+    m.merge([[f"n{i}", f"10.2.{i // 250}.{i % 250}:5002", "zone-x", 5] for i in range(10_000)], now=0)
+    entries = m.gossip_entries()
+    assert len(entries) == GOSSIP_ENTRIES and entries[0][0] == "a"
+    dec = FrameDecoder()
+    dec.feed(encode("gossip", members=entries))
+    assert len(next(dec.events())["members"]) == GOSSIP_ENTRIES
+
+
 async def test_join_dns_names_resolve_to_peer_addresses():
     from p2pcache.discovery.dns import resolve, split_name
 

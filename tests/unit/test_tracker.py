@@ -82,3 +82,21 @@ def test_expire_drops_everything_stale():
     t.claim(D, "a", now=0, ttl=5)
     assert t.expire(10) == 2
     assert t.holders(D, 10) == [] and t.claim_holder(D, 10) is None
+
+
+def test_one_node_holds_at_most_max_per_node_entries_and_they_come_back_as_it_drops_some():
+    t = Tracker(max_per_node=3)
+    ds = [f"sha256:{i:064x}" for i in range(5)]
+    for d in ds:
+        t.announce(0, d, "flood", ttl=10)
+    for d in ds[3:]:
+        t.announce(0, d, "honest", ttl=100)  # the cap is per node: another node is not affected
+    assert [t.holder_count(d) for d in ds] == [1, 1, 1, 1, 1]  # "flood" is tracked for its first 3 only
+    t.announce(1, ds[0], "flood", ttl=10)  # a renewal of one it holds is fine
+    t.withdraw(ds[0], "flood")
+    t.announce(2, ds[3], "flood", ttl=10)  # room again
+    assert [t.holder_count(d) for d in ds] == [0, 1, 1, 2, 1]
+    t.expire(50)  # all of "flood"'s expire: it may announce 3 again
+    for d in ds[2:]:
+        t.announce(60, d, "flood", ttl=10)
+    assert [t.holder_count(d) for d in ds] == [0, 0, 1, 2, 2]
