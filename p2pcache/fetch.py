@@ -298,7 +298,7 @@ class Download:
         if not isinstance(size, int) or size < 0:
             raise FetchFailed(f"{self.digest}: invalid size {size!r}")
         settings = self.fetcher.settings
-        piece_size = piece_size or settings.piece_size or piece_size_for(size)
+        piece_size = piece_size or piece_size_for(size, settings.piece_size)
         store = self.fetcher.store
         try:
             store.make_room(size, keep=self.digest)

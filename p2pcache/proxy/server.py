@@ -382,6 +382,11 @@ def _make_request(event: h11.Request) -> Request | Response:
     try:
         target = event.target.decode("ascii")
         method = event.method.decode("ascii")  # case-sensitive (RFC 9110 §9.1): "head" is not HEAD
+        scheme, sep, rest = target.partition("://")
+        if sep and scheme.lower() in ("http", "https") and "/" not in scheme:
+            # absolute-form (RFC 9112 §3.2.2: a server MUST accept it): the path is what follows the authority
+            i = min((j for j in (rest.find("/"), rest.find("?")) if j >= 0), default=len(rest))
+            target = rest[i:] if rest[i:i + 1] == "/" else "/" + rest[i:]
         raw_path, _, raw_query = target.partition("?")
         path = urllib.parse.unquote_to_bytes(raw_path).decode("utf-8")
         query = dict(urllib.parse.parse_qsl(raw_query, keep_blank_values=True, errors="strict"))

@@ -156,7 +156,7 @@ class Simulation:
         self.layers: list[SimLayer] = []
         by_name: dict[str, int] = {}
         for layer in sc.unique_layers():
-            ps = sc.piece_size or piece_size_for(layer.size)
+            ps = piece_size_for(layer.size, sc.piece_size)
             by_name[layer.name] = len(self.layers)
             self.layers.append(SimLayer(len(self.layers), layer.name, layer.size, ps))
         self.image_layers = [[by_name[la.name] for la in img.layers] for img in sc.images]

@@ -151,7 +151,7 @@ class Scenario:
         """Pieces all nodes together receive in a p2p run (each node pulls each piece of its layers once): what
         the simulator's running time is proportional to."""
         def pieces(layers: list[Layer]) -> int:
-            return sum(piece_count(la.size, self.piece_size or piece_size_for(la.size)) for la in layers)
+            return sum(piece_count(la.size, piece_size_for(la.size, self.piece_size)) for la in layers)
 
         if self.image_choice == "one" and self.images:
             per_image = [pieces(list({la.name: la for la in img.layers}.values())) for img in self.images]

@@ -28,9 +28,15 @@ MAX_META_PIECES = 1 << 14
 TARGET_PIECES = 256
 
 
-def piece_size_for(size: int) -> int:
+def piece_size_for(size: int, override: int | None = None) -> int:
     """A power of two between 512 KiB and 16 MiB giving about TARGET_PIECES pieces (at most TARGET_PIECES
-    until the 16 MiB cap; a 10 GiB layer gets 640 pieces of 16 MiB)."""
+    until the 16 MiB cap; a 10 GiB layer gets 640 pieces of 16 MiB); or `override` (--piece-size), doubled
+    until the blob has at most MAX_META_PIECES pieces (a tracker refuses more)."""
+    if override:
+        piece = override
+        while piece_count(size, piece) > MAX_META_PIECES:
+            piece <<= 1
+        return piece
     piece = MIN_PIECE
     while piece < MAX_PIECE and size > piece * TARGET_PIECES:
         piece <<= 1

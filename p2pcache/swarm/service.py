@@ -456,7 +456,7 @@ class SwarmService:
             return m.piece_size
         from p2pcache.swarm.metainfo import piece_size_for
 
-        return self.settings.piece_size or piece_size_for(size)
+        return piece_size_for(size, self.settings.piece_size)
 
     def _bitfield(self, digest: str) -> bytes:
         size = self.store.stat(digest, touch=False)

@@ -216,6 +216,20 @@ async def test_target_decoded_once(server):
     assert status == 400
 
 
+async def test_absolute_form_targets_are_accepted(server):
+    """RFC 9112 §3.2.2: a server MUST accept a request target in absolute form (a client that thinks it talks to
+    a proxy sends one); the path is what follows the authority."""
+    _, port = server
+    c = await Client.connect(port)
+    for target, path in [("http://t/echo-a%2Fb", b"/echo-a/b"), ("HTTP://t:5000/echo?x=1", b"/echo"),
+                         ("https://t", None), ("http://t?x=1", None)]:
+        status, _, body = await c.request("GET", target)
+        if path is None:
+            assert status == 404, target
+        else:
+            assert (status, body) == (200, path), target
+
+
 async def test_small_body_is_read_and_large_refused(server):
     _, port = server
     c = await Client.connect(port)

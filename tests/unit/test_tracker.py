@@ -100,3 +100,18 @@ def test_one_node_holds_at_most_max_per_node_entries_and_they_come_back_as_it_dr
     for d in ds[2:]:
         t.announce(60, d, "flood", ttl=10)
     assert [t.holder_count(d) for d in ds] == [0, 0, 1, 2, 2]
+
+
+def test_every_layout_a_node_makes_is_one_a_tracker_takes():
+    """--piece-size is doubled where a blob would have more pieces than a metainfo answer carries."""
+    from p2pcache.swarm.metainfo import MAX_META_PIECES, piece_count, piece_size_for
+
+    for size in (0, 1, 10**6, 10**9, 10 * 2**30, 200 * 2**30):
+        for override in (None, 64 << 10, 512 << 10, 4 << 20):
+            ps = piece_size_for(size, override)
+            assert piece_count(size, ps) <= MAX_META_PIECES
+            if override and piece_count(size, override) <= MAX_META_PIECES:
+                assert ps == override
+            t = Tracker()
+            t.claim(D, "a", now=0)
+            assert t.publish_metainfo(D, "a", 0, size=size, piece_size=ps, first=0, hashes=[b"h0"])
