@@ -12,6 +12,7 @@ import argparse
 import os
 import ssl
 import tomllib
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,6 +20,10 @@ from typing import Any
 
 import certifi
 
+from p2pcache.oci.errors import OciError
+from p2pcache.oci.reference import check_ns
+from p2pcache.swarm.handshake import load_secret
+from p2pcache.swarm.metainfo import MAX_PIECE
 from p2pcache.units import parse_duration, parse_rate, parse_size
 
 DOCKER_HUB = "docker.io"
@@ -78,6 +83,7 @@ class Settings:
         return f"https://{ns}"
 
 
+MIN_PIECE_OVERRIDE = 64 << 10  # below this a piece costs more in requests, HAVEs and hashes than it moves
 _SIZE_KEYS = {"max_disk", "max_header_bytes", "piece_size"}
 _RATE_KEYS = {"upload_limit", "download_limit"}
 _TIME_KEYS = {
@@ -96,17 +102,31 @@ def _coerce(key: str, value: Any) -> Any:
         if key == "upstreams":
             return _parse_upstreams(value)
         if key in _SIZE_KEYS:
-            return parse_size(value)
+            n = parse_size(value)
+            if key == "piece_size" and not MIN_PIECE_OVERRIDE <= n <= MAX_PIECE:
+                raise ValueError(f"{value!r} is outside {MIN_PIECE_OVERRIDE >> 10} KiB-{MAX_PIECE >> 20} MiB "
+                                 "(peers take no larger piece)")
+            if n < 1:
+                raise ValueError(f"{value!r} must be at least 1 byte")
+            return n
         if key in _RATE_KEYS:
-            return parse_rate(value)
+            r = parse_rate(value)
+            if r <= 0:
+                raise ValueError(f"{value!r} must be more than 0 (leave it out for no limit)")
+            return r
         if key in _TIME_KEYS:
-            return parse_duration(value)
+            t = parse_duration(value)
+            if t <= 0 and key != "tag_ttl":
+                raise ValueError(f"{value!r} must be more than 0 s")
+            return t
         if key in _PATH_KEYS:
             return Path(str(value)).expanduser()
         if key in _LIST_KEYS:
             items = value if isinstance(value, list) else str(value).split(",")
             return [s.strip() for s in items if str(s).strip()]
         if key in _INT_KEYS:
+            if isinstance(value, float) or not 0 <= int(value) <= 100:
+                raise ValueError(f"{value!r} is not a whole number from 0 to 100")
             return int(value)
         if key == "log_level":
             v = str(value).lower()
@@ -122,7 +142,7 @@ def _coerce(key: str, value: Any) -> Any:
             parse_hostport(str(value))
             return str(value)
         return str(value)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise ConfigError(f"{key.replace('_', '-')}: {e}") from None
 
 
@@ -142,6 +162,13 @@ def _parse_upstreams(value: Any) -> dict[str, str]:
     for ns, url in pairs:
         if not str(url).startswith(("http://", "https://")):
             raise ValueError(f"upstream URL for {ns} must start with http:// or https://, got {url!r}")
+        try:
+            parts = urllib.parse.urlsplit(str(url))
+            port = parts.port  # ValueError for a port out of range or not a number
+        except ValueError as e:
+            raise ValueError(f"upstream URL for {ns} is not a valid URL ({e}): {url!r}") from None
+        if not parts.hostname or any(c in str(url) for c in " \t,\"<>\\") or port == 0:
+            raise ValueError(f"upstream URL for {ns} is not a valid URL: {url!r}")
         out[str(ns)] = str(url).rstrip("/")
     return out
 
@@ -152,7 +179,7 @@ _WILDCARDS = {"0.0.0.0", "::", "*"}
 def parse_hostport(text: str) -> tuple[str, int]:
     """'0.0.0.0:5000' -> ('0.0.0.0', 5000); '[::1]:5000' -> ('::1', 5000)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT, got {text!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
@@ -170,10 +197,10 @@ def load_settings(
     path = config_file or (Path(env["P2PCACHE_CONFIG"]) if env.get("P2PCACHE_CONFIG") else None)
     if path is not None:
         try:
-            doc = tomllib.loads(Path(path).read_text())
+            doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as e:
             raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
         for k, v in doc.items():
             key = k.replace("-", "_")
@@ -196,6 +223,24 @@ def load_settings(
     values = {k: _coerce(k, v) for k, v in merged.items()}
     if values.get("upstream_ca") is not None:
         upstream_tls_context(values["upstream_ca"])  # a missing or garbled file is a start-up error
+    if values.get("cluster_secret_file") is not None:
+        try:  # a missing, empty or unreadable secret is a start-up error, not a traceback when the swarm starts
+            load_secret(values["cluster_secret_file"])
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cluster-secret-file: {getattr(e, 'strerror', None) or e}") from None
+    addrs = [("join", a) for a in values.get("join") or []]
+    if values.get("tracker"):
+        addrs.append(("tracker", values["tracker"]))
+    for key, addr in addrs:
+        try:
+            parse_hostport(addr)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    if values.get("default_ns") is not None:
+        try:
+            check_ns(values["default_ns"])
+        except OciError as e:
+            raise ConfigError(f"default-ns: {e.message}") from None
     peer_listen, advertise = values.get("peer_listen"), values.get("advertise")
     if peer_listen and not advertise:
         host, port = parse_hostport(peer_listen)

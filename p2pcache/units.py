@@ -6,6 +6,7 @@ MB = 10**6 bytes and MiB = 2**20 bytes; rates in bits (Mbit/s, Gbit/s) are conve
 
 from __future__ import annotations
 
+import math
 import re
 
 _SIZE_UNITS = {
@@ -26,11 +27,17 @@ _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z/]*)\s*$
 
 def _split(text: str | int | float, what: str) -> tuple[float, str]:
     if isinstance(text, int | float) and not isinstance(text, bool):
-        return float(text), ""
-    m = _NUMBER.match(str(text))
-    if not m:
-        raise ValueError(f"not a {what}: {text!r}")
-    return float(m.group(1)), m.group(2).lower()
+        value, unit = float(text), ""
+    else:
+        m = _NUMBER.match(str(text))
+        if not m:
+            raise ValueError(f"not a {what}: {text!r}")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    # "1e400" is inf, and TOML has inf, nan and negative numbers: none is a size, a rate or a duration (int(inf)
+    # was an OverflowError traceback, a negative timeout a node that served nothing).
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"not a {what}: {text!r} (a finite number >= 0)")
+    return value, unit
 
 
 def parse_size(text: str | int | float) -> int:

@@ -102,6 +102,8 @@ def load_credentials(path: Path) -> CredentialStore:
 def parse_toml_credentials(text: str, source: str = "credentials") -> CredentialStore:
     try:
         doc = tomllib.loads(text)
+    except RecursionError:
+        raise CredentialsError(f"credentials: {source} is nested too deeply") from None
     except tomllib.TOMLDecodeError as e:
         # The decoder's message quotes a position, not the content, so it is safe to show.
         raise CredentialsError(f"credentials: {source} is neither JSON nor valid TOML: {e}") from None
@@ -121,6 +123,8 @@ def parse_docker_config(text: str, source: str = "credentials") -> CredentialSto
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise CredentialsError(f"credentials: {source} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except RecursionError:
+        raise CredentialsError(f"credentials: {source} is nested too deeply to be a Docker config.json") from None
     auths = doc.get("auths") if isinstance(doc, dict) else None
     if not isinstance(auths, dict):
         raise CredentialsError(f'credentials: {source} has no "auths" object (Docker config.json format)')

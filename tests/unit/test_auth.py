@@ -65,6 +65,7 @@ def test_docker_config_json(tmp_path: Path) -> None:
         '["x"]\nusername = 1\npassword = "p"\n',
         'x = "not a table"\n',
         "[[[ not toml",
+        '{"auths": ' + "[" * 100_000 + "]" * 100_000 + "}",  # a RecursionError traceback, found in review
     ],
 )
 def test_bad_credentials_files_are_clear_errors(tmp_path: Path, content: str) -> None:

@@ -57,11 +57,42 @@ def test_precedence(tmp_path: Path) -> None:
         ({"upstreams": ["docker.io"]}, "upstreams"),
         ({"upstreams": ["docker.io=ftp://x"]}, "http"),
         ({"log_format": "xml"}, "log-format"),
+        # found in review: each of these was a traceback, or a node that started and then served nothing
+        ({"max_disk": "1e400"}, "max-disk"), ({"max_disk": float("inf")}, "max-disk"), ({"max_disk": -5}, "max-disk"),
+        ({"max_disk": "0"}, "max-disk"), ({"piece_size": "32MiB"}, "piece-size"), ({"piece_size": "1"}, "piece-size"),
+        ({"upload_limit": "0"}, "upload-limit"), ({"download_limit": -5}, "download-limit"),
+        ({"client_header_timeout": -1}, "client-header-timeout"),
+        ({"client_header_timeout": float("nan")}, "client-header-timeout"),
+        ({"upstream_connect_timeout": "0"}, "upstream-connect-timeout"), ({"tag_ttl": -5}, "tag-ttl"),
+        ({"upstream_retries": float("inf")}, "upstream-retries"), ({"upstream_retries": -1}, "upstream-retries"),
+        ({"upstreams": ["docker.io=http://exa mple.com"]}, "upstream URL"),
+        ({"upstreams": ["docker.io=http://:99999"]}, "upstream URL"),
+        ({"upstreams": ["docker.io=http://127.0.0.1:1,ghcr.io=http://127.0.0.1:2"]}, "upstream URL"),
+        ({"listen": "127.0.0.1:\u0663"}, "listen"), ({"join": ["garbage"]}, "join"), ({"tracker": "zzz"}, "tracker"),
+        ({"default_ns": "a b/../.."}, "default-ns"),
     ],
 )
 def test_bad_values_name_the_setting(flags: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         load_settings(flags, env={})
+
+
+@pytest.mark.parametrize("content", [None, b"", b"  \n", "dir"])
+def test_a_cluster_secret_that_cannot_be_used_is_a_start_up_error(tmp_path: Path, content) -> None:
+    path = tmp_path / "secret"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match="cluster-secret-file"):
+        load_settings({"cluster_secret_file": str(path), "peer_listen": "127.0.0.1:0"}, env={})
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_bytes(b"\xff\xfelisten = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings({}, env={}, config_file=cfg)
 
 
 def test_unknown_toml_key(tmp_path: Path) -> None:
