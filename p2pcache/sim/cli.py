@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from p2pcache.sim.engine import simulate
@@ -54,24 +55,34 @@ def run_simulate(args: argparse.Namespace) -> int:
     try:
         sweep = parse_sweep(list(getattr(args, "sweep", None) or []))
         sc = load_scenario(args.scenario)  # validate before anything runs
+        transfers = sc.piece_transfers()
         if sweep:
             for key, vals in sweep:
                 for v in vals:
-                    load_scenario(args.scenario, {key: v})
+                    transfers = max(transfers, load_scenario(args.scenario, {key: v}).piece_transfers())
     except ScenarioError as e:
         return _fail(str(e))
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
+            from matplotlib.figure import Figure
         except ImportError:
             return _fail("--plot needs matplotlib (pip install 'p2pcache[plot]')")
+        kinds = Figure().canvas.get_supported_filetypes()
+        suffix = Path(args.plot).suffix.lstrip(".").lower()
+        if suffix not in kinds:
+            return _fail(f"--plot {args.plot}: use one of the file types {', '.join(sorted(kinds))} (e.g. out.png)")
+    # Where the results go is checked before the run, not after minutes of it.
+    for flag, out in (("--json", args.json_out), ("--plot", args.plot)):
+        problem = _unwritable(out) if out else None
+        if problem:
+            return _fail(f"{flag} {out}: {problem}")
     progress = sys.stderr.isatty()
-    transfers = sc.piece_transfers()
     if transfers >= LONG_RUN_TRANSFERS:
         # Say so up front: the engine's cost is per piece transfer (a few hundred microseconds each here).
         lo, hi = transfers * 300e-6 / 60, transfers * 750e-6 / 60
+        what = "the sweep's largest point" if sweep else "the p2p run"
         print(f"p2pcache: simulate: {transfers:,} piece transfers (nodes x pieces): expect roughly {lo:.0f}-{hi:.0f} "
-              "min of one core for the p2p run; a bigger piece size (p2p.piece_size) or fewer nodes runs faster",
+              f"min of one core for {what}; a bigger piece size (p2p.piece_size) or fewer nodes runs faster",
               file=sys.stderr)
     if not sweep:
         seed = args.seed
@@ -113,6 +124,19 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.plot:
         print("p2pcache: simulate: --plot is ignored with --sweep", file=sys.stderr)
     return 0
+
+
+def _unwritable(path: str) -> str | None:
+    """Why a results file cannot be written at `path`, or None."""
+    p = Path(path)
+    if p.is_dir():
+        return "is a directory"
+    parent = p.parent
+    if not parent.is_dir():
+        return f"no directory {parent}"
+    if not os.access(parent, os.W_OK):
+        return f"directory {parent} is not writable"
+    return None
 
 
 class _Serial:

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from p2pcache.swarm.metainfo import piece_count, piece_size_for
+from p2pcache.swarm.metainfo import MAX_PIECE, piece_count, piece_size_for
 from p2pcache.swarm.scheduler import SchedulerConfig
 from p2pcache.units import parse_duration, parse_rate, parse_size
 
@@ -180,9 +180,24 @@ def _get(t: dict, prefix: str, key: str, conv, default: Any = None, required: bo
         return default
     try:
         v = conv(t[key])
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise _err(f"{prefix}.{key}" if prefix else key, str(e)) from None
     return v
+
+
+# Bounds on what a scenario may ask for, so an absurd one is an error, not a MemoryError or a clock that no
+# longer moves: at 10^18 simulated seconds, adding a millisecond of latency leaves a float where it was.
+MAX_NODES = 1_000_000
+MAX_SECONDS = 1e9
+
+
+def _at_most(limit: float, conv):
+    def f(x):
+        v = conv(x)
+        if v > limit:
+            raise ValueError(f"at most {limit:g}, got {x!r}")
+        return v
+    return f
 
 
 def _positive(conv):
@@ -233,17 +248,17 @@ def parse_scenario(doc: dict) -> Scenario:
                                 "inter_zone_bandwidth", "group"})
     if "cluster" not in doc:
         raise _err("cluster", "missing")
-    s.nodes = _get(c, "cluster", "nodes", _positive(_int), required=True)
+    s.nodes = _get(c, "cluster", "nodes", _at_most(MAX_NODES, _positive(_int)), required=True)
     s.upload = _get(c, "cluster", "upload", _positive(parse_rate), required=True)
     s.download = _get(c, "cluster", "download", _positive(parse_rate), required=True)
     s.latency = _get(c, "cluster", "latency", _nonneg(parse_duration), 0.001)
     zones = c.get("zones", 1)
-    if isinstance(zones, int) and not isinstance(zones, bool) and zones >= 1:
+    if isinstance(zones, int) and not isinstance(zones, bool) and 1 <= zones <= s.nodes:
         s.zones = [f"z{i}" for i in range(zones)] if zones > 1 else ["default"]
     elif isinstance(zones, list) and zones and all(isinstance(z, str) for z in zones) and len(set(zones)) == len(zones):
         s.zones = list(zones)
     else:
-        raise _err("cluster.zones", f"a number or a list of distinct names, got {zones!r}")
+        raise _err("cluster.zones", f"a number (1 to the node count) or a list of distinct names, got {zones!r}")
     s.inter_zone_latency = _get(c, "cluster", "inter_zone_latency", _nonneg(parse_duration))
     s.inter_zone_bandwidth = _get(c, "cluster", "inter_zone_bandwidth", _positive(parse_rate))
     groups = c.get("group", [])
@@ -257,7 +272,7 @@ def parse_scenario(doc: dict) -> Scenario:
             if k not in {"nodes", "upload", "download"}:
                 raise _err(f"{key}.{k}", "unknown key")
         s.groups.append(Group(
-            _get(g, key, "nodes", _positive(_int), required=True),
+            _get(g, key, "nodes", _at_most(MAX_NODES, _positive(_int)), required=True),
             _get(g, key, "upload", _positive(parse_rate), s.upload),
             _get(g, key, "download", _positive(parse_rate), s.download),
         ))
@@ -294,7 +309,7 @@ def parse_scenario(doc: dict) -> Scenario:
             else:
                 try:
                     size = _positive(parse_size)(ld)
-                except (ValueError, TypeError) as e:
+                except (ValueError, TypeError, OverflowError) as e:
                     raise _err(lkey, str(e)) from None
                 lname = f"{name}#{j}"
             layers.append(Layer(lname, size))
@@ -310,7 +325,7 @@ def parse_scenario(doc: dict) -> Scenario:
     if s.start not in {"all", "waves", "poisson"}:
         raise _err("rollout.start", f"use all, waves or poisson, got {s.start!r}")
     s.waves = _get(r, "rollout", "waves", _positive(_int), 1)
-    s.interval = _get(r, "rollout", "interval", _nonneg(parse_duration), 30.0)
+    s.interval = _get(r, "rollout", "interval", _at_most(MAX_SECONDS, _nonneg(parse_duration)), 30.0)
     s.rate = _get(r, "rollout", "rate", _positive(float), 10.0)
     s.jitter = _get(r, "rollout", "jitter", _nonneg(parse_duration), 0.0)
     s.layer_jitter = _get(r, "rollout", "layer_jitter", _nonneg(parse_duration), 0.0)
@@ -337,7 +352,7 @@ def parse_scenario(doc: dict) -> Scenario:
     s.p2p = _get(p, "p2p", "enabled", _bool, True)
     ps = p.get("piece_size", "auto")
     if ps != "auto":
-        s.piece_size = _get(p, "p2p", "piece_size", _positive(parse_size))
+        s.piece_size = _get(p, "p2p", "piece_size", _at_most(MAX_PIECE, _positive(parse_size)))
     s.upload_slots = _get(p, "p2p", "upload_slots", _positive(_int), 4)
     s.upload_queue = _get(p, "p2p", "upload_queue", _nonneg(_int), 0)
     s.peers = _get(p, "p2p", "peers", _positive(_int), Scenario.peers)
@@ -356,7 +371,7 @@ def parse_scenario(doc: dict) -> Scenario:
             setattr(cfg, k, _get(p, "p2p", k, conv))
     s.sched = cfg
     sim = _table(doc, "sim", {"max_time"})
-    s.max_time = _get(sim, "sim", "max_time", _positive(parse_duration), 86400.0)
+    s.max_time = _get(sim, "sim", "max_time", _at_most(MAX_SECONDS, _positive(parse_duration)), 86400.0)
     return s
 
 
@@ -387,9 +402,11 @@ def apply_override(doc: dict, key: str, value: str) -> None:
 
 def load_scenario(path: str | Path, overrides: dict[str, str] | None = None) -> Scenario:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ScenarioError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ScenarioError(f"{path}: not valid TOML: not UTF-8 text") from None
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

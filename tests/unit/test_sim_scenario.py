@@ -56,6 +56,21 @@ def test_every_shipped_scenario_parses():
      "rollout.start"),
     ({"cluster": {"nodes": 2, "upload": "1 Gbit/s", "download": "1 Gbit/s"}, "p2p": {"piece_size": "big"}},
      "p2p.piece_size"),
+    # found in review: a MemoryError, an OverflowError traceback or a clock that stops moving
+    ({"cluster": {"nodes": 2, "upload": "1 Gbit/s", "download": "1 Gbit/s", "zones": 10**12}}, "cluster.zones"),
+    ({"cluster": {"nodes": 10**12, "upload": "1 Gbit/s", "download": "1 Gbit/s"}}, "cluster.nodes"),
+    ({"cluster": {"nodes": 2, "upload": "1 Gbit/s", "download": "1 Gbit/s"}, "sim": {"max_time": "1e19 s"}},
+     "sim.max_time"),
+    ({"cluster": {"nodes": 2, "upload": "1 Gbit/s", "download": "1 Gbit/s"}, "rollout": {"interval": "1e18 s"}},
+     "rollout.interval"),
+    ({"cluster": {"nodes": 2, "upload": "1 Gbit/s", "download": "1 Gbit/s"}, "p2p": {"piece_size": "1e400"}},
+     "p2p.piece_size"),
+    ({"cluster": {"nodes": 2, "upload": "1 Gbit/s", "download": "1 Gbit/s"}, "p2p": {"piece_size": "1 GB"}},
+     "p2p.piece_size"),
+    ({"cluster": {"nodes": 2, "upload": "1 Gbit/s", "download": "1 Gbit/s"}, "image": [{"name": "a",
+                                                                                        "layers": ["1e400"]}]},
+     "image[0].layers[0]"),
+    ({"cluster": {"nodes": float("inf"), "upload": "1 Gbit/s", "download": "1 Gbit/s"}}, "cluster.nodes"),
 ])
 def test_bad_values_name_their_key(doc, key):
     doc.setdefault("upstream", {"bandwidth": "1 Gbit/s"})
@@ -110,6 +125,23 @@ def test_cli_warns_before_a_long_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "LONG_RUN_TRANSFERS", 500_000)
     assert main(["simulate", str(p)]) == 0
     assert "piece transfers" not in capsys.readouterr().err
+
+
+def test_cli_refuses_results_it_could_not_write_before_running(tmp_path):
+    """--json into a missing directory failed with a traceback after the whole simulation had run."""
+    p = tmp_path / "s.toml"
+    p.write_text(SMALL)
+    for args, needle in [(["--json", str(tmp_path / "no" / "out.json")], "no directory"),
+                         (["--json", str(tmp_path)], "is a directory"),
+                         (["--sweep", "cluster.nodes=2,3", "--json", str(tmp_path / "no" / "o.json")], "no directory")]:
+        r = run(str(p), *args)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    pytest.importorskip("matplotlib")
+    r = run(str(p), "--plot", str(tmp_path / "out.xyz"))
+    assert r.returncode == 2 and "file types" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    p.write_bytes(b"\xff\xfe" + SMALL.encode())
+    r = run(str(p))
+    assert r.returncode == 2 and "not UTF-8" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_cli_bad_scenario_is_one_line_and_exit_2(tmp_path):
