@@ -38,10 +38,16 @@ def hosts_toml(ns: str, mirror: str) -> str:
 
 
 def check_mirror(url: str) -> str:
-    """`url` without a trailing slash, if it is an http(s) URL of a host (and port); else ConfigError."""
-    parts = urlsplit(url)
+    """`url` without a trailing slash, if it is an http(s) URL of a host (and port); else ConfigError.
+
+    It is written between quotes into TOML: a quote, a backslash or a space in it made a hosts.toml containerd
+    cannot read (written over a good one), and 'http://[::1' a ValueError traceback (found in review)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ConfigError(f"mirror: expected http(s)://HOST[:PORT] (a node's registry address), got {url!r}") from None
     if parts.scheme not in {"http", "https"} or not parts.hostname or parts.path not in {"", "/"} \
-            or parts.query or parts.fragment:
+            or parts.query or parts.fragment or any(c in url for c in '"\\ \t\n\r<>,'):
         raise ConfigError(f"mirror: expected http(s)://HOST[:PORT] (a node's registry address), got {url!r}")
     try:
         parts.port  # noqa: B018 - raises ValueError on a bad port

@@ -29,6 +29,9 @@ def test_one_hosts_toml_per_registry(tmp_path: Path) -> None:
     ("http://x:5000", ["../etc"], "registry"),
     ("http://x:5000", ["Docker.IO"], "registry"),
     ("http://x:5000", [], "registry"),
+    ("http://[::1", ["docker.io"], "mirror"),  # a ValueError traceback (found in review)
+    ('http://a"b', ["docker.io"], "mirror"),  # a hosts.toml containerd cannot parse, over a good one
+    ("http://a b", ["docker.io"], "mirror"),
 ])
 def test_bad_input_names_the_problem_and_writes_nothing(tmp_path: Path, mirror: str, registries: list[str],
                                                         needle: str) -> None:
