@@ -120,6 +120,8 @@ def _coerce(key: str, value: Any) -> Any:
                 raise ValueError(f"{value!r} must be more than 0 s")
             return t
         if key in _PATH_KEYS:
+            if not str(value).strip():
+                raise ValueError("must not be empty (an empty path is the current directory)")
             return Path(str(value)).expanduser()
         if key in _LIST_KEYS:
             items = value if isinstance(value, list) else str(value).split(",")

@@ -102,6 +102,11 @@ def build_node(settings: Settings) -> Node:
     return Node(settings, metrics, store, manifests, tags, upstream, fetcher, resolver)
 
 
+# Settings that only mean something to a node that shares (--peer-listen): named in a warning otherwise.
+SWARM_ONLY = ("join", "join_dns", "advertise", "zone", "cluster_secret_file", "upload_limit", "piece_size",
+              "tracker")
+
+
 async def _stop_on_signals(cancel_scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
@@ -162,6 +167,9 @@ async def run_node(settings: Settings, *, task_status: trio.TaskStatus[Node] = t
             log.info("listening on %s (registry), %s (admin)%s", node.registry_url, node.admin_url,
                      f", peers on {settings.peer_listen}" if settings.peer_listen else "")
             log.info("store %s, default namespace %s", settings.data, settings.default_ns)
+            unused = [f"--{k.replace('_', '-')}" for k in SWARM_ONLY if getattr(settings, k)]
+            if unused and not settings.peer_listen:
+                log.warning("%s: no effect without --peer-listen (this node shares nothing)", ", ".join(unused))
             task_status.started(node)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):

@@ -69,7 +69,7 @@ def test_precedence(tmp_path: Path) -> None:
         ({"upstreams": ["docker.io=http://:99999"]}, "upstream URL"),
         ({"upstreams": ["docker.io=http://127.0.0.1:1,ghcr.io=http://127.0.0.1:2"]}, "upstream URL"),
         ({"listen": "127.0.0.1:\u0663"}, "listen"), ({"join": ["garbage"]}, "join"), ({"tracker": "zzz"}, "tracker"),
-        ({"default_ns": "a b/../.."}, "default-ns"),
+        ({"default_ns": "a b/../.."}, "default-ns"), ({"data": ""}, "data"),
     ],
 )
 def test_bad_values_name_the_setting(flags: dict, needle: str) -> None:

@@ -378,6 +378,15 @@ async def test_node_stops_cleanly_when_cancelled(tmp_path):
         await trio.open_tcp_stream("127.0.0.1", port)  # the listener is gone with the nursery
 
 
+async def test_swarm_settings_without_peer_listen_are_named_in_a_warning(tmp_path, caplog):
+    settings = Settings(listen="127.0.0.1:0", admin_listen="127.0.0.1:0", data=tmp_path / "d",
+                        join=["127.0.0.1:5002"], zone="a")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(run_node, settings, handle_signals=False))
+        nursery.cancel_scope.cancel()
+    assert "--join, --zone: no effect without --peer-listen" in caplog.text
+
+
 def test_startup_problems_are_one_line_and_status_2(tmp_path):
     import socket
     import subprocess
