@@ -47,7 +47,9 @@ class Host:
         pass
 
 
-async def pair(nursery, host, *, server_secret=b"s", client_secret=b"s", silent_server=False):
+async def pair(nursery, host, *, server_secret=b"s", client_secret=b"s", silent_server=False, raw_client_rcvbuf=None):
+    """A server PeerConnection (in `server_side["conn"]`) and a client: a PeerConnection, or with
+    `raw_client_rcvbuf` the bare handshaken socket with that receive buffer (a peer that reads when it likes)."""
     lsock = trio.socket.socket()
     await lsock.bind(("127.0.0.1", 0))
     lsock.listen(4)
@@ -69,6 +71,12 @@ async def pair(nursery, host, *, server_secret=b"s", client_secret=b"s", silent_
         await c.run()
 
     nursery.start_soon(serve)
+    if raw_client_rcvbuf is not None:
+        s = trio.socket.socket()
+        s.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, raw_client_rcvbuf)
+        await s.connect(("127.0.0.1", port))
+        await handshake(s, Handshake("client", client_secret, PeerInfo("cli", "127.0.0.1:2", None)), FrameDecoder())
+        return s, server_side, lsock
     s = await open_peer_socket(f"127.0.0.1:{port}")
     dec = FrameDecoder()
     p = await handshake(s, Handshake("client", client_secret, PeerInfo("cli", "127.0.0.1:2", None)), dec)
@@ -208,24 +216,7 @@ async def test_a_peer_that_never_reads_loses_its_uploads_after_the_send_stall_ti
         f.truncate(32 * PIECE)  # more than any socket buffer takes
     host = Host(path, held=32)
     async with trio.open_nursery() as nursery:
-        lsock = trio.socket.socket()
-        await lsock.bind(("127.0.0.1", 0))
-        lsock.listen(4)
-        port = lsock.getsockname()[1]
-        server_side: dict = {}
-
-        async def serve():
-            s, _ = await lsock.accept()
-            dec = FrameDecoder()
-            p = await handshake(s, Handshake("server", b"s", PeerInfo("srv", "127.0.0.1:1", None)), dec)
-            c = server_side["conn"] = PeerConnection(s, p, host, dec, outgoing=False)
-            await c.run()
-
-        nursery.start_soon(serve)
-        s = trio.socket.socket()
-        s.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
-        await s.connect(("127.0.0.1", port))
-        await handshake(s, Handshake("client", b"s", PeerInfo("cli", "127.0.0.1:2", None)), FrameDecoder())
+        s, server_side, lsock = await pair(nursery, host, raw_client_rcvbuf=4096)
         for i in range(32):
             await s.send(encode("request", digest=D, index=i))
         with trio.fail_after(5):  # then never reads
