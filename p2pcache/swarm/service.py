@@ -811,6 +811,13 @@ class SwarmService:
         self._fills[download.digest] = fill
         try:
             await fill.run()
+        except BaseException:
+            # The fill announced itself as a holder in progress; renewal_round would renew that for ever (found in
+            # review: 1000 failed pulls of unknown digests, 1000 entries renewed at the trackers every round).
+            if self._announced.get(download.digest) is False:
+                del self._announced[download.digest]
+                self._spawn(self._withdraw, download.digest)
+            raise
         finally:
             if self._fills.get(download.digest) is fill:
                 del self._fills[download.digest]
@@ -1129,6 +1136,11 @@ class _Fill:
             self.peers.pop(node, None)
 
     def peer_message(self, conn: PeerConnection, msg: Message) -> None:
+        if conn.closed:
+            # A bitfield kept from before the scheduler existed, whose connection closed meanwhile (peer_closed
+            # ran then, with nothing to tell): replayed, its dead peer stayed a source of every piece, so the
+            # claim was never asked again and the download waited for the stall timeout (found in review).
+            return
         node = conn.peer.node
         if self.sched is None:
             if msg.kind == "bitfield" or len(self._early) < 10_000:
@@ -1145,6 +1157,7 @@ class _Fill:
 
     def peer_closed(self, conn: PeerConnection) -> None:
         node = conn.peer.node
+        self._early = [(c, m) for c, m in self._early if c is not conn]
         if self.peers.get(node) is not conn:
             return
         del self.peers[node]

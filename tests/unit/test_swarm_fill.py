@@ -1,0 +1,85 @@
+"""The swarm's download driver (`_Fill`) in process: what a failed fill leaves behind, and peers that close
+before the scheduler exists (both found in review)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from p2pcache.config import Settings
+from p2pcache.fetch import Download, FetchFailed
+from p2pcache.node import build_node
+from p2pcache.swarm.service import SwarmService, _Fill, renewal_round
+
+
+def service(tmp_path) -> tuple[SwarmService, object]:
+    settings = Settings(data=tmp_path / "data", peer_listen="127.0.0.1:0")
+    node = build_node(settings)
+    svc = SwarmService(settings, node.store, node.fetcher, node.upstream, node.metrics)
+
+    async def announce(digest, complete, pieces=0):
+        return [], None
+
+    async def claim(digest, release=False):
+        return None
+
+    svc._announce = announce  # type: ignore[method-assign]
+    svc._claim = claim  # type: ignore[method-assign]
+    svc._owners = lambda digest: []  # type: ignore[method-assign]
+    return svc, node
+
+
+async def test_a_failed_fill_is_no_longer_announced(tmp_path) -> None:
+    """A pull of a digest the upstream does not have: the fill announced itself as a holder in progress, and
+    renewal_round renewed that at the trackers for ever."""
+    svc, node = service(tmp_path)
+
+    class NoSuchBlob:
+        async def head_blob(self, repo, digest):
+            raise FetchFailed("404 BLOB_UNKNOWN")
+
+    svc.upstream = NoSuchBlob()  # type: ignore[assignment]
+    for k in range(20):
+        digest = "sha256:" + hashlib.sha256(b"%d" % k).hexdigest()
+        with pytest.raises(FetchFailed):
+            await svc.fill(Download(node.fetcher, None, digest), None)  # type: ignore[arg-type]
+    assert svc._announced == {}
+    assert renewal_round(svc._announced, lambda d: False, set(svc._fills), set()) == ([], [])
+
+
+class _Peer:
+    node = "D"
+    zone = None
+
+
+class _Conn:
+    peer = _Peer()
+    closed = False
+
+    def send(self, *a, **k) -> None:
+        pass
+
+
+class _Msg:
+    def __init__(self, kind: str, **fields) -> None:
+        self.kind, self.fields = kind, fields
+
+    def __getitem__(self, k):
+        return self.fields[k]
+
+
+async def test_a_bitfield_from_a_connection_closed_before_the_scheduler_existed_is_not_replayed(tmp_path) -> None:
+    """Replayed, its dead peer stayed a source of every piece: the claim was never asked again and the download
+    waited for the stall timeout (60 s) instead of a few seconds."""
+    svc, node = service(tmp_path)
+    fill = _Fill(svc, Download(node.fetcher, None, "sha256:" + "ab" * 32), None)  # type: ignore[arg-type]
+    conn = _Conn()
+    fill.consider(conn)  # type: ignore[arg-type]
+    fill.peer_message(conn, _Msg("bitfield", digest=fill.digest, bits=b"\xff"))  # type: ignore[arg-type]
+    assert len(fill._early) == 1  # kept until the scheduler exists
+    conn.closed = True
+    fill.peer_closed(conn)  # type: ignore[arg-type]
+    assert fill._early == [] and "D" not in fill.peers
+    fill.peer_message(conn, _Msg("bitfield", digest=fill.digest, bits=b"\xff"))  # type: ignore[arg-type]
+    assert fill._early == []  # a message of a closed connection is not taken either
