@@ -140,11 +140,19 @@ async def open_peer_socket(addr: str) -> trio.socket.SocketType:
     return sock
 
 
-async def _send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> None:
+async def _send_all(sock: trio.socket.SocketType, data: bytes | memoryview, stall: float = math.inf) -> None:
+    """Send all of `data`; PeerGone when the peer takes no byte for `stall` seconds."""
     view = memoryview(data)
     while view:
-        n = await sock.send(view)
+        with trio.move_on_after(stall) as cs:
+            n = await sock.send(view)
+        if cs.cancelled_caught:
+            raise _send_stalled()
         view = view[n:]
+
+
+def _send_stalled() -> PeerGone:
+    return PeerGone(f"the peer took no byte for {SEND_STALL_TIMEOUT:g} s")
 
 
 async def _read_message(sock: trio.socket.SocketType, dec: FrameDecoder) -> Message:
@@ -287,7 +295,7 @@ class PeerConnection:
     async def _writer(self) -> None:
         while True:
             if self._control:
-                await self._send_all(self._control.popleft())
+                await _send_all(self.sock, self._control.popleft(), SEND_STALL_TIMEOUT)
             elif self._uploads:
                 key = self._sending = self._uploads.popleft()
                 try:
@@ -304,11 +312,12 @@ class PeerConnection:
     async def _serve_piece(self, digest: str, index: int) -> None:
         src = self.host.piece_source(digest, index)
         if src is None:
-            await self._send_all(encode("reject", digest=digest, index=index, reason="not held"))
+            await _send_all(self.sock, encode("reject", digest=digest, index=index, reason="not held"),
+                            SEND_STALL_TIMEOUT)
             return
         fd, offset, length = src
         try:
-            await self._send_all(encode_head("piece", length, digest=digest, index=index))
+            await _send_all(self.sock, encode_head("piece", length, digest=digest, index=index), SEND_STALL_TIMEOUT)
             sent = 0
             while sent < length:
                 n = min(SEND_CHUNK, length - sent)
@@ -333,21 +342,12 @@ class PeerConnection:
                 with trio.move_on_after(SEND_STALL_TIMEOUT) as cs:
                     await trio.lowlevel.wait_writable(self.sock)
                 if cs.cancelled_caught:
-                    raise PeerGone(f"{self.peer.node} took no byte for {SEND_STALL_TIMEOUT:g} s") from None
+                    raise _send_stalled() from None
                 continue
             if n == 0:  # the file is shorter than the piece: we cannot keep the frame's promise
                 raise OSError(errno.EIO, "piece file truncated")
             offset += n
             count -= n
-
-    async def _send_all(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            with trio.move_on_after(SEND_STALL_TIMEOUT) as cs:
-                n = await self.sock.send(view)
-            if cs.cancelled_caught:
-                raise PeerGone(f"{self.peer.node} took no byte for {SEND_STALL_TIMEOUT:g} s")
-            view = view[n:]
 
     # -- receiving ---------------------------------------------------------------------------------------------
     def _wants_payload(self, kind: str, fields: dict[str, Any]) -> bool:

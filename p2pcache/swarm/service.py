@@ -331,11 +331,14 @@ class SwarmService:
                 if self._incoming >= MAX_INCOMING or self._handshaking.get(ip, 0) >= MAX_HANDSHAKING_PER_IP:
                     client.close()
                     continue
+                # counted here, not when the task first runs: a burst of accepts must meet the limits it fills
+                self._incoming += 1
+                self._handshaking[ip] = self._handshaking.get(ip, 0) + 1
                 nursery.start_soon(_logged, self._serve_incoming, client, ip)
 
     async def _serve_incoming(self, sock: trio.socket.SocketType, ip: str) -> None:
-        self._incoming += 1
-        self._handshaking[ip] = self._handshaking.get(ip, 0) + 1
+        """An accepted connection, counted by the accept loop in `_incoming` and (until its handshake ends)
+        `_handshaking`."""
         try:
             dec = FrameDecoder(hash_kinds=NO_LOOP_HASHING)
             try:
