@@ -685,10 +685,11 @@ class SwarmService:
             d = self.fetcher.downloads().get(digest)
             if d is not None and d.size is not None and d.piece_size is not None:
                 return d.size, d.piece_size, d.piece_hashes()
+        return self._cached_meta(digest)
+
+    def _cached_meta(self, digest: str) -> tuple[int, int, list[bytes | None]] | None:
         cached = self._meta_cache.get(digest)
-        if cached is not None:
-            return cached[0], cached[1], list(cached[2])
-        return None
+        return None if cached is None else (cached[0], cached[1], list(cached[2]))
 
     @staticmethod
     def _metainfo_fields(rid: int, digest: str, ans: tuple[int, int, list[bytes | None]] | None) -> dict[str, Any]:
@@ -710,8 +711,7 @@ class SwarmService:
         running = self._hashing.get(digest)
         if running is not None:
             await running.wait()
-            cached = self._meta_cache.get(digest)
-            return None if cached is None else (cached[0], cached[1], list(cached[2]))
+            return self._cached_meta(digest)
         done = self._hashing[digest] = trio.Event()
         try:
             async with self._hashers:
