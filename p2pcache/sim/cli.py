@@ -55,11 +55,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     try:
         sweep = parse_sweep(list(getattr(args, "sweep", None) or []))
         sc = load_scenario(args.scenario)  # validate before anything runs
-        transfers = sc.piece_transfers()
-        if sweep:
-            for key, vals in sweep:
-                for v in vals:
-                    transfers = max(transfers, load_scenario(args.scenario, {key: v}).piece_transfers())
+        keys = [k for k, _ in sweep]
+        points = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in sweep))]
+        # With a sweep its points run (each a combination of the values), not the file as written.
+        transfers = max(load_scenario(args.scenario, p).piece_transfers() for p in points) if sweep \
+            else sc.piece_transfers()
     except ScenarioError as e:
         return _fail(str(e))
     if args.plot:
@@ -98,8 +98,6 @@ def run_simulate(args: argparse.Namespace) -> int:
         if args.plot:
             plot(args.plot, sc, r, base, title=args.scenario)
         return 0
-    keys = [k for k, _ in sweep]
-    points = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in sweep))]
     jobs = [(args.scenario, p, args.seed, False) for p in points]
     procs = min(len(jobs), os.cpu_count() or 1)
     rows = []

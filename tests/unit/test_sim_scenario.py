@@ -144,6 +144,19 @@ def test_cli_refuses_results_it_could_not_write_before_running(tmp_path):
     assert r.returncode == 2 and "not UTF-8" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_cli_warns_for_the_sweeps_points_not_the_file_as_written(tmp_path, monkeypatch, capsys):
+    from p2pcache.cli import main
+    from p2pcache.sim import cli
+
+    p = tmp_path / "s.toml"
+    p.write_text(SMALL)  # 4 nodes: 196 piece transfers
+    monkeypatch.setattr(cli, "LONG_RUN_TRANSFERS", 150)
+    assert main(["simulate", str(p), "--sweep", "cluster.nodes=2", "--sweep", "p2p.peers=5,10"]) == 0
+    assert "piece transfers" not in capsys.readouterr().err  # the points have 2 nodes: 98 transfers
+    assert main(["simulate", str(p), "--sweep", "cluster.nodes=2,8"]) == 0
+    assert "392 piece transfers" in capsys.readouterr().err  # the largest point, 8 nodes
+
+
 def test_cli_bad_scenario_is_one_line_and_exit_2(tmp_path):
     p = tmp_path / "s.toml"
     p.write_text(SMALL.replace('upload = "1 Gbit/s"', 'upload = "1 Gbit"'))
