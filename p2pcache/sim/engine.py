@@ -54,7 +54,6 @@ from p2pcache.swarm.scheduler import (
     AskClaim,
     Ban,
     Cancel,
-    Discard,
     Done,
     DownloadScheduler,
     Fail,
@@ -261,9 +260,6 @@ class Simulation:
                 node.dl.pop(lid, None)
                 self._share_sources(node, now)
                 return
-            elif cls is Discard:
-                for i in d.indices:
-                    node.have[lid] &= ~(1 << i)
         if decisions:
             self._schedule_tick(node, lid, now)
 

@@ -37,9 +37,10 @@ first and names the holder to the others. Then:
   `claim_retry` seconds while some piece it wants has no source, so a dead holder is replaced once its claim
   expires. Last resort: no piece from anyone for `stall_timeout` while wanting some -> `FetchUpstream` anyway.
 - Integrity. `metainfo_known(hashes)` limits requests to pieces whose hash is known (the holder publishes them as
-  it goes). `Done` is emitted once every piece is held; the driver then checks the whole-blob digest. If that
-  fails, `digest_failed(now)`: every piece is discarded (`Discard`), the metainfo's source banned, and the blob
-  fetched again from upstream only; a second failure (upstream itself) is `Fail`.
+  it goes). `Done` is emitted once every piece is held; the driver then checks the whole-blob digest. A mismatch
+  (a lying piece list: every piece matched hashes that describe wrong bytes) is not this object's business: the
+  download fails (no client got the last byte), the node bans the piece list's source, and its next download of
+  that digest skips the swarm (`fetch.Download.upstream_only`), so this scheduler never runs for it.
 
 Driving it (what swarm/service.py does; the simulator in sim/engine.py does the same in virtual time):
     s = DownloadScheduler(download.size, download.piece_size, rng=random.Random(), zone=settings.zone,
@@ -53,12 +54,11 @@ Driving it (what swarm/service.py does; the simulator in sim/engine.py does the 
     "busy" answer           -> s.piece_refused(peer, i, now)
     upstream piece verified -> publish its hash, s.upstream_progress(i, len, now); broken -> s.upstream_failed
     hash list learnt        -> s.metainfo_known(hashes, now, source) or s.piece_known(i, now)
-    whole blob hashed       -> digest mismatch: s.digest_failed(now)
     timer                   -> s.tick(now) at s.next_deadline() (or every second)
     a download of the node starts or ends -> s.set_max_sources(share, now) for each, source_shares(...)
   and act() on each decision: Request/Cancel -> send to the peer; Ban -> close + refuse the peer until `until`;
   AskClaim -> tracker.claim; FetchUpstream(i)/StopUpstream -> start/stop a ranged upstream stream from piece i;
-  Discard -> drop those pieces of the partial file; Done -> verify the digest, announce complete, release the
+  Done -> verify the digest, announce complete, release the
   claim; Fail -> abort the clients. On the serving side, every incoming request goes through the node's one
   `UploadSlots`: `Serve` -> send the piece; None -> answer "busy"; `finished`/`cancel` when an upload ends.
 
@@ -79,7 +79,7 @@ from p2pcache.swarm.metainfo import checkable, piece_count, piece_span
 from p2pcache.swarm.picker import PiecePicker, mask_of
 
 __all__ = [
-    "AskClaim", "Ban", "BanList", "Cancel", "Decision", "Discard", "Done", "DownloadScheduler", "Fail",
+    "AskClaim", "Ban", "BanList", "Cancel", "Decision", "Done", "DownloadScheduler", "Fail",
     "FetchUpstream", "Request", "SchedulerConfig", "Serve", "StopUpstream", "UPSTREAM", "UploadSlots", "claim_wait",
     "source_shares",
 ]
@@ -138,12 +138,6 @@ class StopUpstream:
 
 
 @dataclass(frozen=True, slots=True)
-class Discard:
-    """Throw these held pieces away (they are wanted again)."""
-    indices: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class Done:
     """Every piece is held: check the whole-blob digest, announce complete, release the claim if held."""
 
@@ -154,7 +148,7 @@ class Fail:
     reason: str
 
 
-Decision = Request | Cancel | Ban | AskClaim | FetchUpstream | StopUpstream | Discard | Done | Fail
+Decision = Request | Cancel | Ban | AskClaim | FetchUpstream | StopUpstream | Done | Fail
 
 
 @dataclass
@@ -291,7 +285,6 @@ class DownloadScheduler:
         self._next_claim = now
         self.upstream: int | None = None  # piece the upstream stream is on
         self.upstream_reason = ""
-        self.upstream_only = False
         self.last_progress = now
         self.source: dict[int, Peer] = {}
         self.meta_source: Peer | None = None
@@ -332,7 +325,7 @@ class DownloadScheduler:
 
     def _fill(self, peer: Peer, now: float, out: list) -> None:
         st = self.peers.get(peer)
-        if st is None or self.done or self.failed or self.upstream_only:
+        if st is None or self.done or self.failed:
             return
         if st.snubbed_until > now or st.busy_until > now:
             return
@@ -345,7 +338,7 @@ class DownloadScheduler:
     def _fill_all(self, now: float, out: list) -> None:
         """Fill the peers that could take a request: the current sources, then the best others up to
         `max_sources`. O(peers) cheap mask checks, then a partial sort of the candidates."""
-        if self.done or self.failed or self.upstream_only:
+        if self.done or self.failed:
             return
         p = self.picker
         free = p.wanted & p.known & ~p.inflight_mask
@@ -387,7 +380,7 @@ class DownloadScheduler:
         p = self.picker
         if not 0 <= index < self.n or p.have(index):
             return False
-        if self.upstream_only or self.upstream_reason == "stall":
+        if self.upstream_reason == "stall":
             return not p.inflight_mask >> index & 1
         return not p.inflight_mask >> index & 1 and p.avail[index] == 0
 
@@ -395,7 +388,7 @@ class DownloadScheduler:
         if self.upstream is not None or self.done or self.failed:
             return
         self.upstream_reason = reason
-        any_piece = self.upstream_only or reason == "stall"
+        any_piece = reason == "stall"
         i = self.picker.first_wanted(free_only=True, no_peer=not any_piece)
         if i is None:
             return
@@ -614,7 +607,7 @@ class DownloadScheduler:
         else:
             if nxt < self.n:
                 out.append(StopUpstream())
-            if self.claim == "held" or self.upstream_only or self.upstream_reason == "stall":
+            if self.claim == "held" or self.upstream_reason == "stall":
                 self._start_upstream(self.upstream_reason, out)
         return out
 
@@ -624,7 +617,7 @@ class DownloadScheduler:
         if self.upstream is not None:
             self.picker.failed(UPSTREAM, self.upstream)
             self.upstream = None
-        if self.upstream_only or self._needs_claim():
+        if self._needs_claim():
             self.failed = True
             out.append(Fail(f"upstream: {reason}"))
             return out
@@ -641,11 +634,22 @@ class DownloadScheduler:
         return out
 
     def claim_denied(self, holder: Peer | None, now: float) -> list[Decision]:
-        """Another node holds the claim (or the complete blob): wait for its pieces through the swarm."""
+        """Another node holds the claim (or the complete blob): wait for its pieces through the swarm.
+
+        Also the answer to a renewal when the claim was lost (the tracker moved to another owner, which granted
+        it to someone else first): the stream the claim paid for stops, or two nodes would fetch the rest of
+        the blob from upstream; the new holder streams from the first piece nobody has."""
+        out: list[Decision] = []
+        lost = self.claim == "held"
         self.claim = "denied"
         self.claim_holder = holder
         self._next_claim = now + self.cfg.claim_retry
-        return []
+        if lost and self.upstream is not None and self.upstream_reason == "claim":
+            self.picker.failed(UPSTREAM, self.upstream)
+            self.upstream = None
+            out.append(StopUpstream())
+            self._fill_all(now, out)
+        return out
 
     def metainfo_known(
         self, hashes: Sequence[bytes | None], now: float, source: Peer | None = None,
@@ -665,38 +669,6 @@ class DownloadScheduler:
         if not self.picker.known >> index & 1:
             self.picker.add_known(index)
             self._fill_all(now, out)
-        return out
-
-    def digest_failed(self, now: float) -> list[Decision]:
-        """The whole blob's digest did not match: discard everything and refetch from upstream only."""
-        out: list[Decision] = []
-        if self.upstream_only:
-            self.failed = True
-            out.append(Fail("the blob from upstream does not match its digest"))
-            return out
-        if self.meta_source is not None and self.meta_source is not UPSTREAM:
-            until = now + self.cfg.ban_seconds
-            self.bans.ban(self.meta_source, until)
-            out.append(Ban(self.meta_source, until, "its piece list described a blob that fails its digest"))
-        for peer, st in self.peers.items():
-            for i in st.reqs:
-                out.append(Cancel(peer, i))
-                self.picker.failed(peer, i)
-            st.reqs.clear()
-        self._active.clear()
-        if self.upstream is not None:
-            out.append(StopUpstream())
-            self.picker.failed(UPSTREAM, self.upstream)
-            self.upstream = None
-        held = tuple(i for i in range(self.n) if self.picker.have(i))
-        for i in held:
-            self.picker.discard(i)
-        self.source.clear()
-        out.append(Discard(held))
-        self.done = False
-        self.upstream_only = True
-        self.picker.set_known((1 << self.n) - 1)
-        self._start_upstream("digest", out)
         return out
 
     def tick(self, now: float) -> list[Decision]:

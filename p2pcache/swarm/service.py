@@ -73,7 +73,6 @@ from p2pcache.swarm.scheduler import (
     BanList,
     Cancel,
     Decision,
-    Discard,
     Done,
     DownloadScheduler,
     Fail,
@@ -1197,8 +1196,6 @@ class _Fill:
                 self._nursery_spawn(self._upstream, self._upstream_gen)
             elif isinstance(dec, StopUpstream):
                 self.upstream_stop = True
-            elif isinstance(dec, Discard):
-                pass  # the fetcher discards the partial and refetches from upstream when the digest fails
             elif isinstance(dec, Done):
                 self._done_pieces()
             elif isinstance(dec, Fail):
@@ -1357,7 +1354,7 @@ class _Fill:
         sched = self.sched
         assert sched is not None
         p = sched.picker
-        any_piece = sched.upstream_only or sched.upstream_reason == "stall"
+        any_piece = sched.upstream_reason == "stall"
         j = first + 1
         while j < sched.n and not p.have(j) and (any_piece or p.avail[j] == 0):
             j += 1

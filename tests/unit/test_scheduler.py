@@ -6,10 +6,8 @@ from p2pcache.swarm.scheduler import (
     Ban,
     BanList,
     Cancel,
-    Discard,
     Done,
     DownloadScheduler,
-    Fail,
     FetchUpstream,
     Request,
     SchedulerConfig,
@@ -39,6 +37,25 @@ def test_claim_holder_streams_everything_from_upstream_once():
         assert s.upstream_progress(i, MiB, 1 + i) == []
     assert s.upstream_progress(3, MiB, 5) == [Done()]
     assert s.bytes_from_upstream == 4 * MiB and s.bytes_from_peers == 0
+
+
+def test_a_claim_lost_at_renewal_stops_the_upstream_stream_and_the_new_holder_serves_the_rest():
+    s = sched(6, pipeline=2)
+    s.start(0)
+    assert s.claim_granted(0.1) == [FetchUpstream(0, "claim")]
+    s.upstream_progress(0, MiB, 1)
+    s.upstream_progress(1, MiB, 2)
+    assert s.upstream == 2
+    # the renewal's answer: another node got the claim from the tracker's new owner
+    out = s.claim_denied("new", 3)
+    assert StopUpstream() in out and s.upstream is None
+    assert s.claim == "denied"
+    # the rest comes from the new holder (piece 2 is no longer in flight from upstream)
+    out = s.peer_added("new", "z1", [2, 3], 3.1)
+    assert sorted(reqs(out)) == [("new", 2), ("new", 3)]
+    # a piece the stopped stream still finishes is kept, and nothing starts another stream
+    assert all(not isinstance(d, FetchUpstream) for d in s.upstream_progress(2, MiB, 3.2))
+    assert s.picker.have(2)
 
 
 def test_denied_node_downloads_from_peers_rarest_first_and_finishes():
@@ -159,23 +176,6 @@ def test_stall_falls_back_to_upstream():
     assert s.next_deadline() <= 30
     out = s.tick(31)
     assert FetchUpstream(0, "stall") in out
-
-
-def test_digest_failure_discards_and_refetches_from_upstream_only():
-    s = sched(2)
-    s.start(0)
-    s.claim_denied("x", 0)
-    s.metainfo_known([b"a", b"b"], 0, source="liar")
-    s.peer_added("liar", None, [0, 1], 0)
-    s.piece_received("liar", 0, True, MiB, 1)
-    out = s.piece_received("liar", 1, True, MiB, 1)
-    assert Done() in out
-    out = s.digest_failed(2)
-    assert Discard((0, 1)) in out and FetchUpstream(0, "digest") in out
-    assert any(isinstance(d, Ban) and d.peer == "liar" for d in out)
-    s.upstream_progress(0, MiB, 3)
-    assert s.upstream_progress(1, MiB, 4) == [Done()]
-    assert s.digest_failed(5) == [Fail("the blob from upstream does not match its digest")]
 
 
 def test_pieces_only_requested_once_their_hash_is_known():
