@@ -31,7 +31,12 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+import p2pcache.config  # noqa: E402
 from p2pcache.config import add_node_flags, settings_from_args  # noqa: E402
+
+# The cluster secret these files name exists only on a node (a mounted Secret, a systemd credential): the loader
+# reads it at start-up, and here there is none. Every other setting is loaded and checked as a node would.
+p2pcache.config.load_secret = lambda path: b"a secret only a node has"
 
 # ------------------------------------------------------------------------------------------- Go templates
 

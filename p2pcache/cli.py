@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from p2pcache.config import ConfigError, add_node_flags, settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="p2pcache", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="p2pcache", description=" ".join(__doc__.split("\n\n")[0].split()))
     sub = p.add_subparsers(dest="command", required=True)
     node = sub.add_parser("node", help="run a node: registry mirror + swarm member")
     add_node_flags(node)
@@ -29,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     clients = conf.add_subparsers(dest="client", required=True)
     ctrd = clients.add_parser("containerd", help="write containerd hosts.toml files (certs.d) for the node")
     ctrd.add_argument("--mirror", default="http://127.0.0.1:5000", help="the node's registry URL (default %(default)s)")
-    ctrd.add_argument("--hosts-dir", type=Path, default=None,
+    ctrd.add_argument("--hosts-dir", default=None,
                       help="containerd's config_path (default /etc/containerd/certs.d)")
     ctrd.add_argument("--registry", action="append", default=[], metavar="HOST",
                       help="registry to mirror (repeatable; default docker.io)")
@@ -47,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "configure":
             from p2pcache.clientconf import DEFAULT_HOSTS_DIR, write_containerd_hosts
 
-            for path in write_containerd_hosts(args.hosts_dir or DEFAULT_HOSTS_DIR, args.mirror,
+            hosts_dir = DEFAULT_HOSTS_DIR if args.hosts_dir is None else args.hosts_dir  # a str: '' is no '.'
+
+            for path in write_containerd_hosts(hosts_dir, args.mirror,
                                                args.registry or ["docker.io"]):
                 print(f"wrote {path}")
             return 0

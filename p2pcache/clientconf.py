@@ -12,6 +12,7 @@ runs never sees half a file. Bad input ends with a one-line message (ConfigError
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -56,7 +57,7 @@ def check_mirror(url: str) -> str:
     return url.rstrip("/")
 
 
-def write_containerd_hosts(hosts_dir: Path, mirror: str, registries: list[str]) -> list[Path]:
+def write_containerd_hosts(hosts_dir: Path | str, mirror: str, registries: list[str]) -> list[Path]:
     """Write `<hosts_dir>/<ns>/hosts.toml` for each registry; returns the files written."""
     mirror = check_mirror(mirror)
     if not registries:
@@ -67,8 +68,12 @@ def write_containerd_hosts(hosts_dir: Path, mirror: str, registries: list[str]) 
         except OciError:
             raise ConfigError(f"registry: {ns!r} is not a registry host name (e.g. docker.io, ghcr.io)") from None
     written = []
+    if not str(hosts_dir).strip():
+        raise ConfigError("hosts-dir: must not be empty (an empty path is the current directory)")
+    hosts_dir = Path(hosts_dir)
     for ns in registries:
         d = hosts_dir / ns
+        tmp: str | None = None
         try:
             d.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=d, prefix=".hosts.toml.")
@@ -76,7 +81,12 @@ def write_containerd_hosts(hosts_dir: Path, mirror: str, registries: list[str]) 
                 f.write(hosts_toml(ns, mirror))
             os.chmod(tmp, 0o644)
             os.replace(tmp, d / "hosts.toml")
+            tmp = None
         except OSError as e:
             raise ConfigError(f"hosts-dir: cannot write {d / 'hosts.toml'}: {e.strerror}") from None
+        finally:
+            if tmp is not None:  # the old hosts.toml stands; no stray temporary file beside it
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
         written.append(d / "hosts.toml")
     return written

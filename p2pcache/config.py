@@ -9,6 +9,7 @@ value is a `ConfigError` whose message names the setting, so the CLI can print i
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import ssl
 import tomllib
@@ -20,8 +21,10 @@ from typing import Any
 
 import certifi
 
+from p2pcache.discovery.dns import split_name
 from p2pcache.oci.errors import OciError
 from p2pcache.oci.reference import check_ns
+from p2pcache.swarm.chain import BLOCK
 from p2pcache.swarm.handshake import load_secret
 from p2pcache.swarm.metainfo import MAX_PIECE
 from p2pcache.units import parse_duration, parse_rate, parse_size
@@ -38,7 +41,13 @@ def default_data_dir() -> Path:
     """Root stores under /var/lib (what a DaemonSet mounts); everyone else under the XDG cache dir."""
     if os.geteuid() == 0:
         return Path("/var/lib/p2pcache")
-    return Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "p2pcache"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "p2pcache"
+    try:
+        return Path.home() / ".cache" / "p2pcache"
+    except RuntimeError:  # an arbitrary UID in a container: no passwd entry, no $HOME
+        raise ConfigError("data: this user has no home directory to keep the store under; "
+                          "say where with --data DIR (or P2PCACHE_DATA)") from None
 
 
 @dataclass
@@ -91,6 +100,16 @@ _TIME_KEYS = {
     "client_send_timeout",
 }
 _PATH_KEYS = {"data", "credentials", "upstream_ca", "cluster_secret_file"}
+# Kubernetes sets these in every pod of a namespace with a Service named "p2pcache": never a misspelt setting.
+_K8S_SERVICE_ENV = ("P2PCACHE_SERVICE_", "P2PCACHE_PORT")
+
+
+def _text(value: Any) -> str:
+    """A setting that is a word or a path: a TOML number, list or table there is a mistake, not a string."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
 _LIST_KEYS = {"join"}
 _INT_KEYS = {"upstream_retries"}
 
@@ -106,6 +125,10 @@ def _coerce(key: str, value: Any) -> Any:
             if key == "piece_size" and not MIN_PIECE_OVERRIDE <= n <= MAX_PIECE:
                 raise ValueError(f"{value!r} is outside {MIN_PIECE_OVERRIDE >> 10} KiB-{MAX_PIECE >> 20} MiB "
                                  "(peers take no larger piece)")
+            if key == "piece_size" and n % BLOCK:
+                # pieces are links of one SHA-256 chain (swarm/chain.py): a link can only end on a block
+                raise ValueError(f"{value!r} ({n} bytes) is not a multiple of {BLOCK} bytes, SHA-256's block "
+                                 "(say 1MiB or 4MiB)")
             if n < 1:
                 raise ValueError(f"{value!r} must be at least 1 byte")
             return n
@@ -120,16 +143,20 @@ def _coerce(key: str, value: Any) -> Any:
                 raise ValueError(f"{value!r} must be more than 0 s")
             return t
         if key in _PATH_KEYS:
-            if not str(value).strip():
+            if not _text(value).strip():
                 raise ValueError("must not be empty (an empty path is the current directory)")
-            return Path(str(value)).expanduser()
+            return Path(value).expanduser()
         if key in _LIST_KEYS:
-            items = value if isinstance(value, list) else str(value).split(",")
-            return [s.strip() for s in items if str(s).strip()]
+            items = value if isinstance(value, list) else _text(value).split(",")
+            return [s.strip() for s in map(_text, items) if s.strip()]
         if key in _INT_KEYS:
-            if isinstance(value, float) or not 0 <= int(value) <= 100:
+            try:
+                n = int(value) if not isinstance(value, (float, bool)) else None
+            except ValueError:
+                n = None
+            if n is None or not 0 <= n <= 100:
                 raise ValueError(f"{value!r} is not a whole number from 0 to 100")
-            return int(value)
+            return n
         if key == "log_level":
             v = str(value).lower()
             if v not in {"debug", "info", "warning", "error"}:
@@ -141,11 +168,28 @@ def _coerce(key: str, value: Any) -> Any:
                 raise ValueError("use text or json")
             return v
         if key in {"listen", "admin_listen", "peer_listen", "advertise"}:
-            parse_hostport(str(value))
-            return str(value)
-        return str(value)
+            parse_hostport(_text(value))
+            return value
+        if key == "join_dns":
+            return _check_join_dns(_text(value))
+        return _text(value)
     except (ValueError, TypeError, OverflowError) as e:
-        raise ConfigError(f"{key.replace('_', '-')}: {e}") from None
+        name = "upstream" if key == "upstreams" else key.replace("_", "-")  # the flag the user typed
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def _check_join_dns(name: str) -> str:
+    """NAME or NAME:PORT (the port defaults to --peer-listen's), as discovery.dns.split_name reads it."""
+    host, port = split_name(name.strip(), 0)
+    if ":" in host:  # no port split off: a bare IPv6 address, or a port that is no number
+        try:
+            ipaddress.IPv6Address(host.strip("[]"))
+        except ValueError:
+            raise ValueError(f"expected NAME or NAME:PORT, got {name!r}") from None
+    port_given = host != name.strip()
+    if not host or any(c.isspace() or c in "/@," for c in host) or port_given and not 1 <= port <= 65535:
+        raise ValueError(f"expected NAME or NAME:PORT, got {name!r}")
+    return name.strip()
 
 
 def _parse_upstreams(value: Any) -> dict[str, str]:
@@ -229,7 +273,8 @@ def load_settings(
         try:  # a missing, empty or unreadable secret is a start-up error, not a traceback when the swarm starts
             load_secret(values["cluster_secret_file"])
         except (OSError, ValueError) as e:
-            raise ConfigError(f"cluster-secret-file: {getattr(e, 'strerror', None) or e}") from None
+            raise ConfigError(f"cluster-secret-file: {values['cluster_secret_file']}: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
     addrs = [("join", a) for a in values.get("join") or []]
     if values.get("tracker"):
         addrs.append(("tracker", values["tracker"]))
@@ -244,6 +289,9 @@ def load_settings(
         except OciError as e:
             raise ConfigError(f"default-ns: {e.message}") from None
     peer_listen, advertise = values.get("peer_listen"), values.get("advertise")
+    if advertise and parse_hostport(advertise)[0] in _WILDCARDS:
+        raise ConfigError(f"advertise: {advertise} is no address another node can dial; give this node's own "
+                          "(e.g. the pod or host IP)")
     if peer_listen and not advertise:
         host, port = parse_hostport(peer_listen)
         if host in _WILDCARDS:
@@ -251,6 +299,16 @@ def load_settings(
             raise ConfigError(f"peer-listen: {peer_listen} listens on every address; say which one other nodes "
                               f"should dial with --advertise HOST:{port} (e.g. the pod or host IP)")
     return Settings(**values)
+
+
+def unknown_env_settings(env: Mapping[str, str] | None = None) -> list[str]:
+    """`P2PCACHE_*` variables that name no setting (a typo such as P2PCACHE_MAXDISK), for a start-up warning.
+    Not an error, unlike an unknown TOML key: Kubernetes puts P2PCACHE_SERVICE_HOST, P2PCACHE_PORT_5000_TCP
+    and the like into every pod of a namespace with a Service named p2pcache, and those are left out."""
+    env = os.environ if env is None else env
+    known = {f.name for f in fields(Settings)} | {"upstream", "config"}
+    return sorted(k for k in env if k.startswith("P2PCACHE_") and not k.startswith(_K8S_SERVICE_ENV)
+                  and k[len("P2PCACHE_"):].lower() not in known)
 
 
 def upstream_tls_context(ca_file: Path | None) -> ssl.SSLContext | bool:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pcache.config import Settings
+from p2pcache.config import Settings, unknown_env_settings
 from p2pcache.log import setup_logging
 from p2pcache.metrics import Metrics
 from p2pcache.proxy.server import serve_http
@@ -167,6 +167,8 @@ async def run_node(settings: Settings, *, task_status: trio.TaskStatus[Node] = t
             log.info("listening on %s (registry), %s (admin)%s", node.registry_url, node.admin_url,
                      f", peers on {settings.peer_listen}" if settings.peer_listen else "")
             log.info("store %s, default namespace %s", settings.data, settings.default_ns)
+            for name in unknown_env_settings():
+                log.warning("environment variable %s names no setting: ignored (see p2pcache node --help)", name)
             unused = [f"--{k.replace('_', '-')}" for k in SWARM_ONLY if getattr(settings, k)]
             if unused and not settings.peer_listen:
                 log.warning("%s: no effect without --peer-listen (this node shares nothing)", ", ".join(unused))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from p2pcache.swarm.chain import BLOCK
+
 # 512 KiB: small layers still get pieces that pass on quickly. With 1 MiB, a 25 MB layer had 24 pieces and the
 # swarm bench's 8 nodes at 10 MB/s (bench/swarm_bench.py --image-mb 100 --rate 10MB/s) finished at 1.34-1.35x
 # the bound; with 512 KiB at 1.18-1.26x (256 KiB: 1.21x, for 40% more CPU per byte than 1 MiB), and the simulator
@@ -41,6 +43,14 @@ def piece_size_for(size: int, override: int | None = None) -> int:
     while piece < MAX_PIECE and size > piece * TARGET_PIECES:
         piece <<= 1
     return piece
+
+
+def valid_layout(size: object, piece_size: object) -> bool:
+    """A layout some node could have made: pieces of at most MAX_PIECE ending on SHA-256 blocks (they are links
+    of one hash chain, swarm/chain.py), at most MAX_META_PIECES of them. A peer's or publisher's other layout is
+    refused where it arrives: one that is off the 64-byte block failed every download of the blob."""
+    return (type(size) is int and type(piece_size) is int and size >= 0 and 0 < piece_size <= MAX_PIECE
+            and piece_size % BLOCK == 0 and piece_count(size, piece_size) <= MAX_META_PIECES)
 
 
 def piece_count(size: int, piece_size: int) -> int:

@@ -56,7 +56,7 @@ from p2pcache.discovery.gossip import GossipDriver
 from p2pcache.discovery.membership import Membership
 from p2pcache.swarm.chain import ChainHasher, piece_hash
 from p2pcache.swarm.handshake import Handshake, HandshakeError, PeerInfo, load_secret
-from p2pcache.swarm.metainfo import checkable, piece_count, piece_span, prev_link
+from p2pcache.swarm.metainfo import checkable, piece_count, piece_span, prev_link, valid_layout
 from p2pcache.swarm.peer import (
     MAX_REQUESTS_IN,
     PeerConnection,
@@ -1016,9 +1016,7 @@ class _Fill:
     # -- metainfo ---------------------------------------------------------------------------------------------
     def _accept_meta(self, fields: dict[str, Any], source: str) -> tuple[int, int, list[bytes | None]] | None:
         size, piece_size, hashes = fields["size"], fields["piece_size"], fields["hashes"]
-        if size is None or piece_size is None or piece_size <= 0:
-            return None
-        if len(hashes) != piece_count(size, piece_size):
+        if not valid_layout(size, piece_size) or len(hashes) != piece_count(size, piece_size):
             return None
         d = self.download
         if d.size is not None and (size, piece_size) != (d.size, d.piece_size):

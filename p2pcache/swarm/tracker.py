@@ -36,7 +36,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from p2pcache.swarm.metainfo import MAX_META_PIECES, MAX_PIECE, piece_count
+from p2pcache.swarm.metainfo import piece_count, valid_layout
 
 __all__ = [
     "ClaimGranted", "ClaimHeld", "Holder", "Metainfo", "TagAnswer", "Tracker",
@@ -332,7 +332,7 @@ class Tracker:
         """
         if self.claim_holder(digest, now) != node:
             return False
-        if not (0 < piece_size <= MAX_PIECE and size >= 0) or piece_count(size, piece_size) > MAX_META_PIECES:
+        if not valid_layout(size, piece_size):
             return False  # no layout a node makes, and its hash list would be the publisher's to size
         m = self._meta.get(digest)
         n = piece_count(size, piece_size)

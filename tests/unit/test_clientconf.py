@@ -46,3 +46,18 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "wrote" in capsys.readouterr().out
     assert main(["configure", "containerd", "--hosts-dir", str(tmp_path / "f" / "x"), "--registry", "a/b"]) == 2
     assert capsys.readouterr().err.startswith("p2pcache: registry:")
+
+
+def test_an_empty_hosts_dir_is_refused_not_the_current_directory(tmp_path: Path, monkeypatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["configure", "containerd", "--hosts-dir", ""]) == 2
+    assert "hosts-dir" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path: Path) -> None:
+    (tmp_path / "docker.io" / "hosts.toml").mkdir(parents=True)  # os.replace onto a directory fails
+    with pytest.raises(ConfigError, match="hosts-dir"):
+        write_containerd_hosts(tmp_path, "http://127.0.0.1:5000", ["docker.io"])
+    assert [p.name for p in (tmp_path / "docker.io").iterdir()] == ["hosts.toml"]

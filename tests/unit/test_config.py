@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from p2pcache.cli import main
-from p2pcache.config import ConfigError, load_settings, parse_hostport
+from p2pcache.config import ConfigError, load_settings, parse_hostport, unknown_env_settings
 from p2pcache.units import parse_duration, parse_rate, parse_size
 
 
@@ -54,7 +54,7 @@ def test_precedence(tmp_path: Path) -> None:
     [
         ({"max_disk": "lots"}, "max-disk"),
         ({"listen": "nowhere"}, "listen"),
-        ({"upstreams": ["docker.io"]}, "upstreams"),
+        ({"upstreams": ["docker.io"]}, "^upstream: "),
         ({"upstreams": ["docker.io=ftp://x"]}, "http"),
         ({"log_format": "xml"}, "log-format"),
         # found in review: each of these was a traceback, or a node that started and then served nothing
@@ -70,6 +70,13 @@ def test_precedence(tmp_path: Path) -> None:
         ({"upstreams": ["docker.io=http://127.0.0.1:1,ghcr.io=http://127.0.0.1:2"]}, "upstream URL"),
         ({"listen": "127.0.0.1:\u0663"}, "listen"), ({"join": ["garbage"]}, "join"), ({"tracker": "zzz"}, "tracker"),
         ({"default_ns": "a b/../.."}, "default-ns"), ({"data": ""}, "data"),
+        # found in the second review: a piece size off SHA-256's 64-byte block failed every download bigger than
+        # a piece; TOML values of the wrong type were tracebacks or became strings ("./['/x']" as the store)
+        ({"piece_size": "100000"}, "multiple of 64"), ({"piece_size": "1.5MB"}, "piece-size"),
+        ({"join": [1, 2]}, "join"), ({"data": ["/x"]}, "data"), ({"zone": ["a"]}, "zone"),
+        ({"join_dns": 5}, "join-dns"), ({"join_dns": "localhost:99999"}, "join-dns"),
+        ({"join_dns": "localhost:notaport"}, "join-dns"), ({"upstream_retries": "x"}, "whole number"),
+        ({"peer_listen": "127.0.0.1:5002", "advertise": "0.0.0.0:5002"}, "advertise"),
     ],
 )
 def test_bad_values_name_the_setting(flags: dict, needle: str) -> None:
@@ -133,3 +140,33 @@ def test_an_unreadable_upstream_ca_is_a_start_up_error(tmp_path: Path, capsys: p
         load_settings({}, {"P2PCACHE_UPSTREAM_CA": str(garbage)})
     assert main(["node", "--upstream-ca", str(garbage), "--data", str(tmp_path / "d")]) == 2
     assert "upstream-ca" in capsys.readouterr().err
+
+
+def test_good_join_dns_names_pass() -> None:
+    for name in ("p2pcache", "p2pcache.ns.svc.cluster.local:5002", "[::1]:5002", "::1"):
+        assert load_settings({"join_dns": name}, env={}).join_dns == name
+
+
+def test_a_missing_secret_file_is_named_with_its_path(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=f"{tmp_path}/nope"):
+        load_settings({"cluster_secret_file": str(tmp_path / "nope")}, env={})
+
+
+def test_misspelt_environment_settings_are_found_but_kubernetes_service_variables_are_not() -> None:
+    env = {"P2PCACHE_MAXDISK": "1", "P2PCACHE_MAX_DISK": "1GiB", "P2PCACHE_UPSTREAM": "x=http://y",
+           "P2PCACHE_CONFIG": "/c", "P2PCACHE_SERVICE_HOST": "10.0.0.1", "P2PCACHE_PORT_5000_TCP": "tcp://x",
+           "P2PCACHE_PORT": "tcp://10.0.0.1:5000", "HOME": "/root"}
+    assert unknown_env_settings(env) == ["P2PCACHE_MAXDISK"]
+
+
+def test_no_home_directory_is_a_message_not_a_traceback(monkeypatch) -> None:
+    import p2pcache.config as config
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(config.os, "geteuid", lambda: 1000)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(config.Path, "home", staticmethod(no_home))
+    with pytest.raises(ConfigError, match="--data"):
+        load_settings({}, env={})

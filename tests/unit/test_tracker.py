@@ -49,10 +49,10 @@ def test_holders_sample_expire_and_prefer_zone():
 def test_metainfo_only_from_the_claim_holder_and_never_rewritten():
     t = Tracker()
     t.claim(D, "a", now=0)
-    assert t.publish_metainfo(D, "a", 0, size=10, piece_size=4, first=0, hashes=[b"h0"])
-    assert not t.publish_metainfo(D, "b", 0, size=10, piece_size=4, first=1, hashes=[b"h1"])
-    assert not t.publish_metainfo(D, "a", 0, size=10, piece_size=4, first=0, hashes=[b"xx"])
-    assert t.publish_metainfo(D, "a", 0, size=10, piece_size=4, first=1, hashes=[b"h1", b"h2"])
+    assert t.publish_metainfo(D, "a", 0, size=160, piece_size=64, first=0, hashes=[b"h0"])
+    assert not t.publish_metainfo(D, "b", 0, size=160, piece_size=64, first=1, hashes=[b"h1"])
+    assert not t.publish_metainfo(D, "a", 0, size=160, piece_size=64, first=0, hashes=[b"xx"])
+    assert t.publish_metainfo(D, "a", 0, size=160, piece_size=64, first=1, hashes=[b"h1", b"h2"])
     m = t.metainfo(D)
     assert m.hashes == [b"h0", b"h1", b"h2"] and m.complete
 
@@ -61,6 +61,8 @@ def test_metainfo_only_from_the_claim_holder_and_never_rewritten():
     (2**27, 1),  # 2^27 one-byte pieces: a gigabyte of hash list for the tracker, from one frame
     (2**40, 2**20),  # more pieces than a metainfo answer can carry
     (10, 0), (10, -4), (-1, 4), (10, (16 << 20) + 1),
+    (10**6, 100_000),  # off SHA-256's 64-byte block: no piece after the first could be checked
+    (10.0, 64), (10, 64.0), (10, True),
 ])
 def test_metainfo_of_no_layout_a_node_makes_is_refused(size, piece_size):
     t = Tracker()
