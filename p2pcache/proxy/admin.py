@@ -173,6 +173,8 @@ class Admin:
     def delete_blob(self, digest: str) -> Response:
         parse_digest(digest)
         if self.store.stat(digest, touch=False) is None:
+            if self.store.pinned(digest):  # being downloaded: not in the store yet, and committed when done
+                raise OciError("DENIED", "blob is being downloaded; try again when it is done", status=409)
             raise OciError("BLOB_UNKNOWN", "blob not in the store")
         if not self.store.delete(digest):
             raise OciError("DENIED", "blob is being served or downloaded; try again later", status=409)

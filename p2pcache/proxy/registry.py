@@ -42,12 +42,17 @@ READ_METHODS = ("GET", "HEAD")
 
 
 def accept_types(req: Request) -> list[str]:
-    """The media types of every Accept header (clients send one line or several), in order, de-duplicated."""
+    """The media types of every Accept header (clients send one line or several), in order, de-duplicated.
+
+    Wildcards (`*/*`, `application/*`) are left out, so a client that sends only those is asked for as one that
+    sends none: with the manifest types a client of today reads (oci.upstream.DEFAULT_MANIFEST_ACCEPT), which a
+    wildcard accepts too. Passed on, `*/*` made docker-registry 2.8 convert a schema2 tag to a signed schema1
+    manifest whose digest it then could not serve (curl's default Accept got a 404 for a tag that exists)."""
     out: list[str] = []
     for value in req.header_values("accept"):
         for item in value.split(","):
             media = item.split(";", 1)[0].strip()
-            if media and media not in out:
+            if media and media not in out and not media.endswith("/*"):
                 out.append(media)
     return out
 
@@ -81,7 +86,7 @@ class Registry:
 
     async def __call__(self, req: Request) -> Response:
         started = time.monotonic()
-        route = "unknown"
+        route = route_label(req.path)  # what an error is counted under: a manifest's 404 is a "manifests" one
         try:
             route, resp = await self._route(req)
         except OciError as e:
@@ -106,6 +111,7 @@ class Registry:
         return resp
 
     async def _route(self, req: Request) -> tuple[str, Response]:
+        # The route names here and in route_label() are the same few words: keep them in step.
         path = req.path
         if path == "/healthz":
             return "healthz", self._read_only(req) or Response(200, [("content-type", "text/plain")], b"ok\n")
@@ -185,3 +191,19 @@ class Registry:
         start, end = rng
         headers += [("content-length", str(end - start)), ("content-range", content_range(start, end, size))]
         return Response(206, headers, stream=BlobBody(handle, start, end))
+
+
+def route_label(path: str) -> str:
+    """The metrics route of a request path, before (and whether or not) it is valid: blobs and manifests errors
+    are counted there, not under "unknown" (found in review: every 404, 401 and 503 of a blob or manifest was)."""
+    if path in ("/healthz", "/metrics"):
+        return path[1:]
+    if path in ("/v2", "/v2/"):
+        return "base"
+    if not path.startswith("/v2/"):
+        return "unknown"
+    rest = path[len("/v2/"):]
+    if rest == "_catalog" or rest.endswith("/tags/list"):
+        return "list"
+    parts = split_v2_path(rest)
+    return parts[0] if parts is not None else "unknown"

@@ -30,6 +30,9 @@ def test_base_and_health(client):
     ("library/small:1", im.OCI_MANIFEST),
     ("library/dsmall:1", im.DOCKER_MANIFEST),
     ("library/multi:1", ",".join(im.ALL_MANIFEST_TYPES)),
+    # curl's default: docker-registry 2.8 turned it into a schema1 conversion of the tag whose digest it cannot
+    # serve, and the node answered 404 for a tag that exists (found in review)
+    ("library/dsmall:1", "*/*"), ("library/multi:1", "*/*"),
 ])
 def test_manifest_by_tag_and_digest_verbatim(client, upstream, ref, accept):
     thing = upstream.images[ref]

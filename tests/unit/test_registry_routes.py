@@ -273,6 +273,10 @@ async def test_lists_unknown_paths_metrics_healthz(node):
     await client.get("/v2/")
     r = await client.get("/metrics")
     assert r.status_code == 200 and b'p2pcache_requests_total{method="GET",route="base",status="200"}' in r.content
+    # errors of a blob or manifest request count under its route, not "unknown" (a dashboard's 404s and 503s)
+    assert b'p2pcache_requests_total{method="GET",route="blobs",status="400"}' in r.content
+    assert b'p2pcache_requests_total{method="GET",route="list",status="405"}' in r.content
+    assert b'route="unknown",status="404"' in r.content  # "/" and the like stay unknown
 
 
 def test_split_v2_path():
@@ -285,7 +289,8 @@ def test_split_v2_path():
 
 def test_accept_types():
     req = Request("GET", "/", "/", {}, [("accept", "a/b, c/d;q=0.5"), ("accept", "a/b"), ("accept", "*/*")])
-    assert accept_types(req) == ["a/b", "c/d", "*/*"]
+    assert accept_types(req) == ["a/b", "c/d"]  # a wildcard asks for nothing particular
+    assert accept_types(Request("GET", "/", "/", {}, [("accept", "*/*, application/*")])) == []
 
 
 # --- the whole node: real store, fetcher, resolver and upstream client; the upstream is a fake registry ---------
@@ -349,6 +354,9 @@ async def test_admin_preheat_then_rmi(real_node):
     assert r.status_code == 200 and node.store.stat(LAYER_D) is None
     r = await admin.delete(f"/admin/blobs/{LAYER_D}")
     assert r.status_code == 404 and r.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    with node.store.pin(LAYER_D):  # being downloaded (not in the store yet): 409 as documented, not 404
+        r = await admin.delete(f"/admin/blobs/{LAYER_D}")
+        assert r.status_code == 409 and r.json()["errors"][0]["code"] == "DENIED"
     assert (await reg.get(f"/v2/alpine/blobs/{LAYER_D}")).status_code == 404  # gone here and upstream
 
 
