@@ -49,6 +49,9 @@ class CredentialsError(ConfigError):
 class Credentials:
     username: str
     password: str = field(repr=False)  # never printed, not even by a debugging repr()
+    # What `docker login` keeps for a registry whose token server speaks OAuth2 (config.json "identitytoken"):
+    # a refresh token, traded for access tokens with a POST to the realm instead of a GET with Basic.
+    identity_token: str | None = field(default=None, repr=False)
 
     def basic_header(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
@@ -132,7 +135,9 @@ def parse_docker_config(text: str, source: str = "credentials") -> CredentialSto
     for registry, entry in auths.items():
         if not isinstance(entry, dict):
             raise CredentialsError(f"credentials: {source}: auths[{registry!r}] must be an object")
-        if entry.get("auth"):
+        if entry.get("identitytoken"):
+            entries[registry] = _identity(entry, source, registry)
+        elif entry.get("auth"):
             entries[registry] = _decode_auth(entry["auth"], source, registry)
         elif "username" in entry or "password" in entry:
             entries[registry] = _user_pass(entry, source, registry)
@@ -146,6 +151,19 @@ def _user_pass(table: Mapping[str, Any], source: str, registry: str) -> Credenti
     if not isinstance(user, str) or not user or not isinstance(password, str):
         raise CredentialsError(f"credentials: {source}: {registry!r} needs string username and password")
     return Credentials(user, password)
+
+
+def _identity(entry: Mapping[str, Any], source: str, registry: str) -> Credentials:
+    """An OAuth2 refresh token from `docker login`; the user name (in "auth" or "username") may be empty."""
+    token, user = entry["identitytoken"], entry.get("username") or ""
+    if not isinstance(token, str) or not isinstance(user, str):
+        raise CredentialsError(f"credentials: {source}: auths[{registry!r}].identitytoken must be a string")
+    if not user and entry.get("auth"):
+        try:
+            user = base64.b64decode(str(entry["auth"]), validate=True).decode("utf-8").partition(":")[0]
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise CredentialsError(f"credentials: {source}: auths[{registry!r}].auth is not base64") from None
+    return Credentials(user, "", identity_token=token)
 
 
 def _decode_auth(value: Any, source: str, registry: str) -> Credentials:

@@ -487,9 +487,20 @@ class Upstream:
             params = {"scope": scope}
             if challenge.params.get("service"):
                 params["service"] = challenge.params["service"]
-            headers = {"Authorization": credentials.basic_header()} if credentials is not None else {}
-            resp = await self._client.get(realm, params=params, headers=headers)
-            self._count_request("GET", "token", resp.status_code)
+            identity = getattr(credentials, "identity_token", None)
+            resp = None
+            if identity:
+                # OAuth2, as docker does with an identity token: trade the refresh token for an access token.
+                form = {**params, "grant_type": "refresh_token", "refresh_token": identity, "client_id": "p2pcache"}
+                resp = await self._client.post(realm, data=form)
+                self._count_request("POST", "token", resp.status_code)
+                if resp.status_code in (404, 405):
+                    resp = None  # a token server without OAuth2: the GET below, which has no password to send
+            if resp is None:
+                headers = {"Authorization": credentials.basic_header()} if credentials is not None and \
+                    not identity else {}
+                resp = await self._client.get(realm, params=params, headers=headers)
+                self._count_request("GET", "token", resp.status_code)
             if resp.status_code >= 500:
                 raise _Retry(f"token server answered {resp.status_code}")
             if resp.status_code == 429:

@@ -126,6 +126,8 @@ class TokenServer:
     users: dict[str, str]
     allow_anonymous: bool = False
     lifetime: int = TOKEN_LIFETIME
+    # OAuth2 refresh tokens (what `docker login` stores as "identitytoken") -> their user; POST /token takes them
+    refresh_tokens: dict[str, str] = field(default_factory=dict)
     requests: list[TokenRequest] = field(default_factory=list)
     _httpd: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
@@ -178,6 +180,19 @@ class TokenServer:
                 server.requests.append(TokenRequest(user, scopes, 200))
                 self._answer(200, {"token": token, "access_token": token, "expires_in": server.lifetime,
                                    "issued_at": issued_at})
+
+            def do_POST(self) -> None:  # noqa: N802 - OAuth2 (grant_type=refresh_token), as docker sends it
+                form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
+                scopes = [s for v in form.get("scope", []) for s in v.split(" ") if s]
+                user = server.refresh_tokens.get((form.get("refresh_token") or [""])[0])
+                if urlsplit(self.path).path != "/token" or form.get("grant_type") != ["refresh_token"] or \
+                        user is None:
+                    server.requests.append(TokenRequest(None, scopes, 401))
+                    self._answer(401, {"error": "invalid_grant"})
+                    return
+                token = server.issue(user, scopes)
+                server.requests.append(TokenRequest(user, scopes, 200))
+                self._answer(200, {"access_token": token, "expires_in": server.lifetime, "scope": " ".join(scopes)})
 
             def _user(self) -> str | None | bool:
                 """The authenticated user, None when anonymous, False when the credentials are wrong."""
@@ -287,10 +302,16 @@ class AuthRegistry:
         if fmt == "docker":
             auth = base64.b64encode(f"{user}:{password}".encode()).decode()
             path.write_text(json.dumps({"auths": {key: {"auth": auth}}}))
+        elif fmt == "docker-identitytoken":  # what `docker login` writes for an OAuth2 token server
+            assert self.token_server is not None, "identity tokens need the token server"
+            refresh = f"refresh-{secrets.token_hex(8)}"
+            self.token_server.refresh_tokens[refresh] = user
+            auth = base64.b64encode(f"{user}:".encode()).decode()
+            path.write_text(json.dumps({"auths": {key: {"auth": auth, "identitytoken": refresh}}}))
         elif fmt == "toml":
             path.write_text(f'["{key}"]\nusername = {json.dumps(user)}\npassword = {json.dumps(password)}\n')
         else:
-            raise ValueError(f"fmt must be 'toml' or 'docker', not {fmt!r}")
+            raise ValueError(f"fmt must be 'toml', 'docker' or 'docker-identitytoken', not {fmt!r}")
         return path
 
 

@@ -44,6 +44,21 @@ def test_pull_through_node_with_credentials(auth_upstream, make_node, skopeo_via
         assert any(r.user == reg.username and r.status == 200 for r in reg.token_server.requests)
 
 
+def test_an_identity_token_from_docker_login_is_traded_for_access_tokens(make_node, skopeo_via, tmp_path):
+    """config.json's "identitytoken" (an OAuth2 refresh token): the node POSTs it to the realm, as docker does;
+    it was ignored, and the GET with the empty password that came with it was refused (found in review)."""
+    with token_registry(tmp_path / "reg") as reg:
+        image = im.small_image("private-identity")
+        reg.push(NAME, "1", image)
+        creds = reg.write_credentials(tmp_path / "config.json", fmt="docker-identitytoken", key="docker.io")
+        node = make_node({"docker.io": reg.url}, args=["--credentials", str(creds)])
+        out = tmp_path / "out"
+        skopeo_via(node).copy(f"docker://docker.io/{NAME}:1", out)
+        assert {b.digest for b in image.blobs} <= set(verify_dir_blobs(out))
+        assert reg.token_server is not None
+        assert any(r.user == reg.username and r.status == 200 for r in reg.token_server.requests)
+
+
 @pytest.mark.parametrize("which", ["wrong", "none"])
 def test_wrong_or_missing_credentials_are_unauthorized(auth_upstream, make_node, skopeo_via, tmp_path, which):
     reg, image = auth_upstream

@@ -52,10 +52,26 @@ def test_docker_config_json(tmp_path: Path) -> None:
     assert len(store) == 2
 
 
+def test_docker_config_identity_tokens(tmp_path: Path) -> None:
+    """The two forms `docker login` and `az acr login` write; the user name without a password, the node
+    starting at all with the second (it refused: "needs string username and password")."""
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps({"auths": {
+        "a.example": {"auth": base64.b64encode(b"bob:").decode(), "identitytoken": "R1"},
+        "b.example": {"username": "00000000-0000-0000-0000-000000000000", "identitytoken": "R2"},
+    }}))
+    store = load_credentials(f)
+    a, b = store.get("a.example"), store.get("b.example")
+    assert a is not None and (a.username, a.identity_token) == ("bob", "R1")
+    assert b is not None and (b.username, b.identity_token) == ("00000000-0000-0000-0000-000000000000", "R2")
+    assert "R1" not in repr(a)
+
+
 @pytest.mark.parametrize(
     "content",
     [
         '{"auths": {"x": {"auth": "!!!notbase64"}}}',
+        '{"auths": {"x": {"identitytoken": 5}}}',
         '{"auths": {"x": {"auth": "' + base64.b64encode(b"nocolon").decode() + '"}}}',
         '{"auths": []}',
         '{"nothing": 1}',
