@@ -39,6 +39,10 @@ class GossipDriver:
         self.on_change = on_change or (lambda: None)
         self.rng = rng or random.Random()
         self._seed_wake = trio.Event()
+        # seed address -> the node that answered there: a seed reached through another address than the one
+        # its node advertises (a Service VIP, a host name, --advertise) is not dialled again while that node is
+        # alive (it was, every SEED_RETRY, for good, each time a handshake the pool then refused)
+        self._seed_nodes: dict[str, str] = {}
 
     def add_seeds(self, addrs: list[str]) -> None:
         """New seed addresses (from DNS): contacted at the next round if no known member has that address."""
@@ -74,7 +78,8 @@ class GossipDriver:
         """Contact every seed whose address no live member has; forever, since seeds may come and go."""
         while True:
             known = {m.addr for m in self.membership.live()}
-            todo = [a for a in self.seeds if a not in known and a != self.membership.me.addr]
+            todo = [a for a in self.seeds if a not in known and a != self.membership.me.addr
+                    and not self.membership.is_live(self._seed_nodes.get(a, ""))]
             async with trio.open_nursery() as nursery:
                 for addr in todo:
                     nursery.start_soon(self._contact_seed, addr)
@@ -85,6 +90,7 @@ class GossipDriver:
     async def _contact_seed(self, addr: str) -> None:
         try:
             conn = await self.connect_addr(addr)
+            self._seed_nodes[addr] = conn.peer.node
             conn.send("gossip", members=self.membership.gossip_entries(self.rng))
         except Exception as e:
             log.debug("seed %s not reachable: %s", addr, e)

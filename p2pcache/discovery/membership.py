@@ -69,10 +69,25 @@ class Membership:
         self.dead_after = dead_after
         self.forget_after = forget_after
         self.members: dict[str, Member] = {}
+        self._last_tick: float | None = None
+        # Bumped whenever a member becomes ALIVE (new or back): rendezvous ownership may have moved, and the
+        # driver re-announces what it holds to the new owners without waiting for its next round.
+        self.joined = 0
 
     # -- events --------------------------------------------------------------------------------------------
     def tick(self, now: float) -> list[tuple[str, State | None]]:
-        """Bump our heartbeat and age the others. Returns the (node, new state or None if forgotten) changes."""
+        """Bump our heartbeat and age the others. Returns the (node, new state or None if forgotten) changes.
+
+        A gap of `suspect_after` or more since our last tick is our own absence (the process was stopped or
+        starved), not everyone else's: the others get a full window from now to be heard from again. Aged by
+        it, every member went DEAD at once when a stopped node resumed, it took tracker ownership of every
+        digest for itself and granted itself claims the cluster already held (found in review: a SIGSTOP of
+        10 s, then a second upstream fetch)."""
+        if self._last_tick is not None and now - self._last_tick >= self.suspect_after:
+            for m in self.members.values():  # a full window to hear from each again (gossip takes a round or two)
+                if m.state is not State.DEAD:
+                    m.updated = now
+        self._last_tick = now
         self.me.heartbeat += 1
         self.me.updated = now
         changes: list[tuple[str, State | None]] = []
@@ -97,9 +112,11 @@ class Membership:
         m = self.members.get(node)
         if m is None:
             self.members[node] = Member(node, addr, zone, 0, State.ALIVE, now)
+            self.joined += 1
             return True
         revived = m.state is not State.ALIVE
         m.addr, m.zone, m.state, m.updated = addr, zone, State.ALIVE, now
+        self.joined += revived
         return revived
 
     def merge(self, entries: Iterable[list[Any] | tuple[Any, ...]], now: float,
@@ -125,6 +142,7 @@ class Membership:
                     became.append(node)
                     m.addr, m.zone = addr, zone
                 m.heartbeat, m.state, m.updated = heartbeat, State.ALIVE, now
+        self.joined += len(became)
         return became
 
     def unreachable(self, node: str, now: float) -> bool:

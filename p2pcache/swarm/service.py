@@ -228,18 +228,25 @@ class SwarmService:
         except OSError as e:
             log.warning("swarm: cannot list the store: %s", e)
         last_announce = -math.inf
+        joined = self.membership.joined
         while True:
             await trio.sleep(TRACKER_EXPIRE_EVERY)
             now = trio.current_time()
             self.tracker.expire(now)
             self.metrics.tracked_digests.set(self.tracker.tracked())
-            if now - last_announce >= ANNOUNCE_EVERY:
-                last_announce = now
+            # A member that joined (or came back) may now own digests we hold, and an owner that knows of no
+            # holder grants the claim: the next pull of a blob the cluster holds went upstream again (found in
+            # review, nodes joining a cluster). So a join brings the next round forward, not 10 s later.
+            moved = self.membership.joined != joined
+            if now - last_announce >= ANNOUNCE_EVERY or moved:
+                last_announce, joined = now, self.membership.joined
                 renew, gone = renewal_round(self._announced, lambda d: self.store.stat(d, touch=False) is not None,
                                             set(self._fills), set(self.fetcher.downloads()))
                 for digest in gone:
                     self._spawn(self._withdraw, digest)  # evicted or deleted since: stop sending peers here
                 if renew:
+                    if moved:
+                        log.info("swarm: members joined: renewing %d tracker entries now", len(renew))
                     self._spawn(self._renew, renew)
                 in_use = {id(c) for f in self._fills.values() for c in f.peers.values()}
                 conns = [c for lst in self.conns.values() for c in lst]
@@ -556,6 +563,15 @@ class SwarmService:
                 self._granted.get(peer.node, set()).discard(digest)
                 return "claim-answer", {"id": f["id"], "digest": digest, "granted": False, "holder": None,
                                         "addr": None, "complete": False, "ttl": 0.0}
+            holder = t.claim_holder(digest, now)
+            known = self.membership.get(holder) if holder is not None else None
+            if holder != peer.node and known is not None and not self.membership.is_live(known.node):
+                # The holder stopped answering gossip (a hung process keeps its connections open, so closing
+                # them released nothing): its claim goes now, not at the end of its TTL. If it comes back, its
+                # next renewal is refused and its stream stops (scheduler.claim_denied).
+                log.info("swarm: claim of %s held by %s, which is not alive: released", digest[:19], holder)
+                t.release(digest, holder)
+                self._granted.get(holder, set()).discard(digest)
             ans = t.claim(digest, peer.node, now, ttl=CLAIM_TTL, address=peer.addr)
             if isinstance(ans, ClaimGranted):
                 if peer.node != self.node_id:

@@ -4,7 +4,9 @@ without the cluster secret, garbage on the peer port. Real node processes, real 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +15,7 @@ import pytest
 
 from .harness import images as im
 from .harness.registry import Registry
-from .harness.util import wait_until
+from .harness.util import free_port, wait_until
 from .lying_upstream import LyingUpstream
 from .swarm_harness import Cluster, fetch_blob, pull_everywhere, pull_image, push_random_image
 
@@ -94,6 +96,73 @@ def test_claim_holder_killed_mid_fetch_another_node_completes(cluster_of, reg):
     assert c.upstream_blob_gets(layer.digest) >= 2
     took_over = [n for n in c.nodes if n is not holder and n.metric("p2pcache_upstream_bytes_total") > 0]
     assert took_over
+
+
+def test_a_hung_claim_holder_loses_its_claim_when_membership_calls_it_dead(cluster_of, reg):
+    """SIGSTOP, not SIGKILL: a hung process keeps its connections open, so nothing released its claim until the
+    TTL ran out (found in review: every waiter stalled ~12 s). An owner now releases a claim whose holder is not
+    alive; the holder, resumed, is refused its renewal and stops its stream; everyone ends with the right bytes."""
+    image = push_random_image(reg, "library/hung", "1", [30_000_000])
+    layer = image.layers[0]
+    c = cluster_of(3, extra_args=["--download-limit", "5MB/s"])
+    c.wait_members()
+    threads, results = fetch_in_background(c.nodes, "library/hung", layer.digest)
+    holder = wait_until(lambda: claim_holder(c.nodes), 20, "a node to hold the upstream claim", interval=0.05)
+    wait_until(lambda: holder.metric("p2pcache_peer_bytes_total", direction="out") > 2 * MIB, 20,
+               "the claim holder to share some pieces", interval=0.05)
+    assert holder.proc is not None
+    holder.proc.send_signal(signal.SIGSTOP)
+    try:
+        others = [n for n in c.nodes if n is not holder]
+        wait_until(lambda: any("which is not alive: released" in n.log_text() for n in others), 30,
+                   "an owner to release the hung holder's claim")
+    finally:
+        holder.proc.send_signal(signal.SIGCONT)
+    for t in threads:
+        t.join(120)
+    for i in range(len(c.nodes)):
+        assert results[i] == layer.data, f"node {i}: {results[i]!r:.200}"
+
+
+def test_a_node_back_from_a_pause_does_not_take_the_others_for_dead(cluster_of, reg):
+    """Stopped for 8 s, a node heard nobody; aging everyone by that made them all DEAD at once, and the node
+    owned every digest alone and granted itself claims the cluster held (found in review)."""
+    c = cluster_of(3)
+    c.wait_members()
+    paused = c.nodes[2]
+    assert paused.proc is not None
+    paused.proc.send_signal(signal.SIGSTOP)
+    time.sleep(8)
+    paused.proc.send_signal(signal.SIGCONT)
+    time.sleep(3)  # a few gossip rounds after it is back
+    tail = paused.log_text()
+    assert "=dead" not in tail, tail[-2000:]
+    assert paused.metric("p2pcache_peers_connected") >= 2
+
+
+def test_a_seed_reached_at_another_address_than_it_advertises_is_not_redialled(tmp_path, reg):
+    """--join through an address the seed does not advertise (a Service VIP, a host name): it was dialled again
+    every 2 s for good, a handshake each time that the pool then refused (found in review)."""
+    c = Cluster(tmp_path / "c", reg, 0)
+    port = free_port()
+    c.add_node(start=False, join=False, peer_addr=f"0.0.0.0:{port}", args=["--advertise", f"127.0.0.2:{port}"])
+    for _ in range(2):
+        c.add_node(start=False, join=False, args=["--join", f"127.0.0.1:{port}"])
+    try:
+        c.start()
+        c.wait_members()
+        time.sleep(3)
+
+        def closed_towards_seed() -> int:  # connections to the seed's port that were opened and closed since
+            out = subprocess.run(["ss", "-tanH", "state", "time-wait", f"( dport = :{port} )"],
+                                 capture_output=True, text=True, check=True).stdout
+            return len(out.splitlines())
+
+        before = closed_towards_seed()
+        time.sleep(10)
+        assert closed_towards_seed() - before <= 1
+    finally:
+        c.stop()
 
 
 def test_node_killed_mid_transfer_others_finish(cluster_of, reg):
@@ -232,6 +301,32 @@ def test_a_restarted_cluster_finds_what_a_node_holds_through_its_renewals(cluste
         assert got[blob.digest] == blob.data
     assert b.metric("p2pcache_peer_bytes_total", direction="in") >= sum(x.size for x in image.blobs)
     reg.start()
+
+
+def test_nodes_that_join_hear_at_once_who_holds_what_they_now_own(cluster_of, reg):
+    """Two nodes join a cluster that holds an image: rendezvous hands them ownership of some of its digests,
+    which they knew nothing of until the holders' next renewal, up to 10 s later, and meanwhile granted the
+    claim to whoever asked: the cluster fetched from upstream what it held (found in review). A join now brings
+    the holders' renewal forward, so a newcomer pulls the whole image with the upstream down."""
+    image = push_random_image(reg, "library/joiners", "1", [200_000 + k for k in range(12)])
+    c = cluster_of(2)
+    c.wait_members()
+    pull_image(c.nodes[0], "library/joiners", "1")
+    pull_image(c.nodes[1], "library/joiners", "1")
+    for _ in range(2):
+        c.add_node(start=False)
+    c.nodes[2].start()
+    c.nodes[3].start()
+    c.wait_members()
+    for holder in c.nodes[:2]:  # the round a join brings forward, not the next one of every 10 s
+        wait_until(lambda h=holder: "members joined: renewing" in h.log_text(), 5, "a renewal at once")
+    reg.stop()
+    try:
+        got = pull_image(c.nodes[3], "library/joiners", "1")
+    finally:
+        reg.start()
+    for blob in image.blobs:
+        assert got[blob.digest] == blob.data
 
 
 def test_wrong_cluster_secret_is_refused(cluster_of, reg, tmp_path):

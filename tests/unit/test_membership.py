@@ -7,13 +7,31 @@ def test_gossip_merge_and_failure_detection():
     m = Membership("a", "a:1", None, suspect_after=3, dead_after=6, forget_after=10)
     assert m.merge([["b", "b:1", None, 5], ["c", "c:1", "z", 1], ["a", "x", None, 99]], now=0) == ["b", "c"]
     assert [x.node for x in m.live()] == ["a", "b", "c"]
+    assert m.tick(1) == m.tick(2) == []  # the driver ticks every second
     m.merge([["b", "b:1", None, 6]], now=2.5)  # b's heartbeat moves on, c's does not
     assert m.tick(3) == [("c", State.SUSPECT)]
     assert [x.node for x in m.live()] == ["a", "b"]
     m.merge([["c", "c:1", "z", 1]], now=4)  # stale gossip does not revive
+    assert m.tick(4) == m.tick(5) == []
     assert sorted(m.tick(6)) == [("b", State.SUSPECT), ("c", State.DEAD)]
     assert m.merge([["c", "c:1", "z", 2]], now=7) == ["c"]  # a fresher heartbeat does
     assert m.is_live("c")
+
+
+def test_our_own_pause_does_not_age_the_others():
+    """A node stopped for 10 s (SIGSTOP, a starved host) heard nobody meanwhile: that is no news of them. Aged
+    by it, every member went DEAD at once and the node owned every digest alone (found in review)."""
+    m = Membership("a", "a:1", None, suspect_after=3, dead_after=6)
+    m.merge([["b", "b:1", None, 5]], now=0)
+    joined = m.joined
+    for t in range(1, 3):
+        assert m.tick(t) == []
+    assert m.tick(12) == []  # back after 10 s away
+    assert m.is_live("b") and m.joined == joined
+    assert m.tick(13) == m.tick(14) == []  # a full window to hear from b again
+    assert m.tick(15) == [("b", State.SUSPECT)]  # but silence after we are back counts again
+    m.merge([["b", "b:1", None, 6]], now=15.5)
+    assert m.is_live("b") and m.joined == joined + 1  # back: ownership may have moved, the driver re-announces
 
 
 def test_unreachable_is_suspect_at_once_and_heard_revives():
