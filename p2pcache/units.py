@@ -1,7 +1,10 @@
 """Human units for sizes, rates and durations, shared by the node's flags and the simulator's scenarios.
 
 Never guesses: an unknown unit is a ValueError naming the text, so a typo in a scenario or flag is caught.
-MB = 10**6 bytes and MiB = 2**20 bytes; rates in bits (Mbit/s, Gbit/s) are converted to bytes per second.
+MB = 10**6 bytes and MiB = 2**20 bytes; rates in bits (Mbit/s, Gbit/s, Mb/s, Mbps) are converted to bytes per
+second. In a rate the prefix may be either case (k, K, M, m...), but B and b are not the same unit: B is a
+byte, b a bit, as everywhere else (`100 Mb/s` is 12.5 MB/s, `100 MBps` 100 MB/s; found in review: the two were
+swapped). A size is never in bits, so there case does not matter (`20gb` = `20GB`).
 """
 
 from __future__ import annotations
@@ -9,20 +12,18 @@ from __future__ import annotations
 import math
 import re
 
+_PREFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,  # "20G" as --max-disk takes it: binary
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-_RATE_UNITS = {
-    "b/s": 1, "kb/s": 10**3, "mb/s": 10**6, "gb/s": 10**9,
-    "kib/s": 2**10, "mib/s": 2**20, "gib/s": 2**30,
-    "bit/s": 1 / 8, "kbit/s": 10**3 / 8, "mbit/s": 10**6 / 8, "gbit/s": 10**9 / 8,
-    "kbps": 10**3 / 8, "mbps": 10**6 / 8, "gbps": 10**9 / 8,
 }
 _TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "min": 60.0, "h": 3600.0}
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z/]*)\s*$")
+# a unit: a prefix, then B (bytes) or b / bit (bits), then for a rate /s or ps
+_UNIT = re.compile(r"^(?P<prefix>[kKmMgGtT]i?)?(?P<base>B|b|bit|Bit)?(?P<per>/s|ps)?$")
 
 
 def _split(text: str | int | float, what: str) -> tuple[float, str]:
@@ -32,7 +33,7 @@ def _split(text: str | int | float, what: str) -> tuple[float, str]:
         m = _NUMBER.match(str(text))
         if not m:
             raise ValueError(f"not a {what}: {text!r}")
-        value, unit = float(m.group(1)), m.group(2).lower()
+        value, unit = float(m.group(1)), m.group(2)
     # "1e400" is inf, and TOML has inf, nan and negative numbers: none is a size, a rate or a duration (int(inf)
     # was an OverflowError traceback, a negative timeout a node that served nothing).
     if not math.isfinite(value) or value < 0:
@@ -40,12 +41,23 @@ def _split(text: str | int | float, what: str) -> tuple[float, str]:
     return value, unit
 
 
+def _unit(unit: str) -> tuple[int, str, str] | None:
+    """(prefix multiplier, "byte" or "bit", per-second suffix) of a unit, or None."""
+    m = _UNIT.match(unit)
+    if m is None or not unit:
+        return None
+    base = m.group("base")
+    kind = "byte" if base == "B" else "bit" if base else ""
+    return _PREFIX[(m.group("prefix") or "").lower()], kind, m.group("per") or ""
+
+
 def parse_size(text: str | int | float) -> int:
-    """'20GiB' -> 21474836480; a bare number is bytes."""
+    """'20GiB' -> 21474836480; a bare number is bytes. Case does not matter here: a size is never in bits."""
     value, unit = _split(text, "size")
-    if unit not in _SIZE_UNITS:
+    factor = _SIZE_UNITS.get(unit.lower())
+    if factor is None:
         raise ValueError(f"unknown size unit in {text!r} (use B, kB, MB, GB, KiB, MiB, GiB)")
-    return int(value * _SIZE_UNITS[unit])
+    return int(value * factor)
 
 
 def parse_rate(text: str | int | float) -> float:
@@ -53,9 +65,10 @@ def parse_rate(text: str | int | float) -> float:
     value, unit = _split(text, "rate")
     if unit == "":
         return value
-    if unit not in _RATE_UNITS:
+    u = _unit(unit)
+    if u is None or not u[1] or not u[2]:
         raise ValueError(f"unknown rate unit in {text!r} (use MB/s, MiB/s, Mbit/s, Gbit/s)")
-    return value * _RATE_UNITS[unit]
+    return value * u[0] / (8 if u[1] == "bit" else 1)
 
 
 def parse_duration(text: str | int | float) -> float:

@@ -16,6 +16,11 @@ def test_units() -> None:
     assert parse_rate("1 Gbit/s") == 125e6
     assert parse_rate("50MB/s") == 50e6
     assert parse_rate("10 MiB/s") == 10 * 2**20
+    # B is a byte and b a bit, in every spelling (found in review: "Mb/s" was read as MB/s, "MBps" as Mbit/s)
+    assert parse_rate("100 Mb/s") == parse_rate("100 Mbps") == parse_rate("100 mbit/s") == 12.5e6
+    assert parse_rate("100 MBps") == parse_rate("100 MB/s") == 100e6
+    assert parse_rate("8 b/s") == 1 and parse_rate("1 kbps") == 125
+    assert parse_size("20gb") == parse_size("20GB") == 20 * 10**9  # a size is never in bits
     assert parse_duration("1 ms") == pytest.approx(0.001)
     assert parse_duration("30s") == 30
     for bad, fn in (("12 parsecs", parse_size), ("fast", parse_rate), ("1 fortnight", parse_duration)):
