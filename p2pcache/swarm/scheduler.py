@@ -703,7 +703,11 @@ class DownloadScheduler:
                 self._seq += 1
                 heapq.heappush(dl, (now + cfg.timeout_min, self._seq, peer, i, sent))
         if self._busy_wake is not None and now >= self._busy_wake:
-            self._busy_wake = None
+            # The next refusing peer's back-off, if any is still running: one wake-up per back-off. Cleared
+            # outright, the later ones were never woken for, and a node whose peers had all said "busy" sat
+            # idle until the stall fallback (found in review: 60 s, then upstream, with 1 upload slot).
+            later = [st.busy_until for st in self.peers.values() if st.busy_until > now]
+            self._busy_wake = min(later) if later else None
             refill = True
         if refill:
             self._fill_all(now, out)

@@ -1,5 +1,7 @@
 import random
 
+import pytest
+
 from p2pcache.swarm.scheduler import (
     UPSTREAM,
     AskClaim,
@@ -56,6 +58,24 @@ def test_a_claim_lost_at_renewal_stops_the_upstream_stream_and_the_new_holder_se
     # a piece the stopped stream still finishes is kept, and nothing starts another stream
     assert all(not isinstance(d, FetchUpstream) for d in s.upstream_progress(2, MiB, 3.2))
     assert s.picker.have(2)
+
+
+def test_every_busy_back_off_gets_its_wake_up_not_only_the_first():
+    """Two peers refuse at different moments; the first back-off's wake-up must not forget the second (it did:
+    the node sat idle until the stall fallback, 60 s, then went upstream; found in review)."""
+    s = sched(4, busy_backoff=0.02)
+    s.start(0)
+    s.claim_denied("x", 0)
+    out = s.peer_added("a", "z1", [0, 1, 2, 3], 0) + s.peer_added("b", "z1", [0, 1, 2, 3], 0)
+    for p, i in reqs(out):
+        s.piece_refused(p, i, 1.0 if p == "a" else 1.01)  # a busy until 1.02, b until 1.03
+    assert s.next_deadline() == pytest.approx(1.02)
+    again = reqs(s.tick(1.025))
+    assert again and {p for p, _ in again} == {"a"}
+    assert s.next_deadline() == pytest.approx(1.03)  # b's back-off still has its wake-up
+    for p, i in again:
+        s.piece_refused(p, i, 1.026)  # a refuses again
+    assert {p for p, _ in reqs(s.tick(1.035))} == {"b"}
 
 
 def test_denied_node_downloads_from_peers_rarest_first_and_finishes():
