@@ -36,6 +36,8 @@ def parse_sweep(specs: list[str]) -> list[tuple[str, list[str]]]:
         vals = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not key.strip() or not vals:
             raise ScenarioError(f"--sweep {spec!r}: expected KEY=V1,V2,... (e.g. cluster.nodes=100,500)")
+        if any(k == key.strip() for k, _ in out):
+            raise ScenarioError(f"--sweep {key.strip()} given twice: put all its values in one (KEY=V1,V2,...)")
         out.append((key.strip(), vals))
     return out
 
@@ -44,7 +46,7 @@ def run_point(args: tuple[str, dict[str, str], int | None, bool]) -> dict[str, A
     """Run one scenario (with overrides) and its baseline; return the summary. Used by sweeps' workers."""
     path, overrides, seed, progress = args
     sc = load_scenario(path, overrides)
-    if seed is not None:
+    if seed is not None and "seed" not in overrides:  # a swept seed is the point's own (--seed ran every one)
         sc.seed = seed
     r = simulate(sc, progress=progress, label="p2p      ")
     base = simulate(sc, p2p=False, progress=progress, label="baseline ") if sc.p2p else None

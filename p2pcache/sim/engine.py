@@ -194,6 +194,10 @@ class Simulation:
         self.bans = 0
         self.failures = 0
         self.first_claim: dict[int, int] = {}
+        # churn.kill_claim_holder: the first claimant of the first image's first layer (killed when its claim is
+        # granted if that comes after the kill time; it was silently nobody then, or once the claim was released)
+        self._claim_victim_layer = self.nodes[0].layers[0] if self.nodes and self.nodes[0].layers else 0
+        self._kill_first_claimant = False
         self._arrivals(master)
 
     # --- setup ---------------------------------------------------------------------------------------------
@@ -208,8 +212,10 @@ class Simulation:
         if sc.start == "all":
             times = [rng.uniform(0, sc.jitter) if sc.jitter else 0.0 for _ in order]
         elif sc.start == "waves":
-            per = -(-n // sc.waves)
-            times = [(i // per) * sc.interval + (rng.uniform(0, sc.jitter) if sc.jitter else 0.0) for i in order]
+            # `waves` groups whose sizes differ by one at most (with ceil(n / waves) per wave, 7 nodes in 5 waves
+            # made 4, the last one 90 s in instead of 120 s: found in review)
+            times = [(i * sc.waves // n) * sc.interval + (rng.uniform(0, sc.jitter) if sc.jitter else 0.0)
+                     for i in order]
         else:
             t = 0.0
             for _ in order:
@@ -221,7 +227,9 @@ class Simulation:
             k = round(sc.kill * n)
             lo, hi = sc.kill_between
             for i in rng.sample(order, k):
-                self.push(rng.uniform(lo, hi), KILL, i)
+                # counted from the node's own arrival: drawn from t = 0, a kill before a later wave or a
+                # Poisson arrival was lost (20 nodes, kill = 0.5: 10 killed at once, 4 in waves, 2 Poisson)
+                self.push(times[i] + rng.uniform(lo, hi), KILL, i)
         if sc.kill_claim_holder is not None:
             self.push(sc.kill_claim_holder, KILL, -1)
 
@@ -607,6 +615,9 @@ class Simulation:
                 ans = tracker.claim(lid, nid, now, ttl=self.sc.claim_ttl)
                 if isinstance(ans, ClaimGranted):
                     self.first_claim.setdefault(lid, nid)
+                    if self._kill_first_claimant and lid == self._claim_victim_layer:
+                        self._kill_first_claimant = False
+                        self.push(now, KILL, nid)
                     self.push(now + self.lat, CLAIM_A, nid, lid, True, None)
                 else:
                     self.push(now + self.lat, CLAIM_A, nid, lid, False, ans.holder)
@@ -658,12 +669,12 @@ class Simulation:
                     self._schedule_tick(p, lid, now)
             elif kind == KILL:
                 nid = ev[3]
-                if nid < 0:  # the first claim holder, whoever it is
-                    lid0 = nodes[0].layers[0] if nodes else 0
-                    holder = tracker.claim_holder(lid0, now)
-                    if holder is None:
+                if nid < 0:  # the node granted the first layer's claim, whether or not it still holds it
+                    first = self.first_claim.get(self._claim_victim_layer)
+                    if first is None:  # nobody asked yet: it dies when the claim is granted
+                        self._kill_first_claimant = True
                         continue
-                    nid = holder
+                    nid = first
                 self._kill(nodes[nid], now)
             elif kind == RESTART:
                 node = nodes[ev[3]]
@@ -692,7 +703,9 @@ class Simulation:
             end_time=max([n.done_at for n in nodes if not math.isnan(n.done_at)], default=now),
             events=events,
             wall_seconds=wall,
-            image_bytes=sum(la.size for la in layers),
+            # the layers some node pulls: with images = "one" and fewer nodes than images, the others were
+            # counted, and the bound and upstream/image were wrong (a run "below the bound": found in review)
+            image_bytes=sum(layers[lid].size for lid in {lid for n in nodes for lid in n.layers}),
             per_node_bytes=[sum(layers[lid].size for lid in n.layers) for n in nodes],
             piece_sizes={la.name: la.piece_size for la in layers},
             bans=self.bans,

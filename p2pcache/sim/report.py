@@ -122,10 +122,15 @@ def table(s: dict[str, Any]) -> str:
     nu = s["node_upload"]
     rows.append(("upload per node", f"mean {format_size(nu['mean'])}, max {format_size(nu['max'])}", ""))
     ratio = s["max_over_bound"]
-    rows.append(("lower bound (Kumar-Ross)", _s(s["lower_bound_seconds"]),
-                 f"slowest node at {ratio:.2f}x the bound" if ratio else ""))
-    if s.get("speedup_over_baseline"):
-        rows.append(("slowest node vs baseline", f"{s['speedup_over_baseline']:.1f}x faster", ""))
+    if s["unfinished"]:  # the slowest node is one that never finished: no ratio says anything about it
+        where = f"{s['unfinished']} nodes did not finish"
+    else:
+        where = f"slowest node at {ratio:.2f}x the bound" if ratio else ""
+    rows.append(("lower bound (Kumar-Ross)", _s(s["lower_bound_seconds"]), where))
+    speedup = s.get("speedup_over_baseline")
+    if speedup and not s["unfinished"]:
+        rows.append(("slowest node vs baseline",
+                     f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower", ""))
     elif s.get("baseline_unfinished"):
         rows.append(("baseline", f"{s['baseline_unfinished']} nodes did not finish "
                                  "(killed, or still pulling at sim.max_time)", ""))

@@ -37,9 +37,10 @@ The keys (all optional unless marked; sizes take MB/MiB/GB/GiB, rates MB/s/MiB/s
     layer_jitter = "0 s"           # each layer's first request comes uniformly within this after it is due
     [churn]
     kill = 0.05                    # fraction of nodes killed ...
-    between = ["0 s", "10 s"]      # ... at uniform times in this window
+    between = ["0 s", "10 s"]      # ... at uniform times in this window after each one's arrival
     restart_after = "20 s"         # optional: killed nodes come back (resuming their partial pieces)
-    kill_claim_holder = "2 s"      # optional: kill the first upstream claim holder at this time
+    kill_claim_holder = "2 s"      # optional: kill the node granted the first layer's claim at this time
+                                   # (or when it is granted, if later)
     [p2p]
     enabled = true
     piece_size = "auto"            # or a size
@@ -61,9 +62,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from p2pcache.swarm.metainfo import MAX_PIECE, piece_count, piece_size_for
+from p2pcache.swarm.metainfo import MAX_META_PIECES, MAX_PIECE, piece_count, piece_size_for
 from p2pcache.swarm.scheduler import SchedulerConfig
-from p2pcache.units import parse_duration, parse_rate, parse_size
+from p2pcache.units import format_size, parse_duration, parse_rate, parse_size
 
 __all__ = ["ScenarioError", "Scenario", "Group", "Layer", "Image", "load_scenario", "parse_scenario", "apply_override"]
 
@@ -189,13 +190,14 @@ def _get(t: dict, prefix: str, key: str, conv, default: Any = None, required: bo
 # longer moves: at 10^18 simulated seconds, adding a millisecond of latency leaves a float where it was.
 MAX_NODES = 1_000_000
 MAX_SECONDS = 1e9
+MAX_LAYER = MAX_META_PIECES * MAX_PIECE  # 256 GiB: the largest layout a node makes (16,384 pieces of 16 MiB)
 
 
-def _at_most(limit: float, conv):
+def _at_most(limit: float, conv, show=None):
     def f(x):
         v = conv(x)
         if v > limit:
-            raise ValueError(f"at most {limit:g}, got {x!r}")
+            raise ValueError(f"at most {show(limit) if show else f'{limit:g}'}, got {x!r}")
         return v
     return f
 
@@ -283,6 +285,10 @@ def parse_scenario(doc: dict) -> Scenario:
     s.upstream_latency = _get(u, "upstream", "latency", _nonneg(parse_duration), 0.02)
     s.upstream_rps = _get(u, "upstream", "requests_per_second", _positive(float))
     s.upstream_burst = _get(u, "upstream", "burst", _positive(float))
+    if s.upstream_burst is not None and s.upstream_rps is None:
+        raise _err("upstream.burst", "only means something with requests_per_second")
+    if s.upstream_burst is not None and s.upstream_burst < 1:
+        raise _err("upstream.burst", f"at least 1 request, got {s.upstream_burst}")
     images = doc.get("image")
     if not isinstance(images, list) or not images:
         raise _err("image", "at least one [[image]] with layers is required")
@@ -304,11 +310,11 @@ def parse_scenario(doc: dict) -> Scenario:
                 for k in ld:
                     if k not in {"name", "size"}:
                         raise _err(f"{lkey}.{k}", "unknown key")
-                size = _get(ld, lkey, "size", _positive(parse_size), required=True)
+                size = _get(ld, lkey, "size", _at_most(MAX_LAYER, _positive(parse_size), format_size), required=True)
                 lname = str(ld.get("name", f"{name}#{j}"))
             else:
                 try:
-                    size = _positive(parse_size)(ld)
+                    size = _at_most(MAX_LAYER, _positive(parse_size), format_size)(ld)
                 except (ValueError, TypeError, OverflowError) as e:
                     raise _err(lkey, str(e)) from None
                 lname = f"{name}#{j}"
@@ -327,8 +333,10 @@ def parse_scenario(doc: dict) -> Scenario:
     s.waves = _get(r, "rollout", "waves", _positive(_int), 1)
     s.interval = _get(r, "rollout", "interval", _at_most(MAX_SECONDS, _nonneg(parse_duration)), 30.0)
     s.rate = _get(r, "rollout", "rate", _positive(float), 10.0)
-    s.jitter = _get(r, "rollout", "jitter", _nonneg(parse_duration), 0.0)
-    s.layer_jitter = _get(r, "rollout", "layer_jitter", _nonneg(parse_duration), 0.0)
+    if s.rate < 1 / MAX_SECONDS:
+        raise _err("rollout.rate", f"at least one arrival in {MAX_SECONDS:g} s, got {s.rate}")
+    s.jitter = _get(r, "rollout", "jitter", _at_most(MAX_SECONDS, _nonneg(parse_duration)), 0.0)
+    s.layer_jitter = _get(r, "rollout", "layer_jitter", _at_most(MAX_SECONDS, _nonneg(parse_duration)), 0.0)
     s.image_choice = _get(r, "rollout", "images", str, "all")
     if s.image_choice not in {"all", "one"}:
         raise _err("rollout.images", f"use all or one, got {s.image_choice!r}")
@@ -364,7 +372,9 @@ def parse_scenario(doc: dict) -> Scenario:
             conv = _positive(_int) if isinstance(default, int) else _positive(parse_duration)
             if k in {"assumed_rate"}:
                 conv = _positive(parse_rate)
-            elif k in {"ewma_alpha", "zone_bonus", "timeout_factor"}:
+            elif k == "ewma_alpha":
+                conv = _at_most(1.0, _positive(float))  # a weight: above 1 the average runs away
+            elif k in {"zone_bonus", "timeout_factor"}:
                 conv = _positive(float)
             elif k in {"claim_stagger", "claim_stagger_max"}:
                 conv = _nonneg(parse_duration)  # 0: no wait before a first claim request

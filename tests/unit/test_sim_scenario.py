@@ -179,6 +179,17 @@ def test_cli_sweep_one_row_per_point(tmp_path):
     assert len(rows) == 1 + 4
 
 
+def test_cli_sweep_a_key_twice_is_refused_and_a_swept_seed_beats_seed(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text(SMALL)
+    r = run(str(p), "--sweep", "cluster.nodes=2", "--sweep", "cluster.nodes=3")
+    assert r.returncode == 2 and "given twice" in r.stderr  # one row, headed "cluster.nodes cluster.nodes"
+    r = run(str(p), "--seed", "5", "--sweep", "seed=1,2", "--json", str(tmp_path / "o.json"))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "o.json").read_text())["sweep"]
+    assert sorted(row["summary"]["seed"] for row in rows) == [1, 2]  # both ran seed 5, before
+
+
 def test_cli_plot(tmp_path):
     pytest.importorskip("matplotlib")
     p = tmp_path / "s.toml"
@@ -221,3 +232,20 @@ def test_claim_wait_spreads_an_images_claims_over_as_many_nodes_as_layers():
     assert _first_claim_holders(doc, range(1, 9)) == [4] * 8
     doc["p2p"]["claim_stagger"] = "0 ms"
     assert sum(n < 4 for n in _first_claim_holders(doc, range(1, 9))) >= 4
+
+
+@pytest.mark.parametrize("patch,needle", [
+    ({"image": [{"name": "a", "layers": ["1e30 GB"]}]}, "256.0 GiB"),  # an OverflowError traceback, before
+    ({"rollout": {"jitter": "1e300 s"}}, "rollout.jitter"),
+    ({"rollout": {"layer_jitter": "1e300 s"}}, "rollout.layer_jitter"),
+    ({"rollout": {"start": "poisson", "rate": 1e-300}}, "rollout.rate"),
+    ({"upstream": {"bandwidth": "1 Gbit/s", "burst": 5}}, "upstream.burst"),
+    ({"upstream": {"bandwidth": "1 Gbit/s", "requests_per_second": 1, "burst": 0.5}}, "upstream.burst"),
+    ({"p2p": {"ewma_alpha": 5}}, "p2p.ewma_alpha"),
+])
+def test_values_that_ran_silently_wrong_are_refused(patch, needle):
+    doc = {"cluster": {"nodes": 2, "upload": "1 Gbit/s", "download": "1 Gbit/s"},
+           "upstream": {"bandwidth": "1 Gbit/s"}, "image": [{"name": "a", "layers": ["10 MB"]}]}
+    doc.update(patch)
+    with pytest.raises(ScenarioError, match=needle):
+        parse_scenario(doc)
