@@ -60,21 +60,19 @@ def test_a_claim_lost_at_renewal_stops_the_upstream_stream_and_the_new_holder_se
     assert s.picker.have(2)
 
 
-def test_every_busy_back_off_gets_its_wake_up_not_only_the_first():
-    """Two peers refuse at different moments; the first back-off's wake-up must not forget the second (it did:
-    the node sat idle until the stall fallback, 60 s, then went upstream; found in review)."""
+def test_a_node_with_nothing_in_flight_wakes_for_the_next_busy_back_off():
+    """Every peer said "busy"; the first back-off's wake-up found the others still backing off, and nothing
+    was armed for them: the node sat idle until the stall fallback, 60 s, then went upstream (found in review)."""
     s = sched(4, busy_backoff=0.02)
     s.start(0)
     s.claim_denied("x", 0)
     out = s.peer_added("a", "z1", [0, 1, 2, 3], 0) + s.peer_added("b", "z1", [0, 1, 2, 3], 0)
     for p, i in reqs(out):
         s.piece_refused(p, i, 1.0 if p == "a" else 1.01)  # a busy until 1.02, b until 1.03
+    s.peer_gone("a", 1.015)
     assert s.next_deadline() == pytest.approx(1.02)
-    again = reqs(s.tick(1.025))
-    assert again and {p for p, _ in again} == {"a"}
-    assert s.next_deadline() == pytest.approx(1.03)  # b's back-off still has its wake-up
-    for p, i in again:
-        s.piece_refused(p, i, 1.026)  # a refuses again
+    assert reqs(s.tick(1.025)) == []  # b still backs off, and nothing is in flight
+    assert s.next_deadline() == pytest.approx(1.03)  # so b's back-off has a wake-up of its own
     assert {p for p, _ in reqs(s.tick(1.035))} == {"b"}
 
 
