@@ -152,7 +152,7 @@ def _coerce(key: str, value: Any) -> Any:
         if key in _INT_KEYS:
             try:
                 n = int(value) if not isinstance(value, (float, bool)) else None
-            except ValueError:
+            except (ValueError, TypeError):
                 n = None
             if n is None or not 0 <= n <= 100:
                 raise ValueError(f"{value!r} is not a whole number from 0 to 100")
