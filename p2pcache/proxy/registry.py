@@ -86,9 +86,9 @@ class Registry:
 
     async def __call__(self, req: Request) -> Response:
         started = time.monotonic()
-        route = route_label(req.path)  # what an error is counted under: a manifest's 404 is a "manifests" one
+        route = route_label(req.path)  # errors too: a manifest's 404 is a "manifests" one, not "unknown"
         try:
-            route, resp = await self._route(req)
+            resp = await self._route(req)
         except OciError as e:
             resp = oci_error_response(e)
         except UpstreamUnavailable as e:
@@ -110,16 +110,16 @@ class Registry:
         resp.on_sent = on_sent
         return resp
 
-    async def _route(self, req: Request) -> tuple[str, Response]:
-        # The route names here and in route_label() are the same few words: keep them in step.
+    async def _route(self, req: Request) -> Response:
+        # What each path is counted as in /metrics is route_label()'s, valid or not.
         path = req.path
         if path == "/healthz":
-            return "healthz", self._read_only(req) or Response(200, [("content-type", "text/plain")], b"ok\n")
+            return self._read_only(req) or Response(200, [("content-type", "text/plain")], b"ok\n")
         if path == "/metrics":
-            return "metrics", self._read_only(req) or Response(
+            return self._read_only(req) or Response(
                 200, [("content-type", CONTENT_TYPE_LATEST)], generate_latest(self.metrics.registry))
         if path in ("/v2", "/v2/"):
-            return "base", self._read_only(req) or Response(200, [("content-type", "application/json")], b"{}")
+            return self._read_only(req) or Response(200, [("content-type", "application/json")], b"{}")
         if not path.startswith("/v2/"):
             raise OciError("NAME_UNKNOWN", "not found", status=404)
         if req.method not in READ_METHODS:
@@ -127,7 +127,7 @@ class Registry:
             raise OciError("UNSUPPORTED", "this registry is a read-only pull-through cache")
         rest = path[len("/v2/"):]
         if rest == "_catalog" or rest.endswith("/tags/list"):
-            return "list", oci_error_response(OciError("UNSUPPORTED", "listing is not supported by this cache"))
+            return oci_error_response(OciError("UNSUPPORTED", "listing is not supported by this cache"))
         parts = split_v2_path(rest)
         if parts is None:
             raise OciError("NAME_UNKNOWN", "not found", status=404)
@@ -140,8 +140,8 @@ class Registry:
                 parse_digest(ref)
             else:
                 check_tag(ref)
-            return "manifests", await self._manifest(req, repo, ref)
-        return "blobs", await self._blob(req, repo, parse_digest(ref))
+            return await self._manifest(req, repo, ref)
+        return await self._blob(req, repo, parse_digest(ref))
 
     def before_body(self, req: Request) -> Response | None:
         """The server asks before it reads a request's body: a push (any method but GET and HEAD) is answered
