@@ -140,7 +140,8 @@ class ThreadSocket:
         return None
 
 
-async def run_cancellable(fn: Callable[[], T], cancel: threading.Event) -> T:
+async def run_cancellable(fn: Callable[[], T], cancel: threading.Event,
+                          limiter: trio.CapacityLimiter | None = None) -> T:
     """`fn()` in a worker thread that watches `cancel`: the flag is set if this call is cancelled (not when `fn`
     returns: others may share the flag), and `fn` must then return soon (within a poll step). The thread is
     waited for, never abandoned."""
@@ -155,7 +156,7 @@ async def run_cancellable(fn: Callable[[], T], cancel: threading.Event) -> T:
 
     async with trio.open_nursery() as watch:
         watch.start_soon(set_cancel_when_cancelled)
-        result = await trio.to_thread.run_sync(fn)
+        result = await trio.to_thread.run_sync(fn, limiter=limiter)
         returned = True
         watch.cancel_scope.cancel()
     return result
@@ -178,6 +179,10 @@ class SocketPump(Generic[R]):
         self._digest = digest
         self._count = count
         self._cancel = threading.Event()
+        # The three threads wait on each other, so they must all run: from trio's shared limiter (40 threads)
+        # 14 pumps could each hold two and wait for a third for ever (20 with two threads a pump, before). A
+        # limiter of its own gives every pump its three; the node's downloads bound how many pumps there are.
+        self._limiter = trio.CapacityLimiter(3)
         self._write_error: OSError | None = None
         self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
         self._writes: queue.SimpleQueue[tuple[int, memoryview, int] | None] = queue.SimpleQueue()
@@ -192,15 +197,15 @@ class SocketPump(Generic[R]):
         token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as threads:
             threads.start_soon(self._hasher, token)
-            threads.start_soon(trio.to_thread.run_sync, self._write_received)
-            err = await run_cancellable(functools.partial(self._receive, start, limit), self._cancel)
+            threads.start_soon(functools.partial(trio.to_thread.run_sync, self._write_received, limiter=self._limiter))
+            err = await run_cancellable(functools.partial(self._receive, start, limit), self._cancel, self._limiter)
         if self._write_error is not None:
             raise self._write_error
         return err
 
     async def _hasher(self, token: trio.lowlevel.TrioToken) -> None:
         try:
-            await trio.to_thread.run_sync(self._hash_written, token)
+            await trio.to_thread.run_sync(self._hash_written, token, limiter=self._limiter)
         finally:
             self._cancel.set()  # after the receiver's last chunk, or on an error here: the receiver stops too
             self._results_tx.close()  # its deliveries ran before its return reached us: the reader drains them

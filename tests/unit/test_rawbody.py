@@ -324,3 +324,50 @@ async def test_an_upstream_with_an_untrusted_certificate_is_refused(
     with trio.fail_after(10), pytest.raises(OciError):
         await read_blob(fetcher)
     assert server.requests == [] and fetcher.store.stat(DIGEST) is None
+
+
+async def test_many_pumps_at_once_never_wait_on_each_others_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each pump runs three threads that wait on each other. From trio's shared limiter (40 threads), 14 pumps
+    could each hold two and wait for a third for ever (found in review); each pump has a limiter of its own.
+    One small buffer a pump, so no body fits in its buffers and every receiver waits for its writer."""
+    import socket
+
+    from p2pcache import pump as pump_module
+    from p2pcache.oci.rawbody import SocketBody
+    from p2pcache.pump import SocketPump
+
+    monkeypatch.setattr(pump_module, "BUFFERS", 1)
+    monkeypatch.setattr(pump_module, "CHUNK", 4096)
+
+    n, size = 24, 300_000
+    payload = os.urandom(size)
+    pairs = [socket.socketpair() for _ in range(n)]
+    got: list[bytearray] = [bytearray(size) for _ in range(n)]
+
+    def writer(k: int):
+        def write(pos: int, view: memoryview) -> None:
+            got[k][pos:pos + len(view)] = view
+        return write
+
+    async def one(k: int, a: socket.socket) -> None:
+        pump = SocketPump(SocketBody(a, None, b"", size, 10.0), write=writer(k),
+                          digest=lambda pos, view: len(view), count=lambda n: None)
+        async with trio.open_nursery() as nursery:
+            async def drain() -> None:
+                async for _ in pump.results:
+                    pass
+            nursery.start_soon(drain)
+            assert await pump.run(0, size) is None
+
+    def feed() -> None:
+        for _, b in pairs:
+            b.sendall(payload)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for k, (a, _) in enumerate(pairs):
+                nursery.start_soon(one, k, a)
+            await trio.to_thread.run_sync(feed, limiter=trio.CapacityLimiter(1))
+    for _, b in pairs:
+        b.close()
+    assert all(bytes(g) == payload for g in got)
