@@ -108,7 +108,9 @@ class BlobStore:
         self._scan_blobs()
         self._clean_partials()
         self._publish()
-        self._enforce(0, exclude=None)  # a quota lowered since the last run, or one pins held over at the end
+        # A quota lowered since the last run, or blobs that pins held over it at the end: complete blobs go. Not
+        # partials here: each is a download a restart left to resume, and make_room weighs them when it resumes.
+        self._enforce(0, exclude=None, idle_partials=False)
 
     # --- startup ----------------------------------------------------------------------------------------------
 
@@ -297,12 +299,19 @@ class BlobStore:
         finally:
             with self._lock:
                 self._index.unpin(hex_)
-                over = self.max_bytes is not None and self._index.used > self.max_bytes
+                limit = self.max_bytes
+                over = limit is not None and self._index.used > limit
+                huge = limit is not None and (self._index.size(hex_) or 0) > limit
             if over:
-                # Pins held the store above its quota (blobs committed while served): the last pin to go
-                # brings it back, or a store served only from cache stayed over for good (found in review:
-                # 195 MiB under a 100 MiB quota, still after a restart).
-                self._enforce(0, exclude=None)
+                # Pins held the store above its quota (blobs committed while served): a pin that goes brings it
+                # back, in LRU order, or a store served only from cache stayed over for good (found in review:
+                # 195 MiB under a 100 MiB quota, still after a restart). Not a blob bigger than the whole quota
+                # that was just served (it stays, as its commit decided, until something else comes), never a
+                # partial, and a failing unlink is logged, not raised out of the `with` that served the blob.
+                try:
+                    self._enforce(0, exclude=hex_ if huge else None, idle_partials=False)
+                except OSError as e:
+                    log.warning("store: evicting for the quota failed: %s", e)
 
     def pinned(self, digest: str) -> bool:
         hex_ = digest_hex(digest)
@@ -363,14 +372,14 @@ class BlobStore:
         out.sort()
         return out
 
-    def _enforce(self, nbytes: int, exclude: str | None, keep: str | None = None) -> None:
+    def _enforce(self, nbytes: int, exclude: str | None, keep: str | None = None, idle_partials: bool = True) -> None:
         if self.max_bytes is None:
             return
         with self._lock:
             need = nbytes + self._reserved()
             # Idle partials first: a download that failed on a full disk left one no quota counted, and every
             # later pull failed on the disk it held (found in review: a 20 MB tmpfs under a 15 MB quota).
-            idle = self._idle_partials(keep)
+            idle = self._idle_partials(keep) if idle_partials else []
             idle_bytes = sum(n for _, _, n in idle)
             while idle and self._index.used + idle_bytes + need > self.max_bytes:
                 _, hex_, n = idle.pop(0)
