@@ -171,7 +171,7 @@ def _coerce(key: str, value: Any) -> Any:
             parse_hostport(_text(value))
             return value
         if key == "join_dns":
-            return _check_join_dns(_text(value))
+            return _check_join_dns(_text(value)) if _text(value).strip() else None  # "": no DNS discovery
         return _text(value)
     except (ValueError, TypeError, OverflowError) as e:
         name = "upstream" if key == "upstreams" else key.replace("_", "-")  # the flag the user typed
@@ -180,16 +180,17 @@ def _coerce(key: str, value: Any) -> Any:
 
 def _check_join_dns(name: str) -> str:
     """NAME or NAME:PORT (the port defaults to --peer-listen's), as discovery.dns.split_name reads it."""
-    host, port = split_name(name.strip(), 0)
+    n = name.strip()
+    host, port = split_name(n, 0)
     if ":" in host:  # no port split off: a bare IPv6 address, or a port that is no number
         try:
             ipaddress.IPv6Address(host.strip("[]"))
         except ValueError:
             raise ValueError(f"expected NAME or NAME:PORT, got {name!r}") from None
-    port_given = host != name.strip()
+    port_given = host not in (n, n.strip("[]"))  # a port was split off
     if not host or any(c.isspace() or c in "/@," for c in host) or port_given and not 1 <= port <= 65535:
         raise ValueError(f"expected NAME or NAME:PORT, got {name!r}")
-    return name.strip()
+    return n
 
 
 def _parse_upstreams(value: Any) -> dict[str, str]:

@@ -23,7 +23,7 @@ _SIZE_UNITS = {
 _TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "min": 60.0, "h": 3600.0}
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z/]*)\s*$")
 # a unit: a prefix, then B (bytes) or b / bit (bits), then for a rate /s or ps
-_UNIT = re.compile(r"^(?P<prefix>[kKmMgGtT]i?)?(?P<base>B|b|bit|Bit)?(?P<per>/s|ps)?$")
+_UNIT = re.compile(r"^(?P<prefix>[kKmMgGtT][iI]?)?(?P<base>B|b|[bB][iI][tT])?(?P<per>/[sS]|[pP][sS])?$")
 
 
 def _split(text: str | int | float, what: str) -> tuple[float, str]:
@@ -74,6 +74,7 @@ def parse_rate(text: str | int | float) -> float:
 def parse_duration(text: str | int | float) -> float:
     """'1 ms' -> 0.001; a bare number is seconds."""
     value, unit = _split(text, "duration")
+    unit = unit.lower()  # "30S" and "1H" as before: only a rate's B and b differ by case
     if unit not in _TIME_UNITS:
         raise ValueError(f"unknown time unit in {text!r} (use ms, s, min, h)")
     return value * _TIME_UNITS[unit]

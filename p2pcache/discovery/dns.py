@@ -22,7 +22,7 @@ def split_name(name: str, default_port: int) -> tuple[str, int]:
     host, sep, port = name.rpartition(":")
     if sep and port.isdigit() and host and not host.endswith(":"):
         return host.strip("[]"), int(port)
-    return name, default_port
+    return name.strip("[]"), default_port  # "[fd00::1]" alone is the address fd00::1
 
 
 async def resolve(host: str, port: int) -> list[str]:

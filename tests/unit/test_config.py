@@ -21,6 +21,9 @@ def test_units() -> None:
     assert parse_rate("100 MBps") == parse_rate("100 MB/s") == 100e6
     assert parse_rate("8 b/s") == 1 and parse_rate("1 kbps") == 125
     assert parse_size("20gb") == parse_size("20GB") == 20 * 10**9  # a size is never in bits
+    # and nothing else became case-sensitive with that (found in review: "30S" stopped a node at start-up)
+    assert parse_duration("30S") == 30 and parse_duration("1H") == 3600 and parse_duration("500MS") == 0.5
+    assert parse_rate("100MB/S") == 100e6 and parse_rate("1 MIB/s") == 2**20 and parse_rate("1GBIT/s") == 125e6
     assert parse_duration("1 ms") == pytest.approx(0.001)
     assert parse_duration("30s") == 30
     for bad, fn in (("12 parsecs", parse_size), ("fast", parse_rate), ("1 fortnight", parse_duration)):
@@ -148,8 +151,15 @@ def test_an_unreadable_upstream_ca_is_a_start_up_error(tmp_path: Path, capsys: p
 
 
 def test_good_join_dns_names_pass() -> None:
-    for name in ("p2pcache", "p2pcache.ns.svc.cluster.local:5002", "[::1]:5002", "::1"):
+    for name in ("p2pcache", "p2pcache.ns.svc.cluster.local:5002", "[::1]:5002", "::1", "[fd00::1]"):
         assert load_settings({"join_dns": name}, env={}).join_dns == name
+    assert load_settings({}, env={"P2PCACHE_JOIN_DNS": ""}).join_dns is None  # "": no DNS discovery, as before
+
+
+def test_a_bracketed_address_alone_resolves_as_the_address() -> None:
+    from p2pcache.discovery.dns import split_name
+
+    assert split_name("[fd00::1]", 5002) == ("fd00::1", 5002)
 
 
 def test_a_missing_secret_file_is_named_with_its_path(tmp_path) -> None:
