@@ -323,6 +323,17 @@ class DownloadScheduler:
         if not st.reqs:
             self._active.discard(peer)
 
+    def _rearm_busy(self, now: float) -> None:
+        """Nothing in flight, so no delivery will call for the next fill: wake up when the next refusing peer's
+        back-off ends. Without this, a node whose peers had all said "busy" sat idle until the stall fallback
+        (found in review: 60 s, then upstream, with 1 upload slot). Only then: waking at every back-off while
+        pieces flow took two-zones from 1.54x to 2.08x the bound (fills that took far peers)."""
+        if self._active or self._busy_wake is not None:
+            return
+        later = [st.busy_until for st in self.peers.values() if st.busy_until > now]
+        if later:
+            self._busy_wake = min(later)
+
     def _fill(self, peer: Peer, now: float, out: list) -> None:
         st = self.peers.get(peer)
         if st is None or self.done or self.failed:
@@ -470,6 +481,7 @@ class DownloadScheduler:
         if peer == self.claim_holder and self.claim != "held":
             self._next_claim = now  # ask at the next tick: the tracker grants it once the claim expires
         self._fill_all(now, out)
+        self._rearm_busy(now)
         return out
 
     def piece_received(self, peer: Peer, index: int, ok: bool, nbytes: int, now: float) -> list[Decision]:
@@ -525,6 +537,7 @@ class DownloadScheduler:
                     self._fill(p, now, out)
             if len(out) == n and len(self._active) < self.max_sources:
                 self._fill_all(now, out)  # the sender had nothing more for us: a source slot is free
+            self._rearm_busy(now)
         return out
 
     def _unrequest(self, peer: Peer, index: int) -> _PeerState | None:
@@ -702,19 +715,12 @@ class DownloadScheduler:
             else:  # nobody else has it: cancelling would only restart the same transfer
                 self._seq += 1
                 heapq.heappush(dl, (now + cfg.timeout_min, self._seq, peer, i, sent))
-        woke = self._busy_wake is not None and now >= self._busy_wake
-        if woke:
+        if self._busy_wake is not None and now >= self._busy_wake:
             self._busy_wake = None
             refill = True
         if refill:
             self._fill_all(now, out)
-        if woke and not self._active:
-            # Nothing in flight, so no delivery will call for the next fill: wake up again when the next
-            # refusing peer's back-off ends. Without this, a node whose peers had all said "busy" sat idle until
-            # the stall fallback (found in review: 60 s, then upstream, with 1 upload slot). Only then: waking
-            # at every back-off while pieces flow made two-zones 1.54x -> 2.08x (fills that took far peers).
-            later = [st.busy_until for st in self.peers.values() if st.busy_until > now]
-            self._busy_wake = min(later) if later else None
+        self._rearm_busy(now)
         if now >= self._next_claim:
             if self.claim == "held" and not self.done:
                 self._next_claim = now + cfg.claim_renew

@@ -76,6 +76,26 @@ def test_a_node_with_nothing_in_flight_wakes_for_the_next_busy_back_off():
     assert {p for p, _ in reqs(s.tick(1.035))} == {"b"}
 
 
+def test_the_last_delivery_in_flight_arms_the_wake_up_for_a_backing_off_peer():
+    """The same idle node in another order of events: the wake-up fired while a piece was still in flight (so
+    it was not re-armed), then that piece arrived while b still backed off (found in review of the first fix)."""
+    s = sched(4, busy_backoff=0.02)
+    s.start(0)
+    s.claim_denied("x", 0)
+    out = s.peer_added("c", "z1", [0], 0) + s.peer_added("a", "z1", [0, 1, 2, 3], 0)
+    out += s.peer_added("b", "z1", [0, 1, 2, 3], 0)
+    from_c = [(p, i) for p, i in reqs(out) if p == "c"]
+    for p, i in reqs(out):
+        if p != "c":
+            s.piece_refused(p, i, 1.0 if p == "a" else 1.01)  # a busy until 1.02, b until 1.03
+    s.peer_gone("a", 1.015)
+    assert reqs(s.tick(1.025)) == []  # c's piece is still in flight
+    for p, i in from_c:
+        s.piece_received(p, i, True, MiB, 1.026)  # now nothing is
+    assert s.next_deadline() == pytest.approx(1.03)  # it was 5 s, and the node idled until the stall fallback
+    assert {p for p, _ in reqs(s.tick(1.035))} == {"b"}
+
+
 def test_denied_node_downloads_from_peers_rarest_first_and_finishes():
     s = sched(4, pipeline=2)
     s.start(0)
