@@ -73,16 +73,22 @@ def claim_holder(nodes):
     return None
 
 
-def test_claim_holder_killed_mid_fetch_another_node_completes(cluster_of, reg):
-    # 10 MB/s per node: the 30 MB layer takes the claim holder ~3 s from upstream; we kill it in the middle.
-    image = push_random_image(reg, "library/claim", "1", [30_000_000])
-    layer = image.layers[0]
-    c = cluster_of(3, extra_args=["--download-limit", "10MB/s"])
+def pull_until_the_holder_shares(cluster_of, reg, name: str, rate: str):
+    """3 nodes at `rate` pull one 30 MB layer at once, until the claim holder has shared 2 MiB with the others.
+    Returns (cluster, layer, fetch threads, their results, the claim holder)."""
+    layer = push_random_image(reg, name, "1", [30_000_000]).layers[0]
+    c = cluster_of(3, extra_args=["--download-limit", rate])
     c.wait_members()
-    threads, results = fetch_in_background(c.nodes, "library/claim", layer.digest)
+    threads, results = fetch_in_background(c.nodes, name, layer.digest)
     holder = wait_until(lambda: claim_holder(c.nodes), 20, "a node to hold the upstream claim", interval=0.05)
     wait_until(lambda: holder.metric("p2pcache_peer_bytes_total", direction="out") > 2 * MIB, 20,
                "the claim holder to share some pieces", interval=0.05)
+    return c, layer, threads, results, holder
+
+
+def test_claim_holder_killed_mid_fetch_another_node_completes(cluster_of, reg):
+    # 10 MB/s per node: the 30 MB layer takes the claim holder ~3 s from upstream; we kill it in the middle.
+    c, layer, threads, results, holder = pull_until_the_holder_shares(cluster_of, reg, "library/claim", "10MB/s")
     holder.kill()
     t0 = time.monotonic()
     for t in threads:
@@ -102,14 +108,7 @@ def test_a_hung_claim_holder_loses_its_claim_when_membership_calls_it_dead(clust
     """SIGSTOP, not SIGKILL: a hung process keeps its connections open, so nothing released its claim until the
     TTL ran out (found in review: every waiter stalled ~12 s). An owner now releases a claim whose holder is not
     alive; the holder, resumed, is refused its renewal and stops its stream; everyone ends with the right bytes."""
-    image = push_random_image(reg, "library/hung", "1", [30_000_000])
-    layer = image.layers[0]
-    c = cluster_of(3, extra_args=["--download-limit", "5MB/s"])
-    c.wait_members()
-    threads, results = fetch_in_background(c.nodes, "library/hung", layer.digest)
-    holder = wait_until(lambda: claim_holder(c.nodes), 20, "a node to hold the upstream claim", interval=0.05)
-    wait_until(lambda: holder.metric("p2pcache_peer_bytes_total", direction="out") > 2 * MIB, 20,
-               "the claim holder to share some pieces", interval=0.05)
+    c, layer, threads, results, holder = pull_until_the_holder_shares(cluster_of, reg, "library/hung", "5MB/s")
     assert holder.proc is not None
     holder.proc.send_signal(signal.SIGSTOP)
     try:
