@@ -58,9 +58,9 @@ Driving it (what swarm/service.py does; the simulator in sim/engine.py does the 
     a download of the node starts or ends -> s.set_max_sources(share, now) for each, source_shares(...)
   and act() on each decision: Request/Cancel -> send to the peer; Ban -> close + refuse the peer until `until`;
   AskClaim -> tracker.claim; FetchUpstream(i)/StopUpstream -> start/stop a ranged upstream stream from piece i;
-  Done -> verify the digest, announce complete, release the
-  claim; Fail -> abort the clients. On the serving side, every incoming request goes through the node's one
-  `UploadSlots`: `Serve` -> send the piece; None -> answer "busy"; `finished`/`cancel` when an upload ends.
+  Done -> verify the digest, announce complete, release the claim; Fail -> abort the clients. On the serving
+  side, every incoming request goes through the node's one `UploadSlots`: `Serve` -> send the piece; None ->
+  answer "busy"; `finished`/`cancel` when an upload ends.
 
 The uploader side has its own small sans-IO piece here: `UploadSlots` serves at most `slots` piece uploads at
 once and answers "busy" beyond that, so a node that many peers ask (the first holder of a cold blob) finishes
