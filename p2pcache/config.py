@@ -257,11 +257,7 @@ def load_settings(
                 raise ConfigError(f"config: unknown setting {k!r} in {path}")
             merged[key] = v
     for k, v in env.items():
-        if not k.startswith("P2PCACHE_") or k == "P2PCACHE_CONFIG":
-            continue
-        key = k[len("P2PCACHE_"):].lower()
-        if key == "upstream":
-            key = "upstreams"
+        key = _env_key(k)
         if key in known:
             merged[key] = v
     for k, v in (flags or {}).items():
@@ -307,9 +303,17 @@ def unknown_env_settings(env: Mapping[str, str] | None = None) -> list[str]:
     Not an error, unlike an unknown TOML key: Kubernetes puts P2PCACHE_SERVICE_HOST, P2PCACHE_PORT_5000_TCP
     and the like into every pod of a namespace with a Service named p2pcache, and those are left out."""
     env = os.environ if env is None else env
-    known = {f.name for f in fields(Settings)} | {"upstream", "config"}
-    return sorted(k for k in env if k.startswith("P2PCACHE_") and not k.startswith(_K8S_SERVICE_ENV)
-                  and k[len("P2PCACHE_"):].lower() not in known)
+    known = {f.name for f in fields(Settings)}
+    return sorted(k for k in env if k.startswith("P2PCACHE_") and k != "P2PCACHE_CONFIG"
+                  and not k.startswith(_K8S_SERVICE_ENV) and _env_key(k) not in known)
+
+
+def _env_key(name: str) -> str | None:
+    """The setting a `P2PCACHE_<NAME>` variable sets (P2PCACHE_UPSTREAM: upstreams), None for any other."""
+    if not name.startswith("P2PCACHE_") or name == "P2PCACHE_CONFIG":
+        return None
+    key = name[len("P2PCACHE_"):].lower()
+    return "upstreams" if key == "upstream" else key
 
 
 def upstream_tls_context(ca_file: Path | None) -> ssl.SSLContext | bool:

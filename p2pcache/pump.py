@@ -6,10 +6,9 @@ node and the client). Reading the socket on the event loop into fresh 1 MiB `byt
 writer thread (`lane.ThreadLane`) cost ~2.6 CPU-seconds per GiB, and the one thread that received, wrote and
 hashed in turn paced the origin. Here one thread `recv_into`s a few reused buffers (no allocation and no page
 faults on fresh memory), a second writes them and a third digests what was written, each beside the others'
-next chunk instead of after it. A 1 GiB cold pull: ~2.2 CPU-seconds when the page cache's new pages are cheap,
-~4 when this VM's host has to fault each one in (the write's share doubles), and the loop is left to serve
-clients. (Receiving and writing in one thread: 0.57, 0.57, 0.33, 0.28 GB/s over four cold pulls in a row; in
-two: 0.65, 0.58, 0.36, 0.29; 19:40 UTC, 2026-11-28.)
+next chunk instead of after it, and the loop is left to serve clients. A 1 GiB cold pull costs the node 2.7-2.9
+CPU-seconds here (`bench/mirror_bench.py --only cold` prints it), much of it the write into new page-cache pages,
+which this VM's host faults in one by one.
 
 Over TLS the receiver also decrypts, with the connection's own session (`oci.rawbody.TlsState`: trio's
 SSLObject and its memory BIOs, untouched by any task meanwhile), into the same buffers. On the loop, trio's

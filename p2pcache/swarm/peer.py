@@ -147,12 +147,12 @@ async def _send_all(sock: trio.socket.SocketType, data: bytes | memoryview, stal
         with trio.move_on_after(stall) as cs:
             n = await sock.send(view)
         if cs.cancelled_caught:
-            raise _send_stalled()
+            raise _send_stalled(stall)
         view = view[n:]
 
 
-def _send_stalled() -> PeerGone:
-    return PeerGone(f"the peer took no byte for {SEND_STALL_TIMEOUT:g} s")
+def _send_stalled(stall: float) -> PeerGone:
+    return PeerGone(f"the peer took no byte for {stall:g} s")
 
 
 async def _read_message(sock: trio.socket.SocketType, dec: FrameDecoder) -> Message:
@@ -342,7 +342,7 @@ class PeerConnection:
                 with trio.move_on_after(SEND_STALL_TIMEOUT) as cs:
                     await trio.lowlevel.wait_writable(self.sock)
                 if cs.cancelled_caught:
-                    raise _send_stalled() from None
+                    raise _send_stalled(SEND_STALL_TIMEOUT) from None
                 continue
             if n == 0:  # the file is shorter than the piece: we cannot keep the frame's promise
                 raise OSError(errno.EIO, "piece file truncated")

@@ -361,6 +361,7 @@ async def test_many_pumps_at_once_never_wait_on_each_others_threads(monkeypatch:
 
     def feed() -> None:
         for _, b in pairs:
+            b.settimeout(15)  # deadlocked pumps read nothing: this fails the test instead of hanging it
             b.sendall(payload)
 
     with trio.fail_after(30):
