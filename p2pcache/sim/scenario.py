@@ -62,6 +62,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from p2pcache.swarm.chain import BLOCK
 from p2pcache.swarm.metainfo import MAX_META_PIECES, MAX_PIECE, piece_count, piece_size_for
 from p2pcache.swarm.scheduler import SchedulerConfig
 from p2pcache.units import format_size, parse_duration, parse_rate, parse_size
@@ -211,6 +212,17 @@ def _positive(conv):
     return f
 
 
+_layer_size = _at_most(MAX_LAYER, _positive(parse_size), format_size)
+
+
+def _piece_size(x):
+    """A piece size a node would take (config.py refuses the same): at most 16 MiB, on SHA-256's 64-byte blocks."""
+    v = _at_most(MAX_PIECE, _positive(parse_size))(x)
+    if v % BLOCK:
+        raise ValueError(f"{x!r} is not a multiple of {BLOCK} bytes (pieces end on SHA-256 blocks)")
+    return v
+
+
 def _nonneg(conv):
     def f(x):
         v = conv(x)
@@ -310,11 +322,11 @@ def parse_scenario(doc: dict) -> Scenario:
                 for k in ld:
                     if k not in {"name", "size"}:
                         raise _err(f"{lkey}.{k}", "unknown key")
-                size = _get(ld, lkey, "size", _at_most(MAX_LAYER, _positive(parse_size), format_size), required=True)
+                size = _get(ld, lkey, "size", _layer_size, required=True)
                 lname = str(ld.get("name", f"{name}#{j}"))
             else:
                 try:
-                    size = _at_most(MAX_LAYER, _positive(parse_size), format_size)(ld)
+                    size = _layer_size(ld)
                 except (ValueError, TypeError, OverflowError) as e:
                     raise _err(lkey, str(e)) from None
                 lname = f"{name}#{j}"
@@ -360,7 +372,7 @@ def parse_scenario(doc: dict) -> Scenario:
     s.p2p = _get(p, "p2p", "enabled", _bool, True)
     ps = p.get("piece_size", "auto")
     if ps != "auto":
-        s.piece_size = _get(p, "p2p", "piece_size", _at_most(MAX_PIECE, _positive(parse_size)))
+        s.piece_size = _get(p, "p2p", "piece_size", _piece_size)
     s.upload_slots = _get(p, "p2p", "upload_slots", _positive(_int), 4)
     s.upload_queue = _get(p, "p2p", "upload_queue", _nonneg(_int), 0)
     s.peers = _get(p, "p2p", "peers", _positive(_int), Scenario.peers)

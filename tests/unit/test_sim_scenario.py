@@ -242,6 +242,7 @@ def test_claim_wait_spreads_an_images_claims_over_as_many_nodes_as_layers():
     ({"upstream": {"bandwidth": "1 Gbit/s", "burst": 5}}, "upstream.burst"),
     ({"upstream": {"bandwidth": "1 Gbit/s", "requests_per_second": 1, "burst": 0.5}}, "upstream.burst"),
     ({"p2p": {"ewma_alpha": 5}}, "p2p.ewma_alpha"),
+    ({"p2p": {"piece_size": "100000"}}, "multiple of 64"),  # a layout no node would take (config.py refuses it)
 ])
 def test_values_that_ran_silently_wrong_are_refused(patch, needle):
     doc = {"cluster": {"nodes": 2, "upload": "1 Gbit/s", "download": "1 Gbit/s"},
