@@ -715,7 +715,7 @@ class Simulation:
     def _start_up_flow(self, node: SimNode, lid: int, idx: int, now: float) -> None:
         layer = self.layers[lid]
         size = piece_span(idx, layer.size, layer.piece_size)[1]
-        # priority at the node's download, as the node gives its upstream stream (see net.py)
+        # the upstream class at the node's download: assured half of it, as in the node (see net.py)
         f = Flow((self.upstream_res, node.down), size, (UPS, node.id, lid, idx), priority=True)
         node.up_flow[lid] = f
         self.net.start(f, now)

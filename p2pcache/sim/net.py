@@ -15,12 +15,14 @@ Theory of operation (and the approximation it makes):
   share is subtracted from the capacities it crosses). Capacity a re-share frees at a far resource is used there
   at that resource's next event, not at once; in a busy swarm every node has events every few hundred
   milliseconds, so the lag is small, and it only ever errs on the slow side.
-- Two classes, as in the node: a flow made with `priority=True` (a node's upstream stream) is served before the
-  others at every resource it crosses, the others share what is left. The node gives its upstream stream that
-  precedence over peer reads at its download limit (`swarm/service.py: _throttle_upstream`), because the cluster's
-  upstream link is its scarcest resource; a plain max-min share would let the claim holder's peer downloads slow
-  the one stream every other node waits for. A priority flow's re-share takes in every flow at each resource it
-  crosses, so the flows it pre-empts give way at once.
+- Two classes at a download link, as in the node: a flow made with `priority=True` (a node's upstream stream) and
+  the peer flows into that node are each assured half of the node's download, and either class takes what the
+  other leaves (`swarm/ratelimit.py: DownloadShare`, which the node's `--download-limit` uses). The stream must
+  not shrink with the number of peers the claim holder reads from (the cluster's upstream link is its scarcest
+  resource, and every node waits for that one stream), nor starve the peer flows, which hold their uploaders'
+  slots while they wait: strict priority did, and a faster registry made a rollout slower (2 nodes, 80 + 50 MB,
+  10 MB/s up, 25 MB/s down: 8.0 s with a 25 MB/s registry, 10.0 s with 50 MB/s; now 8.0 s with both). A
+  re-share that involves a stream takes in every flow at each resource the stream crosses.
 - Each flow keeps the bytes left and the time they were counted; a rate change counts the bytes sent so far and
   pushes a new completion event (older ones are recognised as stale by a version number). Re-sharing that
   leaves a rate unchanged (within 1e-9) pushes nothing, which is what keeps the event count near one per piece.
@@ -126,8 +128,8 @@ class Net:
         self.dirty.update(flow.res)
 
     def rebalance(self, now: float) -> None:
-        """Re-share the flows touching dirty resources (progressive filling), others frozen; priority flows
-        first."""
+        """Re-share the flows touching dirty resources (progressive filling), others frozen; with upstream
+        streams among them, class by class (`_fill_classes`)."""
         dirty = self.dirty
         if not dirty:
             return
@@ -167,8 +169,7 @@ class Net:
                 avail[r] = 0.0
         new: dict[Flow, float] = {}
         if prio:
-            self._fill([f for f in flows if f.prio], avail, new)
-            self._fill([f for f in flows if not f.prio], avail, new)
+            self._fill_classes(flows, avail, new)
         else:
             self._fill(flows, avail, new)
         push = heapq.heappush
@@ -185,6 +186,27 @@ class Net:
             f.ver += 1
             if rate > 0:
                 push(ev, (now + f.left / rate, next(counter), FLOW_DONE, f, f.ver))
+
+    def _fill_classes(self, flows: list[Flow], avail: dict[int, float], new: dict[Flow, float]) -> None:
+        """Two classes at a download link that carries an upstream stream, each assured half of it, and the
+        half one class leaves to the other: upstream streams first, up to half of their download link; then the
+        peer flows; then the streams again, for what the peer flows left (the node's `_throttle_upstream`)."""
+        ups = [f for f in flows if f.prio]
+        cap = self.cap
+        first = dict(avail)
+        for f in ups:
+            r = f.res[-1]  # the node's download (an upstream stream is (upstream, download))
+            first[r] = min(avail[r], 0.5 * cap[r])
+        self._fill(ups, first, new)
+        for f in ups:
+            for r in f.res:
+                a = avail[r] - new[f]
+                avail[r] = a if a > 0 else 0.0
+        self._fill([f for f in flows if not f.prio], avail, new)
+        more: dict[Flow, float] = {}
+        self._fill(ups, avail, more)
+        for f, rate in more.items():
+            new[f] += rate
 
     @staticmethod
     def _fill(flows: list[Flow], avail: dict[int, float], new: dict[Flow, float]) -> None:

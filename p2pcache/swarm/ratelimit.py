@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["TokenBucket"]
+__all__ = ["DownloadShare", "TokenBucket"]
 
 
 class TokenBucket:
@@ -60,3 +60,42 @@ class TokenBucket:
         """Change the rate from `now` on (tokens accrued so far are kept)."""
         self._refill(now)
         self.rate = math.inf if rate is None else float(rate)
+
+
+class DownloadShare:
+    """A node's download limit shared by two classes: its upstream stream (the claims it holds) and its peer reads.
+
+    Why: the claim holder's upstream stream is the one every other node waits for, so peer reads must not crowd it
+    out (a plain FIFO bucket gives it 1/(k+1) of the link against k peers); but strict priority let a stream that
+    fills the link starve the peer reads, which then held their uploaders' slots for nothing, and a faster registry
+    made a rollout slower (2 nodes, 80 + 50 MB, 10 MB/s up, 25 MB/s down: 8.0 s with a 25 MB/s registry, 10.0 s with
+    50). So each class is assured half the limit, and either takes what the other leaves:
+    - the stream goes ahead of peer reads (up to `ahead` seconds of debt) while it stays within its half, counted
+      by a bucket of its own at half the rate;
+    - beyond its half it only takes tokens nobody else took (the bucket's level above zero): peer reads that
+      want their half get it;
+    - peer reads queue in the shared bucket behind whatever debt is there.
+    The simulator shares a download link the same way (`sim/net.py: Net._fill_classes`).
+    """
+
+    def __init__(self, rate: float | None, now: float = 0.0, ahead: float = 1.0) -> None:
+        self.total = TokenBucket(rate, now=now)
+        self.assured = TokenBucket(None if rate is None else rate / 2, now=now)
+        self.ahead = ahead
+
+    def peer(self, n: float, now: float) -> float:
+        """Account for n bytes of peer reads; seconds to wait."""
+        return self.total.take(n, now)
+
+    def upstream(self, n: float, now: float) -> tuple[bool, float]:
+        """Try to account for n bytes of the upstream stream: (True, seconds to wait) once taken, else (False,
+        seconds after which to ask again)."""
+        if self.assured.available(now) >= 0:
+            self.assured.take(n, now)
+            return True, max(0.0, self.total.take(n, now) - self.ahead)
+        level = self.total.available(now)
+        if level > 0:
+            return True, self.total.take(n, now)
+        # wait for spare tokens or for the assured half to refill, whichever comes first (at least 1 ms)
+        retry = min(-level / self.total.rate, -self.assured.available(now) / self.assured.rate)
+        return False, max(retry, 0.001)

@@ -66,7 +66,7 @@ from p2pcache.swarm.peer import (
     open_peer_socket,
 )
 from p2pcache.swarm.picker import mask_of
-from p2pcache.swarm.ratelimit import TokenBucket
+from p2pcache.swarm.ratelimit import DownloadShare, TokenBucket
 from p2pcache.swarm.scheduler import (
     AskClaim,
     Ban,
@@ -120,7 +120,7 @@ HASHERS = 2
 TRACKER_EXPIRE_EVERY = 2.0  # housekeeping of the tracker shard
 METAINFO_POLL = 0.2  # how often a leecher refreshes piece hashes while the claim holder is still publishing
 UPLOAD_SLOTS = 4  # pieces uploaded at once: a cold blob's first holder finishes pieces fast so they spread
-UPSTREAM_PRIORITY = 1.0  # seconds of download-limit debt the upstream stream may run ahead of peer reads
+UPSTREAM_PRIORITY = 1.0  # seconds of download-limit debt the upstream stream may run ahead of peer reads (in its half)
 MAX_STORED_ANNOUNCED = 10_000  # blobs found in the store at start-up that are announced (one small RPC each)
 HOLDERS_LIMIT = 50  # holders asked for per lookup; the tracker samples them at random so load spreads
 # Piece payloads are hashed in a worker thread (`_Fill._get_piece`), not by the decoder on the event loop: SHA-256
@@ -167,7 +167,7 @@ class SwarmService:
         self.membership = Membership(self.node_id, self.addr, self.zone, heartbeat=int(time.time() * 10))
         self.tracker = Tracker(rng=random.Random(), announce_ttl=ANNOUNCE_TTL, claim_ttl=CLAIM_TTL)
         self.up_bucket = TokenBucket(settings.upload_limit, now=trio.current_time())
-        self.down_bucket = TokenBucket(settings.download_limit, now=trio.current_time())
+        self.down_share = DownloadShare(settings.download_limit, now=trio.current_time(), ahead=UPSTREAM_PRIORITY)
         self.conns: dict[str, list[PeerConnection]] = {}
         self.uploads = UploadSlots(slots=UPLOAD_SLOTS, per_peer=MAX_REQUESTS_IN)
         self.bans = BanList()  # node ids that sent bad pieces or lying piece lists, shared by all downloads
@@ -272,16 +272,21 @@ class SwarmService:
             await trio.sleep(delay)
 
     async def _throttle_rx(self, n: int) -> None:
-        delay = self.down_bucket.take(n, trio.current_time())
+        delay = self.down_share.peer(n, trio.current_time())
         if delay > 0:
             await trio.sleep(delay)
 
     async def _throttle_upstream(self, n: int) -> None:
-        """Upstream bytes count against the download limit like peer bytes, but go first: they only wait for the
-        debt beyond UPSTREAM_PRIORITY seconds' worth, and the debt they leave makes peer reads wait. The cluster's
-        upstream link is its scarcest resource (every node needs what only the claim holder can fetch), so the
-        claim holder's share of its own download link must not shrink with the number of peers it reads from."""
-        delay = self.down_bucket.take(n, trio.current_time()) - UPSTREAM_PRIORITY
+        """Upstream bytes count against the download limit like peer bytes; the upstream stream and the peer
+        reads are each assured half of it and take what the other leaves (`ratelimit.DownloadShare`). The
+        cluster's upstream link is its scarcest resource (every node needs what only the claim holder can fetch),
+        so the claim holder's share of its own download link must not shrink with the number of peers it reads
+        from; nor may the stream starve the peer reads that hold their uploaders' slots."""
+        while True:
+            taken, delay = self.down_share.upstream(n, trio.current_time())
+            if taken:
+                break
+            await trio.sleep(delay)
         if delay > 0:
             await trio.sleep(delay)
 
@@ -1418,7 +1423,7 @@ BAN_SECONDS = 600.0  # like the scheduler's: a liar stays out for ten minutes
 
 class _PacedUpstream:
     """The node's Upstream for the swarm's upstream stream: each chunk is counted against the node's download
-    limit first (`SwarmService._throttle_upstream`), so peer reads wait behind it."""
+    limit first (`SwarmService._throttle_upstream`: assured half of it, ahead of peer reads)."""
 
     def __init__(self, svc: SwarmService) -> None:
         self._svc = svc

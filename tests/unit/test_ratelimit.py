@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pcache.swarm.ratelimit import TokenBucket
+from p2pcache.swarm.ratelimit import DownloadShare, TokenBucket
 
 
 def test_burst_then_paced():
@@ -42,3 +42,57 @@ def test_long_run_rate_never_exceeds_limit(steps):
         finish = max(finish, now + delay)
     # everything granted by `finish` fits in burst + rate * finish
     assert sent <= burst + rate * finish + 1e-6
+
+
+def _share_run(peers: list[float | None], upstream: bool, seconds: float = 200.0) -> tuple[float, list[float]]:
+    """Drive a DownloadShare of 10 MB/s in virtual time with one greedy upstream stream (if `upstream`) and a
+    peer reader per entry of `peers` (its own pace in MB/s, None for greedy); the rates each one got, in MB/s."""
+    share = DownloadShare(10e6, now=0.0, ahead=1.0)
+    chunk = 100e3
+    heap = [(0.0, i) for i in range(len(peers) + 1)]
+    got = [0.0] * (len(peers) + 1)
+    while heap:
+        heap.sort()
+        t, who = heap.pop(0)
+        if t >= seconds:
+            continue
+        if who == 0:
+            if not upstream:
+                continue
+            taken, delay = share.upstream(chunk, t)
+            if taken:
+                got[0] += chunk
+            heap.append((t + delay, 0))
+        else:
+            delay = share.peer(chunk, t)
+            got[who] += chunk
+            pace = peers[who - 1]
+            heap.append((t + max(delay, chunk / (pace * 1e6) if pace else 0.0), who))
+    return got[0] / seconds / 1e6, [g / seconds / 1e6 for g in got[1:]]
+
+
+def test_download_share_upstream_alone_takes_the_whole_limit():
+    ups, _ = _share_run([], upstream=True)
+    assert ups == pytest.approx(10, rel=0.03)
+
+
+def test_download_share_greedy_peers_and_stream_get_half_each():
+    # a FIFO bucket would give the stream a quarter against three readers; strict priority would starve them
+    ups, peers = _share_run([None, None, None], upstream=True)
+    assert ups == pytest.approx(5, rel=0.05)
+    assert sum(peers) == pytest.approx(5, rel=0.05)
+
+
+def test_download_share_peer_reads_within_their_half_are_not_slowed_by_the_stream():
+    # the case strict priority got wrong: a peer paced at 2 MB/s by its uploader got almost nothing while the
+    # stream filled the link, and held the uploader's slot all along
+    ups, peers = _share_run([2.0], upstream=True)
+    assert peers[0] == pytest.approx(2, rel=0.05)
+    assert ups == pytest.approx(8, rel=0.05)
+
+
+def test_download_share_never_exceeds_the_limit():
+    ups, peers = _share_run([None, 3.0], upstream=True, seconds=100.0)
+    # over 100 s: at most the limit, plus one burst (1 MB) and the stream's one second ahead (10 MB)
+    assert ups + sum(peers) <= 10 + (1 + 10) / 100
+    assert ups + sum(peers) >= 9.5

@@ -112,6 +112,21 @@ def test_more_bandwidth_never_makes_it_slower(key):
     assert all(b <= a * 1.03 for a, b in zip(times, times[1:], strict=False)), times
 
 
+def test_a_faster_registry_never_makes_it_slower_when_uploads_are_the_bottleneck():
+    # Found in review: with the claim holder's upstream stream given strict priority at its download link, a
+    # stream that filled the link starved the peer flows into the node while they held their uploaders' slots:
+    # 8.0 s with a 25 MB/s registry, 10.0 s with 50 or 100 MB/s. Each class is now assured half the link.
+    def slowest(registry):
+        doc = {"seed": 1,
+               "cluster": {"nodes": 2, "upload": "10 MB/s", "download": "25 MB/s", "latency": "0 ms"},
+               "upstream": {"bandwidth": registry, "latency": "0 ms"},
+               "image": [{"name": "a", "layers": ["80 MB", "50 MB"]}]}
+        return max(simulate(parse_scenario(doc)).pull_seconds)
+
+    times = [slowest(rate) for rate in ("25 MB/s", "50 MB/s", "100 MB/s")]
+    assert all(b <= a * 1.01 for a, b in zip(times, times[1:], strict=False)), times
+
+
 def test_deterministic_per_seed():
     sc = scenario(nodes=12, latency="1 ms", layers=("100 MB", "50 MB"))
     a = summary(sc, simulate(sc), None)
