@@ -32,7 +32,7 @@ import trio
 
 from p2pcache.oci.errors import OciError, UpstreamUnavailable
 from p2pcache.oci.reference import check_tag, is_digest, parse_digest
-from p2pcache.oci.upstream import ManifestInfo
+from p2pcache.oci.upstream import DEFAULT_MANIFEST_ACCEPT, ManifestInfo
 from p2pcache.store.manifests import TagCache, TagEntry, check_media_type
 
 if TYPE_CHECKING:
@@ -118,6 +118,10 @@ class ManifestResolver:
             media_type, body = held
             return ManifestInfo(digest, media_type, len(body)), body
         self.metrics.cache_misses.labels(kind="manifest").inc()
+        # Every type we know besides the caller's: the callers of all Accept sets share this one GET (see
+        # `resolve`), and with the first one's set alone an OCI client waiting on a Docker-only client's GET got
+        # that client's 404 (found in review). The digest fixes the bytes, so no upstream converts anything.
+        accept = [*accept, *(t for t in DEFAULT_MANIFEST_ACCEPT if t not in accept)]
         try:
             info, body = await self.upstream.get_manifest(repo, digest, accept)
         except UpstreamUnavailable as e:

@@ -31,6 +31,7 @@ from p2pcache.config import Settings
 from p2pcache.metrics import Metrics
 from p2pcache.oci.errors import OciError, UpstreamUnavailable
 from p2pcache.oci.reference import Repo, check_tag, is_digest, parse_digest, resolve_repo
+from p2pcache.oci.upstream import DEFAULT_MANIFEST_ACCEPT
 from p2pcache.proxy.server import Request, Response, oci_error_response
 
 if TYPE_CHECKING:
@@ -42,12 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Everything a pull may need, so the upstream answers with whatever it has for the tag.
-ALL_MANIFEST_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
+ALL_MANIFEST_TYPES = DEFAULT_MANIFEST_ACCEPT
 PREHEAT_CONCURRENCY = 4  # blobs fetched at once by one preheat: enough to fill a link, few enough for clients
 MAX_INDEX_DEPTH = 2  # an index of indexes is legal but rare; deeper nesting is refused, not followed forever
 
