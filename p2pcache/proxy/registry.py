@@ -28,6 +28,7 @@ from p2pcache.config import Settings
 from p2pcache.metrics import Metrics
 from p2pcache.oci.errors import OciError, UpstreamUnavailable
 from p2pcache.oci.reference import Repo, check_tag, is_digest, parse_digest, resolve_repo
+from p2pcache.proxy.conditional import if_range_allows, none_match
 from p2pcache.proxy.ranges import RangeNotSatisfiable, content_range, parse_range
 from p2pcache.proxy.server import BlobBody, Request, Response, oci_error_response
 
@@ -160,28 +161,38 @@ class Registry:
 
     async def _manifest(self, req: Request, repo: Repo, ref: str) -> Response:
         info, body = await self.resolver.resolve(repo, ref, accept_types(req))
+        etag = f'"{info.digest}"'
+        if none_match(req.header_values("if-none-match"), etag):
+            return Response(304, [("docker-content-digest", info.digest), ("etag", etag)])
         return Response(200, [
             ("content-type", info.media_type),
             ("docker-content-digest", info.digest),
             ("content-length", str(len(body))),
-            ("etag", f'"{info.digest}"'),
+            ("etag", etag),
         ], body)
 
     async def _blob(self, req: Request, repo: Repo, digest: str) -> Response:
+        etag = f'"{digest}"'
         headers = [
             ("content-type", "application/octet-stream"),
             ("docker-content-digest", digest),
             ("accept-ranges", "bytes"),
-            ("etag", f'"{digest}"'),
+            ("etag", etag),
+            # a blob's bytes never change (docker-registry sends the same)
+            ("cache-control", "max-age=31536000"),
         ]
-        if req.method == "HEAD":
+        not_modified = none_match(req.header_values("if-none-match"), etag)
+        if req.method == "HEAD" or not_modified:
+            # the blob must exist (404 otherwise), but neither answer needs a byte of it: no download starts
             size = await self.fetcher.stat_blob(repo, digest)
+            if not_modified:
+                return Response(304, [h for h in headers if h[0] != "content-type"])
             return Response(200, headers + [("content-length", str(size))])
         # The handle stays open (and the blob pinned) until the server has sent the body or given up on it.
         handle = await req.resources.enter_async_context(self.fetcher.open_blob(repo, digest))
         size = handle.size
         try:
-            rng = parse_range(req.header("range"), size)
+            rng = parse_range(req.header("range"), size) if if_range_allows(req.header("if-range"), etag) else None
         except RangeNotSatisfiable as e:
             err = OciError("RANGE_INVALID", "requested range not satisfiable",
                            headers={"Content-Range": e.content_range()})

@@ -27,9 +27,12 @@ paths or knows about registries: that is the handler's job.
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import errno
+import functools
 import logging
 import os
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -116,6 +119,16 @@ def oci_error_response(err: OciError) -> Response:
     headers = [("content-type", "application/json")]
     headers += [(k.lower(), v) for k, v in err.headers.items()]
     return Response(err.status, headers, err.body())
+
+
+def _http_date() -> str:
+    """The Date header's value for now (IMF-fixdate)."""
+    return _date_of(int(time.time()))
+
+
+@functools.lru_cache(maxsize=2)
+def _date_of(second: int) -> str:
+    return email.utils.formatdate(second, usegmt=True)  # once per second, not per response
 
 
 class _SendfileRange:
@@ -277,6 +290,8 @@ class _Conn:
             headers.append(("content-length", str(length)))
         if "server" not in names:
             headers.append(("server", SERVER_NAME))
+        if "date" not in names:
+            headers.append(("date", _http_date()))  # RFC 9110 §6.6.1: an origin with a clock MUST send it
         self.body_sent, complete = 0, False
         try:
             head = self.h11.send(h11.Response(status_code=resp.status, headers=headers, reason=_reason(resp.status)))

@@ -73,3 +73,36 @@ def test_range_on_a_cold_blob(client, upstream):
     assert r.status_code == 206 and r.content == layer.data[1000000:1000100]
     r = client.get(f"/v2/library/coldrange/blobs/{layer.digest}")
     assert r.content == layer.data
+
+
+def test_conditional_requests_answered_as_the_registry_answers_them(client, upstream):
+    """If-None-Match (an HTTP cache revalidating) and If-Range (a client resuming) against the node and against
+    docker-registry itself: the same statuses. Found in review: the node ignored both (200 with the whole body
+    for a matching If-None-Match, 206 for an If-Range that did not match), and sent no Date header."""
+    thing = upstream.images["library/small:1"]
+    layer = thing.layers[1]
+    blob = f"/v2/library/small/blobs/{layer.digest}"
+    etag = f'"{layer.digest}"'
+    cases = [
+        (blob, {"If-None-Match": etag}, 304),
+        (blob, {"If-None-Match": f'"sha256:{"0" * 64}", W/{etag}'}, 304),
+        (blob, {"If-None-Match": '"sha256:0000"'}, 200),
+        (blob, {"Range": "bytes=0-3", "If-Range": etag}, 206),
+        (blob, {"Range": "bytes=0-3", "If-Range": '"sha256:0000"'}, 200),
+        (blob, {"Range": "bytes=0-3", "If-Range": "Sat, 28 Nov 2026 10:00:00 GMT"}, 200),
+        (f"/v2/library/small/manifests/{thing.digest}", {"If-None-Match": f'"{thing.digest}"'}, 304),
+        ("/v2/library/small/manifests/1", {"If-None-Match": f'"{thing.digest}"'}, 304),
+        ("/v2/library/small/manifests/1", {"If-None-Match": '"sha256:0000"'}, 200),
+    ]
+    with httpx.Client(base_url=upstream.url, timeout=30) as registry:
+        for path, headers, want in cases:
+            headers = {"Accept": im.OCI_MANIFEST, **headers}
+            theirs, ours = registry.get(path, headers=headers), client.get(path, headers=headers)
+            assert (theirs.status_code, ours.status_code) == (want, want), (path, headers)
+            if want == 304:
+                assert ours.content == b"" and ours.headers["ETag"] in (etag, f'"{thing.digest}"')
+            if want == 200 and "Range" in headers:
+                assert ours.content == layer.data
+    r = client.get(blob)
+    assert "Date" in r.headers and r.headers["Cache-Control"] == "max-age=31536000"
+    assert "Date" in client.get("/v2/library/small/blobs/sha256:" + "0" * 64).headers  # errors too
