@@ -513,9 +513,12 @@ class Download:
         for a swarm's stream, no later than the first piece whose chaining value before it is known."""
         ps = self.piece_size or 1
         pos = self._resume_offset()
-        if pos % ps and pos != self._piece_pos:
+        if pos % ps and pos != self._piece_pos and pos != self.size:
             # A stream that ended mid-piece, and another stream since: the piece hash state is gone, so start
-            # over at the piece (only with a swarm; a solo stream is the only one and keeps its state).
+            # over at the piece (only with a swarm; a solo stream is the only one and keeps its state). Not when
+            # every byte is held (the last piece ends off the piece grid): nothing is left to fetch, and a stream
+            # of the last piece again met a whole-blob hash already at the end and failed every pull (a restart
+            # between the last state save and the commit: found in review).
             pos -= pos % ps
         if start is not None and start > pos and self.partial is not None and self.size is not None:
             i = start // ps

@@ -368,6 +368,27 @@ async def test_a_restarted_node_resumes_where_the_download_stopped(settings: Set
     assert up2.opens == [(d, 3 * PIECE)], "the bytes already held must not be asked for again"
 
 
+async def test_a_restart_after_every_piece_was_saved_but_before_the_commit_commits_without_a_get(
+        settings: Settings) -> None:
+    """Found in review (kill -9 between the last state save and the commit): a partial holding every piece of a
+    blob whose size is not a multiple of the piece size resumed at the start of its last piece, the stream's
+    hash disagreed with the whole-blob hash (already at the end) and every pull failed, after every restart."""
+    data = blob(8 * PIECE + 7)
+    d = digest_of(data)
+    p = BlobStore(settings.data).partial(d, len(data), PIECE)
+    p.write(0, data)
+    for i in range(9):
+        p.mark(i, None)
+    p.save()
+    p.close()  # the "crash": never committed
+
+    up = FakeUpstream({d: data})
+    async with running(settings, up, BlobStore(settings.data)) as fetcher:
+        assert await fetch(fetcher, d) == data
+    assert up.opens == [], "nothing is missing: no GET"
+    assert BlobStore(settings.data).read_bytes(d) == data
+
+
 async def test_a_slow_or_small_download_saves_its_state_by_time_too(settings: Settings, monkeypatch) -> None:
     """Without a save every SAVE_EVERY_SECONDS, a blob under SAVE_EVERY_BYTES had no state on disk until a clean
     stop: a kill -9 meant starting over. The state on disk must name the pieces held while the download runs."""
