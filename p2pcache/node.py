@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import sys
 import threading
@@ -62,6 +63,13 @@ class Node:
     swarm: SwarmService | None = None  # only when settings.peer_listen is set
     registry_address: tuple[str, int] | None = None
     admin_address: tuple[str, int] | None = None
+    data_lock: int = -1  # the data root's lock (store/lock.py): released when the node stops
+
+    def release(self) -> None:
+        """Let another node use the data root (run_node's end)."""
+        if self.data_lock >= 0:
+            os.close(self.data_lock)
+            self.data_lock = -1
 
     @property
     def registry_url(self) -> str:
@@ -84,22 +92,31 @@ def build_node(settings: Settings) -> Node:
     from p2pcache.fetch import Fetcher
     from p2pcache.oci.upstream import Upstream
     from p2pcache.store.blobs import BlobStore
+    from p2pcache.store.lock import DataRootInUse, lock_data_root
     from p2pcache.store.manifests import ManifestStore, TagCache
     from p2pcache.tags import ManifestResolver
 
     metrics = Metrics()
+    lock = -1
     try:
         settings.data.mkdir(parents=True, exist_ok=True)
+        lock = lock_data_root(settings.data)  # before the store's start-up cleans anything
         store = BlobStore(settings.data, settings.max_disk, metrics)
         manifests = ManifestStore(settings.data, store)
         tags = TagCache(settings.data)
-    except OSError as e:
-        raise StartupError(f"cannot use data directory {settings.data}: {e.strerror or e}") from None
+    except DataRootInUse as e:
+        raise StartupError(f"{e}: each node needs a data directory of its own (--data)") from None
+    except BaseException as e:
+        if lock >= 0:
+            os.close(lock)
+        if isinstance(e, OSError):
+            raise StartupError(f"cannot use data directory {settings.data}: {e.strerror or e}") from None
+        raise
     upstream = Upstream(settings, metrics)
     fetcher = Fetcher(settings, store, upstream, metrics)
     # The resolver and the admin API share the node's one TagCache (admin rmi forgets tags through it).
     resolver = ManifestResolver(settings, store, manifests, upstream, metrics, tags=tags)
-    return Node(settings, metrics, store, manifests, tags, upstream, fetcher, resolver)
+    return Node(settings, metrics, store, manifests, tags, upstream, fetcher, resolver, data_lock=lock)
 
 
 # Settings that only mean something to a node that shares (--peer-listen): named in a warning otherwise.
@@ -176,6 +193,7 @@ async def run_node(settings: Settings, *, task_status: trio.TaskStatus[Node] = t
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             await node.upstream.aclose()
+        node.release()
         log.info("stopped")
 
 

@@ -406,10 +406,17 @@ def test_startup_problems_are_one_line_and_status_2(tmp_path):
     port = busy.getsockname()[1]
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
+    # a data directory another node runs on (found in review: two nodes on one --data served a wrong blob)
+    from p2pcache.store.lock import lock_data_root
+
+    held = tmp_path / "held"
+    held.mkdir()
+    lock = lock_data_root(held)
     try:
         for args, expected in [
             (["--listen", f"127.0.0.1:{port}", "--data", str(tmp_path / "d")], "address already in use"),
             (["--listen", "127.0.0.1:0", "--data", str(not_a_dir / "sub")], "cannot use data directory"),
+            (["--listen", "127.0.0.1:0", "--data", str(held)], f"another p2pcache node is using {held} (pid "),
         ]:
             p = subprocess.run([sys.executable, "-m", "p2pcache", "node", "--admin-listen", "127.0.0.1:0", *args],
                                capture_output=True, text=True, timeout=60)
@@ -418,6 +425,7 @@ def test_startup_problems_are_one_line_and_status_2(tmp_path):
             assert p.stderr.strip().splitlines()[-1].startswith("p2pcache: ")
     finally:
         busy.close()
+        os.close(lock)
 
 
 @pytest.mark.parametrize("doc", [

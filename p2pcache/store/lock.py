@@ -1,0 +1,42 @@
+"""One node per data root: an exclusive lock, held for as long as the node runs.
+
+Why: two node processes given the same `--data` (a copied systemd unit, a DaemonSet and a hand-started node on
+one hostPath) destroy each other's work. Found in review: the second one's start-up took the first one's fresh
+partial download (no state saved yet) for a crash's leftover and deleted it, then downloaded the same blob into
+a new file at the same path; the first one, its hash right, renamed that half-written file into the store, which
+then served a wrong blob as complete to every client, also after restarts. The lock is `flock` on `ROOT/lock`:
+the kernel drops it when the process dies, so a crashed node never leaves a stale lock behind, and the file
+holds the owner's pid for the message the second node prints.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+__all__ = ["DataRootInUse", "lock_data_root"]
+
+LOCK_NAME = "lock"
+
+
+class DataRootInUse(Exception):
+    """Another process holds the data root's lock."""
+
+
+def lock_data_root(root: Path) -> int:
+    """Take the data root's lock (creating the file) and write our pid in it; the lock lasts as long as the
+    returned descriptor is open. DataRootInUse if another process holds it; OSError if the file cannot be made."""
+    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise DataRootInUse(f"another p2pcache node is using {root}" + (f" (pid {owner})" if owner else "")) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
