@@ -3,6 +3,7 @@ import random
 import pytest
 
 from p2pcache.swarm.scheduler import (
+    DRAIN_REFUSALS,
     UPSTREAM,
     AskClaim,
     Ban,
@@ -263,9 +264,34 @@ def test_while_streaming_from_upstream_each_piece_goes_out_once_before_any_goes_
     u.fresh("d", 2)
     u.fresh("d", 0)  # sent already: not fresh again
     assert u.request("e", "d", 1) is None
-    u.stream_ended("d")  # the stream is over: piece 2 no longer holds the others back
+    u.stream_ended("d")  # the stream is over, but piece 2 has not gone out once: it still goes first
     assert u.finished("x", "other", 5) == []
-    assert u.request("e", "d", 1) == [Serve("e", "d", 1)]
+    assert u.request("e", "d", 1) is None
+    assert u.request("f", "d", 2) == [Serve("f", "d", 2)]
+    assert u.finished("a", "d", 0) == []  # (all 4 slots were taken)
+    assert u.request("e", "d", 1) == [Serve("e", "d", 1)]  # every piece went out once: copies again
+
+
+def test_after_the_stream_the_first_copies_rule_lasts_until_nobody_wants_the_waiting_pieces():
+    # 10 nodes, one 80 MB layer, 10 MB/s uploads: a 20 MB/s registry's stream ended at 4 s with half the pieces
+    # not sent once, and second copies sent then made the rollout 9.21 s instead of 8.75 s (a 10 MB/s registry)
+    u = UploadSlots(slots=4)
+    for i in range(3):
+        u.fresh("d", i)
+    assert u.request("a", "d", 0) == [Serve("a", "d", 0)]
+    u.finished("a", "d", 0)
+    u.stream_ended("d")
+    for _ in range(DRAIN_REFUSALS - 1):
+        assert u.request("b", "d", 0) is None
+    assert u.request("c", "d", 1) == [Serve("c", "d", 1)]  # a first copy: the count starts over
+    u.finished("c", "d", 1)
+    for _ in range(DRAIN_REFUSALS):
+        assert u.request("b", "d", 0) is None
+    # piece 2 got to the others another way (a second upstream fetch): a peer that can get piece 0 only here
+    # is not refused for ever
+    assert u.request("b", "d", 0) == [Serve("b", "d", 0)]
+    u.fresh("d", 3)  # a new stream of it: the rule holds again
+    assert u.request("e", "d", 1) is None
 
 
 def test_upload_slots_first_come_first_served():
