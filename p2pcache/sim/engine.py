@@ -123,10 +123,10 @@ class Result:
     upstream_requests: int
     node_upload: list[float]
     completions: list[float]  # finish times (absolute), sorted
-    piece_log_t: list[float]  # time of each delivered piece ...
+    piece_log_t: list[float]  # time of each delivered piece (p2p runs: a baseline moves whole layers) ...
     piece_log_bytes: list[float]
     piece_log_upstream: list[bool]
-    end_time: float
+    end_time: float  # the last node's finish
     events: int
     wall_seconds: float
     image_bytes: int  # unique bytes of all layers
@@ -162,11 +162,11 @@ class Simulation:
         self.nodes: list[SimNode] = []
         nz = len(sc.zones)
         for i, (up, down) in enumerate(sc.node_caps()):
-            zi = i % nz
+            zi = sc.zone_of(i)
             n = SimNode(i, sc.zones[zi], zi, self.net.resource(up), self.net.resource(down),
                         random.Random(master.getrandbits(64)), sc.upload_slots, sc.upload_queue)
             if sc.image_choice == "one":
-                imgs = [self.image_layers[i % len(self.image_layers)]]
+                imgs = [self.image_layers[sc.image_of(i)]]
             else:
                 imgs = self.image_layers
             seen: dict[int, None] = {}
@@ -526,9 +526,6 @@ class Simulation:
                     node = nodes[nid]
                     self.upstream_bytes += f.size
                     node.up_flow.pop(lid, None)
-                    self.piece_t.append(now)
-                    self.piece_b.append(f.size)
-                    self.piece_up.append(True)
                     self._layer_done(node, lid, now)
             elif kind == DELIVER:
                 _, _, _, did, uid, lid, idx, nbytes = ev

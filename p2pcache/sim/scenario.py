@@ -32,7 +32,7 @@ The keys (all optional unless marked; sizes take MB/MiB/GB/GiB, rates MB/s/MiB/s
     interval = "30 s"              # ... this far apart
     rate = 20                      # poisson: arrivals per second
     jitter = "0 s"                 # all/waves: each node starts uniformly within this after its wave
-    images = "all"                 # all: every node pulls every image; one: node i pulls image i mod M
+    images = "all"                 # all: every node pulls every image; one: each zone's nodes take turns
     concurrent_layers = 3          # layers a node pulls at once (Docker's default)
     layer_jitter = "0 s"           # each layer's first request comes uniformly within this after it is due
     [churn]
@@ -157,8 +157,18 @@ class Scenario:
 
         if self.image_choice == "one" and self.images:
             per_image = [pieces(list({la.name: la for la in img.layers}.values())) for img in self.images]
-            return sum(per_image[i % len(per_image)] for i in range(self.nodes))
+            return sum(per_image[self.image_of(i)] for i in range(self.nodes))
         return self.nodes * pieces(self.unique_layers())
+
+    def zone_of(self, i: int) -> int:
+        """Node i's zone: round-robin."""
+        return i % len(self.zones)
+
+    def image_of(self, i: int) -> int:
+        """Node i's image with `images = "one"`: round-robin over the nodes of each zone, so every zone runs every
+        image (i mod M put all of an image's nodes in one zone when M and the zone count shared a factor: found in
+        review, 2 zones and images [A, B] against [A, B, B, A], the same workload, 16.9 s against 3.2 min)."""
+        return (i // len(self.zones)) % len(self.images)
 
 
 def _err(key: str, msg: str) -> ScenarioError:
@@ -290,6 +300,14 @@ def parse_scenario(doc: dict) -> Scenario:
             _get(g, key, "upload", _positive(parse_rate), s.upload),
             _get(g, key, "download", _positive(parse_rate), s.download),
         ))
+    # found in review: groups adding up to more nodes than the cluster has were cut short without a word
+    grouped = sum(g.nodes for g in s.groups)
+    if grouped > s.nodes:
+        raise _err("cluster.group", f"the groups hold {grouped} nodes, more than cluster.nodes = {s.nodes}")
+    if len(s.zones) == 1:
+        for k in ("inter_zone_latency", "inter_zone_bandwidth"):
+            if k in c:
+                raise _err(f"cluster.{k}", "means nothing with one zone (set cluster.zones)")
     u = _table(doc, "upstream", {"bandwidth", "latency", "requests_per_second", "burst"})
     if "upstream" not in doc:
         raise _err("upstream", "missing")
