@@ -355,7 +355,7 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
     a("--zone", help="this node's zone; same-zone peers are preferred")
     a("--cluster-secret-file", dest="cluster_secret_file", help="shared secret peers must prove")
     a("--upload-limit", dest="upload_limit", help="peer upload limit, e.g. 50MB/s")
-    a("--download-limit", dest="download_limit", help="download limit, e.g. 50MB/s")
+    a("--download-limit", dest="download_limit", help="download limit (upstream and peers), e.g. 50MB/s")
     a("--piece-size", dest="piece_size", help="piece size override, e.g. 4MiB")
     a("--tracker", help="a single tracker address (instead of rendezvous over members)")
 

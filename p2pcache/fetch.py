@@ -86,10 +86,12 @@ import trio
 from p2pcache.lane import ThreadLane
 from p2pcache.oci.errors import OciError, UpstreamUnavailable
 from p2pcache.oci.reference import parse_digest
+from p2pcache.paced import UPSTREAM_AHEAD, PacedUpstream
 from p2pcache.pump import SocketPump
 from p2pcache.store.blobs import DigestMismatch
 from p2pcache.swarm.chain import ChainHasher, whole_digest
 from p2pcache.swarm.metainfo import piece_count, piece_size_for, piece_span
+from p2pcache.swarm.ratelimit import DownloadShare
 
 if TYPE_CHECKING:
     from p2pcache.config import Settings
@@ -844,7 +846,9 @@ class Fetcher:
     def __init__(self, settings: Settings, store: BlobStore, upstream: Upstream, metrics: Metrics) -> None:
         self.settings = settings
         self.store = store
-        self.upstream = upstream
+        # the node's download limit, for its upstream downloads and (SwarmService) its peer reads (paced.py)
+        self.down_share = DownloadShare(settings.download_limit, ahead=UPSTREAM_AHEAD)
+        self.upstream = PacedUpstream(upstream, self.down_share) if settings.download_limit else upstream
         self.metrics = metrics
         self.swarm: BlobSwarm | None = None
         self._downloads: dict[str, Download] = {}

@@ -198,7 +198,8 @@ class PeerConnection:
 
     def __init__(self, sock: trio.socket.SocketType, peer: PeerInfo, host: PeerHost, dec: FrameDecoder, *,
                  outgoing: bool, throttle_tx: Throttle | None = None, throttle_rx: Throttle | None = None,
-                 on_bytes: Callable[[str, int], None] | None = None) -> None:
+                 on_bytes: Callable[[str, int], None] | None = None, send_chunk: int = SEND_CHUNK,
+                 recv_chunk: int = RECV_CHUNK) -> None:
         self.sock = sock
         _tune(sock)  # accepted sockets too: without TCP_NODELAY a piece's last segment waits for a delayed ACK
         self.peer = peer
@@ -208,6 +209,10 @@ class PeerConnection:
         self.outgoing = outgoing
         self.throttle_tx = throttle_tx
         self.throttle_rx = throttle_rx
+        # Under a limit, the bytes one throttle call covers (ratelimit.paced_chunk): a whole 1 MiB behind the
+        # other uploads' or connections' own at 300 kB/s kept a peer silent past STALL_TIMEOUT (found in review).
+        self.send_chunk = send_chunk
+        self.recv_chunk = recv_chunk
         self.on_bytes = on_bytes  # ("in"|"out", n) piece bytes, for metrics and scoring
         self.closed = False
         self._control: deque[bytes] = deque()
@@ -320,7 +325,7 @@ class PeerConnection:
             await _send_all(self.sock, encode_head("piece", length, digest=digest, index=index), SEND_STALL_TIMEOUT)
             sent = 0
             while sent < length:
-                n = min(SEND_CHUNK, length - sent)
+                n = min(self.send_chunk, length - sent)
                 if self.throttle_tx is not None:
                     await self.throttle_tx(n)
                 await self._sendfile(fd, offset + sent, n)
@@ -378,7 +383,7 @@ class PeerConnection:
             while True:
                 space = self.dec.payload_space()
                 if space is not None:
-                    n = await self.sock.recv_into(space[:RECV_CHUNK])
+                    n = await self.sock.recv_into(space[:self.recv_chunk])
                     if n:
                         self.dec.payload_written(n)
                 else:
@@ -397,7 +402,13 @@ class PeerConnection:
                     if deadline - self._stall.deadline > STALL_TIMEOUT / 10:
                         self._stall.deadline = deadline
                 if self.throttle_rx is not None and space is not None:
+                    # Our own limit's wait is no silence of the peer's: it waited behind every connection's reads
+                    # inside the stall scope, and a node under 100 kB/s dropped its own peers (found in review).
+                    armed = self._stall.deadline != math.inf
+                    self._stall.deadline = math.inf
                     await self.throttle_rx(n)
+                    if armed:
+                        self._stall.deadline = trio.current_time() + STALL_TIMEOUT
                 for msg in self.dec.events():
                     self._dispatch(msg)
                 if self._stalls() != (self._stall.deadline != math.inf):

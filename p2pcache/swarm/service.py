@@ -42,8 +42,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Container, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,11 +53,14 @@ from p2pcache.discovery import rendezvous
 from p2pcache.discovery.dns import run_dns_seeds
 from p2pcache.discovery.gossip import GossipDriver
 from p2pcache.discovery.membership import Membership
+from p2pcache.paced import PacedUpstream
 from p2pcache.swarm.chain import ChainHasher, piece_hash
 from p2pcache.swarm.handshake import Handshake, HandshakeError, PeerInfo, load_secret
 from p2pcache.swarm.metainfo import checkable, piece_count, piece_span, prev_link, valid_layout
 from p2pcache.swarm.peer import (
     MAX_REQUESTS_IN,
+    RECV_CHUNK,
+    SEND_CHUNK,
     PeerConnection,
     PeerGone,
     PieceRejected,
@@ -66,7 +68,7 @@ from p2pcache.swarm.peer import (
     open_peer_socket,
 )
 from p2pcache.swarm.picker import mask_of
-from p2pcache.swarm.ratelimit import DownloadShare, TokenBucket
+from p2pcache.swarm.ratelimit import TokenBucket, paced_chunk
 from p2pcache.swarm.scheduler import (
     AskClaim,
     Ban,
@@ -120,7 +122,6 @@ HASHERS = 2
 TRACKER_EXPIRE_EVERY = 2.0  # housekeeping of the tracker shard
 METAINFO_POLL = 0.2  # how often a leecher refreshes piece hashes while the claim holder is still publishing
 UPLOAD_SLOTS = 4  # pieces uploaded at once: a cold blob's first holder finishes pieces fast so they spread
-UPSTREAM_PRIORITY = 1.0  # seconds of download-limit debt the upstream stream may run ahead of peer reads (in its half)
 MAX_STORED_ANNOUNCED = 10_000  # blobs found in the store at start-up that are announced (one small RPC each)
 HOLDERS_LIMIT = 50  # holders asked for per lookup; the tracker samples them at random so load spreads
 # Piece payloads are hashed in a worker thread (`_Fill._get_piece`), not by the decoder on the event loop: SHA-256
@@ -167,7 +168,12 @@ class SwarmService:
         self.membership = Membership(self.node_id, self.addr, self.zone, heartbeat=int(time.time() * 10))
         self.tracker = Tracker(rng=random.Random(), announce_ttl=ANNOUNCE_TTL, claim_ttl=CLAIM_TTL)
         self.up_bucket = TokenBucket(settings.upload_limit, now=trio.current_time())
-        self.down_share = DownloadShare(settings.download_limit, now=trio.current_time(), ahead=UPSTREAM_PRIORITY)
+        # The node's one download limit: the fetcher's upstream downloads count against it too (paced.py). The
+        # upstream stream and the peer reads are each assured half and take what the other leaves: the cluster's
+        # upstream link is its scarcest resource (every node needs what only the claim holder can fetch), so the
+        # claim holder's share of its own link must not shrink with the number of peers it reads from; nor may
+        # the stream starve the peer reads that hold their uploaders' slots (`ratelimit.DownloadShare`).
+        self.down_share = fetcher.down_share
         self.conns: dict[str, list[PeerConnection]] = {}
         self.uploads = UploadSlots(slots=UPLOAD_SLOTS, per_peer=MAX_REQUESTS_IN)
         self.bans = BanList()  # node ids that sent bad pieces or lying piece lists, shared by all downloads
@@ -276,20 +282,6 @@ class SwarmService:
         if delay > 0:
             await trio.sleep(delay)
 
-    async def _throttle_upstream(self, n: int) -> None:
-        """Upstream bytes count against the download limit like peer bytes; the upstream stream and the peer
-        reads are each assured half of it and take what the other leaves (`ratelimit.DownloadShare`). The
-        cluster's upstream link is its scarcest resource (every node needs what only the claim holder can fetch),
-        so the claim holder's share of its own download link must not shrink with the number of peers it reads
-        from; nor may the stream starve the peer reads that hold their uploaders' slots."""
-        while True:
-            taken, delay = self.down_share.upstream(n, trio.current_time())
-            if taken:
-                break
-            await trio.sleep(delay)
-        if delay > 0:
-            await trio.sleep(delay)
-
     def _count_bytes(self, direction: str, n: int) -> None:
         self.metrics.peer_bytes.labels(direction=direction).inc(n)
 
@@ -298,7 +290,9 @@ class SwarmService:
         return PeerConnection(sock, peer, self, dec, outgoing=outgoing,
                               throttle_tx=self._throttle_tx if self.settings.upload_limit else None,
                               throttle_rx=self._throttle_rx if self.settings.download_limit else None,
-                              on_bytes=self._count_bytes)
+                              on_bytes=self._count_bytes,
+                              send_chunk=paced_chunk(self.settings.upload_limit, SEND_CHUNK),
+                              recv_chunk=paced_chunk(self.settings.download_limit, RECV_CHUNK))
 
     def _register(self, conn: PeerConnection) -> bool:
         if self.bans.banned(conn.peer.node, trio.current_time()):
@@ -1382,7 +1376,7 @@ class _Fill:
     def _paced_upstream(self) -> Any:
         if not self.svc.settings.download_limit:
             return self.svc.upstream
-        return _PacedUpstream(self.svc)
+        return PacedUpstream(self.svc.upstream, self.svc.down_share)
 
     def _on_piece(self, index: int, sha256: bytes) -> None:
         """Download piece listener: a piece was marked (written and hashed). Peers that asked hear of it; a piece
@@ -1421,37 +1415,6 @@ TICK_MIN = 0.05  # the scheduler's timeouts are seconds; 50 ms of slack costs no
 BAN_SECONDS = 600.0  # like the scheduler's: a liar stays out for ten minutes
 
 
-class _PacedUpstream:
-    """The node's Upstream for the swarm's upstream stream: each chunk is counted against the node's download
-    limit first (`SwarmService._throttle_upstream`: assured half of it, ahead of peer reads)."""
-
-    def __init__(self, svc: SwarmService) -> None:
-        self._svc = svc
-
-    async def head_blob(self, repo: Repo, digest: str) -> int:
-        return await self._svc.upstream.head_blob(repo, digest)
-
-    @asynccontextmanager
-    async def open_blob(self, repo: Repo, digest: str, offset: int = 0,
-                        end: int | None = None) -> AsyncIterator[_PacedBody]:
-        async with self._svc.upstream.open_blob(repo, digest, offset, end=end) as resp:
-            yield _PacedBody(resp, self._svc)
-
-
-class _PacedBody:
-    def __init__(self, resp: Any, svc: SwarmService) -> None:
-        self.size = resp.size
-        self.offset = resp.offset
-        self._chunks = resp.__aiter__()
-        self._svc = svc
-
-    def __aiter__(self) -> _PacedBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        chunk = await self._chunks.__anext__()
-        await self._svc._throttle_upstream(len(chunk))
-        return chunk
 HOLDERS_REFRESH = 3.0  # re-announce progress and pick up new holders this often while downloading
 
 

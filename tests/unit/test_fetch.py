@@ -350,6 +350,18 @@ async def test_a_cancelled_client_does_not_cancel_the_download(settings: Setting
         assert up.opens == [(d, 0)]
 
 
+async def test_the_download_limit_paces_a_plain_mirrors_upstream_downloads(tmp_path) -> None:
+    """Found in review: `--download-limit` paced only the swarm; a plain mirror pulled 40 MB in 1.2 s under
+    5MB/s. 2 MB under 4 MB/s take at least (2 - 0.4 - 0.2) / 4 = 0.35 s (the two buckets' bursts)."""
+    data = blob(2_000_000)
+    d = digest_of(data)
+    paced = Settings(data=tmp_path, piece_size=PIECE, download_limit=4e6)
+    async with running(paced, FakeUpstream({d: data})) as fetcher:
+        t0 = trio.current_time()
+        assert await fetch(fetcher, d) == data
+        assert trio.current_time() - t0 >= 0.3
+
+
 async def test_a_restarted_node_resumes_where_the_download_stopped(settings: Settings) -> None:
     data = blob(8 * PIECE + 7)
     d = digest_of(data)
