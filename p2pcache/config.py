@@ -95,6 +95,10 @@ class Settings:
 MIN_PIECE_OVERRIDE = 64 << 10  # below this a piece costs more in requests, HAVEs and hashes than it moves
 _SIZE_KEYS = {"max_disk", "max_header_bytes", "piece_size"}
 _RATE_KEYS = {"upload_limit", "download_limit"}
+# The lowest --upload-limit / --download-limit: 4 uploads share the bucket in calls of at least 16 KiB
+# (swarm/ratelimit.paced_chunk), so a send may wait 4 x 16 KiB / rate, which must stay well inside a peer's
+# STALL_TIMEOUT (5 s). A denormal rate (5e-324) crashed the start-up (found in review).
+MIN_RATE_LIMIT = 64e3
 _TIME_KEYS = {
     "tag_ttl", "upstream_connect_timeout", "upstream_read_timeout", "client_header_timeout",
     "client_send_timeout",
@@ -134,8 +138,9 @@ def _coerce(key: str, value: Any) -> Any:
             return n
         if key in _RATE_KEYS:
             r = parse_rate(value)
-            if r <= 0:
-                raise ValueError(f"{value!r} must be more than 0 (leave it out for no limit)")
+            if r < MIN_RATE_LIMIT:
+                raise ValueError(f"{value!r} must be at least 64kB/s (leave it out for no limit): slower, a peer "
+                                 "waits on this node's sends longer than it waits for a live peer")
             return r
         if key in _TIME_KEYS:
             t = parse_duration(value)
