@@ -1,9 +1,11 @@
-"""Conditional request headers (RFC 9110 §13) for content-addressed answers: `If-None-Match` and `If-Range`.
+"""Conditional request headers (RFC 9110 §13) for content-addressed answers: `If-Match`, `If-None-Match` and
+`If-Range`.
 
 Why: the node sends `ETag: "<digest>"` on blobs and manifests, and whatever sits between it and a client (an HTTP
 cache with revalidation, a client resuming a download) then asks with these headers; docker-registry answers
-them, and RFC 9110 says an origin MUST evaluate If-None-Match and MUST ignore Range when If-Range does not match
-(found in review: the node ignored both). Pure functions of header values: no I/O.
+them, and RFC 9110 says an origin MUST evaluate If-Match and If-None-Match and MUST ignore Range when If-Range
+does not match (found in review: the node ignored all three; a resume with If-Match and Range against another
+blob's validator got bytes to splice on where docker-registry answers 412). Pure functions of header values: no I/O.
 
 Only entity tags are compared. The node sends no `Last-Modified`, so an `If-Range` holding a date never matches
 (the whole blob is sent, as docker-registry does), and `If-Modified-Since` is not evaluated (RFC 9110 §13.1.3:
@@ -12,7 +14,7 @@ ignored when If-None-Match is present, and without Last-Modified there is nothin
 
 from __future__ import annotations
 
-__all__ = ["if_range_allows", "none_match"]
+__all__ = ["if_range_allows", "match_fails", "none_match"]
 
 
 def _tags(value: str) -> list[str]:
@@ -25,6 +27,19 @@ def _tags(value: str) -> list[str]:
         if item:
             out.append(item)
     return out
+
+
+def match_fails(values: list[str], etag: str) -> bool:
+    """True if If-Match header lines are present and none holds `etag` (strong comparison; `*` matches anything
+    that exists): the request is answered 412 Precondition Failed."""
+    if not values:
+        return False
+    for value in values:
+        for item in value.split(","):
+            tag = item.strip()
+            if tag == "*" or tag == etag:
+                return False
+    return True
 
 
 def none_match(values: list[str], etag: str) -> bool:

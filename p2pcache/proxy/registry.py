@@ -28,7 +28,7 @@ from p2pcache.config import Settings
 from p2pcache.metrics import Metrics
 from p2pcache.oci.errors import OciError, UpstreamUnavailable
 from p2pcache.oci.reference import Repo, check_tag, is_digest, parse_digest, resolve_repo
-from p2pcache.proxy.conditional import if_range_allows, none_match
+from p2pcache.proxy.conditional import if_range_allows, match_fails, none_match
 from p2pcache.proxy.ranges import RangeNotSatisfiable, content_range, parse_range
 from p2pcache.proxy.server import BlobBody, Request, Response, oci_error_response
 
@@ -181,6 +181,9 @@ class Registry:
             # a blob's bytes never change (docker-registry sends the same)
             ("cache-control", "max-age=31536000"),
         ]
+        if match_fails(req.header_values("if-match"), etag):
+            await self.fetcher.stat_blob(repo, digest)  # a blob that does not exist is a 404 first
+            return Response(412, [])
         not_modified = none_match(req.header_values("if-none-match"), etag)
         if req.method == "HEAD" or not_modified:
             # the blob must exist (404 otherwise), but neither answer needs a byte of it: no download starts
