@@ -95,10 +95,12 @@ class Settings:
 MIN_PIECE_OVERRIDE = 64 << 10  # below this a piece costs more in requests, HAVEs and hashes than it moves
 _SIZE_KEYS = {"max_disk", "max_header_bytes", "piece_size"}
 _RATE_KEYS = {"upload_limit", "download_limit"}
-# The lowest --upload-limit / --download-limit: 4 uploads share the bucket in calls of at least 16 KiB
-# (swarm/ratelimit.paced_chunk), so a send may wait 4 x 16 KiB / rate, which must stay well inside a peer's
-# STALL_TIMEOUT (5 s). A denormal rate (5e-324) crashed the start-up (found in review).
-MIN_RATE_LIMIT = 64e3
+# The lowest --upload-limit / --download-limit. Frames are not interleaved on a peer connection: tracker calls,
+# their answers and gossip wait behind the piece being sent (512 KiB for blobs up to 128 MiB), and the peers'
+# timeouts are seconds. Under 64 kB/s a piece took 8 s, tracker calls timed out, a claim holder was taken for
+# dead and its layer fetched again (found in review, 1.5x the image from upstream); at 1 MB/s two such pieces
+# take 1 s. A denormal rate (5e-324) crashed the start-up (found in review).
+MIN_RATE_LIMIT = 1e6
 _TIME_KEYS = {
     "tag_ttl", "upstream_connect_timeout", "upstream_read_timeout", "client_header_timeout",
     "client_send_timeout",
@@ -139,8 +141,8 @@ def _coerce(key: str, value: Any) -> Any:
         if key in _RATE_KEYS:
             r = parse_rate(value)
             if r < MIN_RATE_LIMIT:
-                raise ValueError(f"{value!r} must be at least 64kB/s (leave it out for no limit): slower, a peer "
-                                 "waits on this node's sends longer than it waits for a live peer")
+                raise ValueError(f"{value!r} must be at least 1MB/s (leave it out for no limit): slower, a peer "
+                                 "waits on this node's pieces longer than it waits for a live peer")
             return r
         if key in _TIME_KEYS:
             t = parse_duration(value)

@@ -52,6 +52,7 @@ STALL_TIMEOUT = 5.0  # silence while we wait on the peer: it is dead or wedged; 
 # (and its queue) for as long as it liked (found in review: 4 slots held by one peer that never read, for minutes).
 SEND_STALL_TIMEOUT = 10.0
 RPC_TIMEOUT = 3.0  # tracker answers are in-memory lookups; slower means the owner is in trouble
+RPC_BUSY_MAX = 30.0  # ... unless a piece on the connection holds the call or its answer back (`call`), this long
 MAX_REQUESTS_IN = 32  # queued piece requests one peer may have with us; bounds memory and upload fairness
 MAX_REQUESTS_OUT = 8  # our piece requests in flight per connection: enough to fill a LAN pipe with 1-16 MiB pieces
 MAX_CONTROL_QUEUE = 4096  # frames queued for a peer that stopped reading: beyond this it is dropped
@@ -504,8 +505,16 @@ class PeerConnection:
         self._arm()
         try:
             self.send(kind, id=rid, **fields)
-            with trio.move_on_after(timeout):
-                await w.event.wait()
+            start = trio.current_time()
+            while True:
+                with trio.move_on_after(timeout):
+                    await w.event.wait()
+                # Frames are not interleaved: under a low limit a call or its answer waits behind a whole piece on
+                # this connection, one way or the other (found in review: tracker calls timed out under 64 kB/s).
+                # A piece moving is a live peer (silence inside it is a stall, caught by the reader): wait on.
+                if (w.event.is_set() or not (self._sending or self.dec.mid_frame())
+                        or trio.current_time() - start >= RPC_BUSY_MAX):
+                    break
         finally:
             self._waiting -= 1
             self._arm()

@@ -86,7 +86,7 @@ def test_precedence(tmp_path: Path) -> None:
         ({"join_dns": "localhost:notaport"}, "join-dns"), ({"upstream_retries": "x"}, "whole number"),
         ({"peer_listen": "127.0.0.1:5002", "advertise": "0.0.0.0:5002"}, "advertise"),
         # found in the third review: a denormal rate crashed the start-up; a tiny one made peers drop each other
-        ({"download_limit": "5e-324"}, "download-limit.*at least 64kB/s"), ({"upload_limit": "10kB/s"}, "64kB/s"),
+        ({"download_limit": "5e-324"}, "download-limit.*at least 1MB/s"), ({"upload_limit": "500kB/s"}, "1MB/s"),
     ],
 )
 def test_bad_values_name_the_setting(flags: dict, needle: str) -> None:

@@ -24,7 +24,7 @@ class Host:
         return os.dup(self.fd), 0, PIECE
 
     def on_message(self, conn, msg):
-        return []
+        return [("pong", {"id": msg["id"]}, b"")] if msg.kind == "ping" else []
 
     def on_closed(self, conn) -> None:
         pass
@@ -37,10 +37,8 @@ class Host:
         pass
 
 
-async def test_waiting_for_our_own_download_limit_is_not_a_stall(tmp_path, monkeypatch) -> None:
-    # found in review: the reader waited for its limit inside the stall scope; behind other connections' reads
-    # under 100 kB/s that was longer than STALL_TIMEOUT, and the node dropped its own peers as stalled
-    monkeypatch.setattr(peer_mod, "STALL_TIMEOUT", 0.3)
+async def _pair(tmp_path, nursery, **client_kw) -> PeerConnection:
+    """A client PeerConnection to a server that serves one PIECE-byte file for any piece asked."""
     path = tmp_path / "piece"
     path.write_bytes(os.urandom(PIECE))
     host = Host(str(path))
@@ -48,6 +46,27 @@ async def test_waiting_for_our_own_download_limit_is_not_a_stall(tmp_path, monke
     await lsock.bind(("127.0.0.1", 0))
     lsock.listen(1)
     port = lsock.getsockname()[1]
+
+    async def serve() -> None:
+        s, _ = await lsock.accept()
+        lsock.close()
+        dec = FrameDecoder()
+        p = await handshake(s, Handshake("server", b"k", PeerInfo("srv", "a:1", None)), dec)
+        await PeerConnection(s, p, host, dec, outgoing=False).run()
+
+    nursery.start_soon(serve)
+    s = await open_peer_socket(f"127.0.0.1:{port}")
+    dec = FrameDecoder()
+    p = await handshake(s, Handshake("client", b"k", PeerInfo("cli", "b:1", None)), dec)
+    cli = PeerConnection(s, p, host, dec, outgoing=True, **client_kw)
+    nursery.start_soon(cli.run)
+    return cli
+
+
+async def test_waiting_for_our_own_download_limit_is_not_a_stall(tmp_path, monkeypatch) -> None:
+    # found in review: the reader waited for its limit inside the stall scope; behind other connections' reads
+    # under 100 kB/s that was longer than STALL_TIMEOUT, and the node dropped its own peers as stalled
+    monkeypatch.setattr(peer_mod, "STALL_TIMEOUT", 0.3)
     waits = 0
 
     async def slow_limit(n: int) -> None:
@@ -56,23 +75,29 @@ async def test_waiting_for_our_own_download_limit_is_not_a_stall(tmp_path, monke
         await trio.sleep(0.5)  # longer than the stall timeout, every read
 
     async with trio.open_nursery() as nursery:
-        async def serve() -> None:
-            s, _ = await lsock.accept()
-            dec = FrameDecoder()
-            p = await handshake(s, Handshake("server", b"k", PeerInfo("srv", "a:1", None)), dec)
-            await PeerConnection(s, p, host, dec, outgoing=False).run()
-
-        nursery.start_soon(serve)
-        s = await open_peer_socket(f"127.0.0.1:{port}")
-        dec = FrameDecoder()
-        p = await handshake(s, Handshake("client", b"k", PeerInfo("cli", "b:1", None)), dec)
-        cli = PeerConnection(s, p, host, dec, outgoing=True, throttle_rx=slow_limit, recv_chunk=64 << 10)
-        nursery.start_soon(cli.run)
+        cli = await _pair(tmp_path, nursery, throttle_rx=slow_limit, recv_chunk=64 << 10)
         with trio.fail_after(20):
             msg = await cli.request_piece(DIGEST, 0)
         assert len(msg.payload) == PIECE and waits >= 3
         nursery.cancel_scope.cancel()
-    lsock.close()
+
+
+async def test_a_call_answered_behind_a_piece_under_a_limit_is_not_timed_out(tmp_path) -> None:
+    # found in review: under a low limit a tracker call's answer waited behind a whole piece on the connection
+    # (frames are not interleaved) and the call timed out after 3 s although the peer was sending all along
+    async def slow_limit(n: int) -> None:
+        await trio.sleep(0.2)
+
+    async with trio.open_nursery() as nursery:
+        cli = await _pair(tmp_path, nursery, throttle_rx=slow_limit, recv_chunk=32 << 10)
+        nursery.start_soon(cli.request_piece, DIGEST, 0)  # 8 reads of 32 KiB, 0.2 s each
+        with trio.fail_after(5):
+            while not cli.dec.mid_frame():
+                await trio.sleep(0.01)
+        t0 = trio.current_time()
+        answer = await cli.call("ping", timeout=0.3)
+        assert answer.kind == "pong" and trio.current_time() - t0 > 0.3  # it did wait behind the piece
+        nursery.cancel_scope.cancel()
 
 
 def test_throttle_calls_cover_an_eighth_of_a_second():
