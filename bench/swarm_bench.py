@@ -149,38 +149,19 @@ def wire_throughput(total: int, piece: int = 8 << 20, inflight: int = 8) -> floa
     from p2pcache.swarm.handshake import Handshake, PeerInfo
     from p2pcache.swarm.peer import PeerConnection, handshake
     from p2pcache.swarm.wire import FrameDecoder
+    from tests.peer_host import FileHost
 
     tmp = tempfile.NamedTemporaryFile(prefix="swarm-bench-", delete=False)
     tmp.write(os.urandom(piece))
     tmp.close()
     digest = "sha256:" + "0" * 64
 
-    class Host:
-        def __init__(self) -> None:
-            self.fd = os.open(tmp.name, os.O_RDONLY)
-
-        def piece_source(self, d: str, index: int):
-            return os.dup(self.fd), 0, piece
-
-        def on_message(self, conn, msg):
-            return []
-
-        def on_closed(self, conn) -> None:
-            pass
-
-        def upload_request(self, conn, d, index) -> bool:
-            conn.start_upload(d, index)
-            return True
-
-        def upload_done(self, conn, d, index) -> None:
-            pass
-
     async def main() -> float:
         lsock = trio.socket.socket()
         await lsock.bind(("127.0.0.1", 0))
         lsock.listen(4)
         port = lsock.getsockname()[1]
-        host = Host()
+        host = FileHost(tmp.name, piece)
         conns: dict[str, PeerConnection] = {}
         async with trio.open_nursery() as nursery:
             async def serve() -> None:

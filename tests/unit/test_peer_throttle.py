@@ -11,37 +11,17 @@ from p2pcache.swarm.handshake import Handshake, PeerInfo
 from p2pcache.swarm.peer import PeerConnection, handshake, open_peer_socket
 from p2pcache.swarm.ratelimit import paced_chunk
 from p2pcache.swarm.wire import FrameDecoder
+from tests.peer_host import FileHost
 
 PIECE = 256 << 10
 DIGEST = "sha256:" + "0" * 64
-
-
-class Host:
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDONLY)
-
-    def piece_source(self, d: str, index: int):
-        return os.dup(self.fd), 0, PIECE
-
-    def on_message(self, conn, msg):
-        return [("pong", {"id": msg["id"]}, b"")] if msg.kind == "ping" else []
-
-    def on_closed(self, conn) -> None:
-        pass
-
-    def upload_request(self, conn, d, index) -> bool:
-        conn.start_upload(d, index)
-        return True
-
-    def upload_done(self, conn, d, index) -> None:
-        pass
 
 
 async def _pair(tmp_path, nursery, **client_kw) -> PeerConnection:
     """A client PeerConnection to a server that serves one PIECE-byte file for any piece asked."""
     path = tmp_path / "piece"
     path.write_bytes(os.urandom(PIECE))
-    host = Host(str(path))
+    host = FileHost(str(path), PIECE)
     lsock = trio.socket.socket()
     await lsock.bind(("127.0.0.1", 0))
     lsock.listen(1)
