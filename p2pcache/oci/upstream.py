@@ -105,6 +105,7 @@ class ManifestInfo:
     digest: str
     media_type: str
     size: int
+    stale: bool = False  # a tag's last known answer, served while the upstream is unreachable (tags.py)
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int]:

@@ -4,7 +4,8 @@
   downloaded);
 - `DELETE /admin/images/<ns>/<name>:<tag>` (or `@<digest>`): the seed's `rmi`: forget the tag, delete the
   manifest and, for an image manifest, its config and layers; for an index, its child manifests and theirs.
-  Best effort: pinned blobs are skipped and reported, absent ones counted;
+  Best effort: pinned blobs are skipped and reported, absent ones counted, and what another stored manifest
+  refers to is kept ("shared"), as `docker rmi` keeps a layer another image uses;
 - `GET /admin/status`: store bytes, blob count, downloads in flight, version;
 - `POST /admin/preheat` `{"image": "docker.io/library/x:1", "platforms": ["linux/amd64"]}`: resolve the image
   and fetch its config and every layer into the store (all platforms of an index unless `platforms` is given);
@@ -72,7 +73,7 @@ def manifest_children(body: bytes) -> tuple[list[tuple[str, dict[str, Any]]], li
     `"layers": 5` was a TypeError, a 500 of preheat and rmi)."""
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the parser's recursion limit: a 500 before (review)
         return [], []
     if not isinstance(doc, dict):
         return [], []
@@ -102,6 +103,17 @@ def _platform(entry: dict[str, Any]) -> str:
     if p.get("variant"):
         parts.append(str(p["variant"]))
     return "/".join(parts)
+
+
+def platform_matches(entry: dict[str, Any], wanted: list[str]) -> bool:
+    """Whether an index entry is for one of the `wanted` platforms: "os/arch" takes any variant (Docker Hub's
+    arm64 entries say "v8", and "linux/arm64" fetched nothing: found in review), "os/arch/variant" that one."""
+    have = _platform(entry).split("/")
+    for w in wanted:
+        parts = w.split("/")
+        if parts[:2] == have[:2] and (len(parts) < 3 or parts[2:] == have[2:]):
+            return True
+    return False
 
 
 def _json(status: int, doc: Any) -> Response:
@@ -193,11 +205,22 @@ class Admin:
                 except (OciError, UpstreamUnavailable) as e:
                     log.info("admin rmi %s: tag not resolvable (%s)", ref, e)
             self.tags.forget(repo, reference)
-        report: dict[str, list[str]] = {"deleted": [], "in_use": [], "absent": []}
+        report: dict[str, list[str]] = {"deleted": [], "in_use": [], "absent": [], "shared": []}
+        order: list[str] = []
         seen: set[str] = set()
         for digest in roots:
-            self._delete_tree(digest, report, seen, depth=0)
-        log.info("admin: rmi %s: %d deleted, %d in use", ref, len(report["deleted"]), len(report["in_use"]))
+            self._walk(digest, order, seen, depth=0)
+        # Like `docker rmi`: what another stored manifest refers to stays (found in review: an rmi of one image
+        # took a layer it shared with another, which then no longer pulled with the upstream down). A scan of
+        # every stored manifest, in a thread: thousands of small files must not stall the event loop.
+        keep = await trio.to_thread.run_sync(self._referenced_elsewhere, seen)
+        for digest in order:
+            if digest in keep:
+                report["shared"].append(digest)
+            else:
+                self._delete_one(digest, report)
+        log.info("admin: rmi %s: %d deleted, %d in use, %d shared", ref, len(report["deleted"]),
+                 len(report["in_use"]), len(report["shared"]))
         if not roots:
             raise OciError("MANIFEST_UNKNOWN", "image not known to this node")
         return _json(200, {"image": f"{repo}:{reference}" if not is_digest(reference) else f"{repo}@{reference}",
@@ -207,7 +230,9 @@ class Admin:
         # One tag may be cached under several Accept sets (docker, containerd and skopeo differ): take them all.
         return list(dict.fromkeys(e.digest for e in self.tags.entries(repo, tag).values()))
 
-    def _delete_tree(self, digest: str, report: dict[str, list[str]], seen: set[str], depth: int) -> None:
+    def _walk(self, digest: str, order: list[str], seen: set[str], depth: int) -> None:
+        """Append to `order` (and `seen`) what `digest` names in the store, children first: for a stored
+        manifest, its child manifests (an index's) and its blobs, then itself."""
         if digest in seen:
             return
         seen.add(digest)
@@ -220,17 +245,28 @@ class Admin:
             children, blobs = manifest_children(got[1])
             if depth < MAX_INDEX_DEPTH:
                 for child, _ in children:
-                    self._delete_tree(child, report, seen, depth + 1)
+                    self._walk(child, order, seen, depth + 1)
             for blob in blobs:
                 if blob not in seen:
                     seen.add(blob)
-                    self._delete_one(blob, report)
-        self._delete_one(digest, report)
+                    order.append(blob)
+        order.append(digest)
+
+    def _referenced_elsewhere(self, tree: set[str]) -> set[str]:
+        """What the stored manifests outside `tree` name (their blobs and child manifests). In a worker thread."""
+        order: list[str] = []
+        seen: set[str] = set()
+        for digest in self.manifests.digests():
+            if digest not in tree:
+                self._walk(digest, order, seen, depth=0)
+        return seen
 
     def _delete_one(self, digest: str, report: dict[str, list[str]]) -> None:
         try:
             if self.store.stat(digest, touch=False) is None:
-                report["absent"].append(digest)
+                # being downloaded (pinned: committed when done) is in use, as DELETE /admin/blobs says with
+                # its 409; reported absent, it was stored a moment after the rmi (found in review)
+                report["in_use" if self.store.pinned(digest) else "absent"].append(digest)
             elif self.store.delete(digest):
                 report["deleted"].append(digest)
             else:
@@ -243,7 +279,7 @@ class Admin:
     async def preheat(self, body: bytes) -> Response:
         try:
             doc = json.loads(body or b"null")
-        except ValueError:
+        except (ValueError, RecursionError):
             doc = None
         if not isinstance(doc, dict) or not isinstance(doc.get("image"), str):
             raise OciError("UNKNOWN", 'expected JSON {"image": "docker.io/library/x:1"}', status=400)
@@ -288,10 +324,15 @@ class Admin:
             summary["manifests"].append(info.digest)
             children, layer_digests = manifest_children(body)
             if depth < MAX_INDEX_DEPTH:
-                for child, entry in children:
-                    if platforms is None or _platform(entry) in platforms:
-                        parse_digest(child)
-                        todo.append((child, depth + 1))
+                chosen = [(c, e) for c, e in children if platforms is None or platform_matches(e, platforms)]
+                if children and not chosen:
+                    # a 200 that fetched nothing (found in review): say what the index has instead
+                    have = sorted({_platform(e) for _, e in children})
+                    raise OciError("MANIFEST_UNKNOWN", f"no entry of {ref} is for {', '.join(platforms or [])}; "
+                                   f"it has {', '.join(have)}")
+                for child, _ in chosen:
+                    parse_digest(child)
+                    todo.append((child, depth + 1))
             for d in layer_digests:
                 parse_digest(d)
                 if d not in blobs:

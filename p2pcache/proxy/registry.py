@@ -100,7 +100,7 @@ class Registry:
 
         def on_sent(nbytes: int, complete: bool) -> None:
             # Counted when the body is done, so a 1 GiB blob's time is its transfer, not its first byte.
-            self.metrics.requests.labels(route=route, method=req.method, status=str(resp.status)).inc()
+            self.metrics.requests.labels(route=route, method=method_label(req.method), status=str(resp.status)).inc()
             self.metrics.request_seconds.labels(route=route).observe(time.monotonic() - started)
             if counts_bytes:
                 self.metrics.served_bytes.inc(nbytes)
@@ -151,7 +151,8 @@ class Registry:
             return None
         resp = oci_error_response(OciError("UNSUPPORTED", "this registry is a read-only pull-through cache"))
         resp.headers.append(API_VERSION_HEADER)
-        self.metrics.requests.labels(route="unknown", method=req.method, status=str(resp.status)).inc()
+        self.metrics.requests.labels(route=route_label(req.path), method=method_label(req.method),
+                                      status=str(resp.status)).inc()
         return resp
 
     def _read_only(self, req: Request) -> Response | None:
@@ -205,6 +206,15 @@ class Registry:
         start, end = rng
         headers += [("content-length", str(end - start)), ("content-range", content_range(start, end, size))]
         return Response(206, headers, stream=BlobBody(handle, start, end))
+
+
+METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """The metrics method of a request: any other method is "other" (found in review: each made-up method a
+    client sent became a series of its own, without end)."""
+    return method if method in METHOD_LABELS else "other"
 
 
 def route_label(path: str) -> str:

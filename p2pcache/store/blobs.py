@@ -261,6 +261,7 @@ class BlobStore:
         with self._lock:
             self._index.add(hex_, size)
             self._last_mtime_touch[hex_] = time.time()
+            self._publish()  # without a quota _enforce publishes nothing: the gauge stayed 0 (found in review)
         self._enforce(0, exclude=hex_)
 
     def delete(self, digest: str) -> bool:

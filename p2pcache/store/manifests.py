@@ -89,6 +89,10 @@ class ManifestStore:
             return None
         return media_type, body
 
+    def digests(self) -> list[str]:
+        """The digests of the manifests stored (those with a media type; get() may still find a body gone)."""
+        return [f"sha256:{p.name[:-5]}" for p in self.dir.iterdir() if p.name.endswith(".type")]
+
     def put(self, digest: str, media_type: str, body: bytes) -> None:
         """Store a manifest; DigestMismatch (from the BlobStore) when sha256(body) != digest."""
         hex_ = digest_hex(digest)

@@ -77,3 +77,61 @@ def test_preheat_then_serve_with_the_upstream_down(make_registry, make_node):
         assert r.status_code in (404, 405)
         r = c.post("/admin/preheat", json={"image": "docker.io/library/pre:1"})
         assert r.status_code in (404, 405)
+
+
+def test_admin_as_operators_rely_on_it(make_registry, make_node):
+    """Found in the third review: rmi took a layer another cached image used; "linux/arm64" preheated nothing of
+    an index whose arm64 entry says variant v8 (and answered 200); a preheat body nested 100,000 deep was a 500
+    with a traceback; the store gauge stayed 0 without --max-disk; each made-up method was a metric series."""
+    reg = make_registry()
+    shared = im.random_layer(200_000, seed="shared")
+    a = im.make_image([shared, im.random_layer(100_000, seed="a")])
+    b = im.make_image([shared, im.random_layer(100_000, seed="b")])
+    im.push(reg.url, "library/a", "1", a)
+    im.push(reg.url, "library/b", "1", b)
+    arm = im.small_image("v8", arch="arm64")
+    arm.platform["variant"] = "v8"
+    im.push(reg.url, "library/multi8", "1", im.make_index([im.small_image("v8"), arm]))
+    node = make_node({"docker.io": reg.url})
+    with httpx.Client(base_url=node.admin_url, timeout=60) as admin:
+        for ref in ("a", "b"):
+            assert admin.post("/admin/preheat", json={"image": f"library/{ref}:1"}).status_code == 200
+        r = admin.delete("/admin/images/docker.io/library/a:1")
+        assert r.status_code == 200, r.text
+        assert shared.digest in r.json()["shared"] and a.layers[1].digest in r.json()["deleted"]
+        assert node.store_files(shared.digest) and node.store_files(b.layers[1].digest)
+
+        r = admin.post("/admin/preheat", json={"image": "library/multi8:1", "platforms": ["linux/arm64"]})
+        assert r.status_code == 200 and r.json()["blobs"] == 3, r.text  # config and two layers
+        assert all(node.store_files(x.digest) for x in arm.blobs)
+        r = admin.post("/admin/preheat", json={"image": "library/multi8:1", "platforms": ["linux/s390x"]})
+        assert r.status_code == 404 and "linux/arm64/v8" in r.text, r.text
+
+        r = admin.post("/admin/preheat", content=b"[" * 100_000)
+        assert r.status_code == 400, r.text
+        assert "Traceback" not in node.log_text()
+
+        used = admin.get("/admin/status").json()["store_bytes"]
+        assert used > 0 and node.metric("p2pcache_store_bytes") == used
+    with httpx.Client(base_url=node.url, timeout=10) as c:
+        assert c.request("X0RANDOM", "/v2/").status_code == 405
+    assert node.metric("p2pcache_requests_total", route="base", method="other", status="405") == 1
+
+
+def test_rmi_of_an_image_being_downloaded_reports_its_layer_in_use(make_registry, make_node):
+    """Found in review: rmi answered "absent" for a layer being preheated, which was stored a moment later."""
+    import threading
+
+    reg = make_registry()
+    big = im.random_layer(3_000_000, seed="slow")
+    im.push(reg.url, "library/slow", "1", im.make_image([big]))
+    node = make_node({"docker.io": reg.url}, args=["--download-limit", "1MB/s"])
+    with httpx.Client(base_url=node.admin_url, timeout=60) as admin:
+        t = threading.Thread(target=admin.post, args=("/admin/preheat",), kwargs={"json": {"image": "library/slow:1"}})
+        t.start()
+        deadline = time.monotonic() + 10
+        while big.digest not in admin.get("/admin/status").json()["downloads"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = admin.delete("/admin/images/docker.io/library/slow:1")
+        t.join(30)
+    assert r.status_code == 200 and big.digest in r.json()["in_use"], r.text

@@ -153,6 +153,18 @@ async def test_upstream_down_serves_the_last_known_digest_and_counts_it(settings
     info, _ = await r.resolve(REPO, "latest", [DOCKER_V2])
     assert info.digest == digest
     assert stale_serves(r) == 2
+    # Five clients at once share one lookup, and each got a stale answer: five counted (found in review: 1).
+    up.delay = 0.01
+
+    async def client() -> None:
+        await r.resolve(REPO, "latest", ACCEPT)
+
+    async with trio.open_nursery() as n:
+        for _ in range(5):
+            n.start_soon(client)
+    assert stale_serves(r) == 7
+    assert len([c for c in up.calls if c == ("HEAD", "latest")]) < 2 + 5  # they did share lookups
+    up.delay = 0.0
     # A restarted node (new resolver, tag cache read back from disk) still answers.
     r2 = make(settings, up, clock)
     assert (await r2.resolve(REPO, "latest", ACCEPT))[0].digest == digest
