@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Container
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -213,7 +214,7 @@ class Admin:
         # Like `docker rmi`: what another stored manifest refers to stays (found in review: an rmi of one image
         # took a layer it shared with another, which then no longer pulled with the upstream down). A scan of
         # every stored manifest, in a thread: thousands of small files must not stall the event loop.
-        keep = await trio.to_thread.run_sync(self._referenced_elsewhere, seen)
+        keep = await trio.to_thread.run_sync(self._referenced_elsewhere, seen, set(roots))
         for digest in order:
             if digest in keep:
                 report["shared"].append(digest)
@@ -230,10 +231,11 @@ class Admin:
         # One tag may be cached under several Accept sets (docker, containerd and skopeo differ): take them all.
         return list(dict.fromkeys(e.digest for e in self.tags.entries(repo, tag).values()))
 
-    def _walk(self, digest: str, order: list[str], seen: set[str], depth: int) -> None:
+    def _walk(self, digest: str, order: list[str], seen: set[str], depth: int,
+              leave: Container[str] = ()) -> None:
         """Append to `order` (and `seen`) what `digest` names in the store, children first: for a stored
-        manifest, its child manifests (an index's) and its blobs, then itself."""
-        if digest in seen:
+        manifest, its child manifests (an index's) and its blobs, then itself; nothing of those in `leave`."""
+        if digest in seen or digest in leave:
             return
         seen.add(digest)
         try:
@@ -245,20 +247,21 @@ class Admin:
             children, blobs = manifest_children(got[1])
             if depth < MAX_INDEX_DEPTH:
                 for child, _ in children:
-                    self._walk(child, order, seen, depth + 1)
+                    self._walk(child, order, seen, depth + 1, leave)
             for blob in blobs:
                 if blob not in seen:
                     seen.add(blob)
                     order.append(blob)
         order.append(digest)
 
-    def _referenced_elsewhere(self, tree: set[str]) -> set[str]:
-        """What the stored manifests outside `tree` name (their blobs and child manifests). In a worker thread."""
+    def _referenced_elsewhere(self, tree: set[str], roots: set[str]) -> set[str]:
+        """What the stored manifests outside `tree` name (their blobs and child manifests), short of the `roots`
+        being deleted: an index still stored does not keep the one of its images an rmi names. In a thread."""
         order: list[str] = []
         seen: set[str] = set()
         for digest in self.manifests.digests():
             if digest not in tree:
-                self._walk(digest, order, seen, depth=0)
+                self._walk(digest, order, seen, 0, roots)
         return seen
 
     def _delete_one(self, digest: str, report: dict[str, list[str]]) -> None:

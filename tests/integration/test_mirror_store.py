@@ -123,7 +123,7 @@ def test_rmi_of_an_image_being_downloaded_reports_its_layer_in_use(make_registry
     import threading
 
     reg = make_registry()
-    big = im.random_layer(3_000_000, seed="slow")
+    big = im.random_layer(6_000_000)  # incompressible (a seeded one is not): ~5 s at the limit, time for an rmi
     im.push(reg.url, "library/slow", "1", im.make_image([big]))
     node = make_node({"docker.io": reg.url}, args=["--download-limit", "1MB/s"])
     with httpx.Client(base_url=node.admin_url, timeout=60) as admin:
