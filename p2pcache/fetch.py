@@ -86,7 +86,7 @@ import trio
 from p2pcache.lane import ThreadLane
 from p2pcache.oci.errors import OciError, UpstreamUnavailable
 from p2pcache.oci.reference import parse_digest
-from p2pcache.paced import UPSTREAM_AHEAD, PacedUpstream
+from p2pcache.paced import UPSTREAM_AHEAD, paced
 from p2pcache.pump import SocketPump
 from p2pcache.store.blobs import DigestMismatch
 from p2pcache.swarm.chain import ChainHasher, whole_digest
@@ -848,7 +848,7 @@ class Fetcher:
         self.store = store
         # the node's download limit, for its upstream downloads and (SwarmService) its peer reads (paced.py)
         self.down_share = DownloadShare(settings.download_limit, ahead=UPSTREAM_AHEAD)
-        self.upstream = PacedUpstream(upstream, self.down_share) if settings.download_limit else upstream
+        self.upstream = paced(upstream, self.down_share)
         self.metrics = metrics
         self.swarm: BlobSwarm | None = None
         self._downloads: dict[str, Download] = {}

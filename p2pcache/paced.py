@@ -13,6 +13,7 @@ limit has no use for a gigabyte a second.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from p2pcache.swarm.ratelimit import DownloadShare
 if TYPE_CHECKING:
     from p2pcache.oci.reference import Repo
 
-__all__ = ["PacedUpstream", "UPSTREAM_AHEAD", "take_upstream"]
+__all__ = ["PacedUpstream", "UPSTREAM_AHEAD", "paced", "take_upstream"]
 
 UPSTREAM_AHEAD = 1.0  # seconds of download-limit debt the upstream stream may run ahead of peer reads (in its half)
 
@@ -38,6 +39,12 @@ async def take_upstream(share: DownloadShare, n: int) -> None:
         await trio.sleep(delay)
     if delay > 0:
         await trio.sleep(delay)
+
+
+def paced(upstream: Any, share: DownloadShare) -> Any:
+    """`upstream` with its blob bodies paced by `share`, or itself when there is no limit (the fetcher's and the
+    swarm's stream ask here, so both take the same decision)."""
+    return upstream if math.isinf(share.total.rate) else PacedUpstream(upstream, share)
 
 
 class PacedUpstream:

@@ -44,8 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Everything a pull may need, so the upstream answers with whatever it has for the tag.
-ALL_MANIFEST_TYPES = DEFAULT_MANIFEST_ACCEPT
 PREHEAT_CONCURRENCY = 4  # blobs fetched at once by one preheat: enough to fill a link, few enough for clients
 MAX_INDEX_DEPTH = 2  # an index of indexes is legal but rare; deeper nesting is refused, not followed forever
 
@@ -201,7 +199,7 @@ class Admin:
                 # Not in the tag cache (e.g. expired and forgotten): ask the resolver, which also knows the
                 # cache's Accept variants; an upstream that is down just means nothing more to delete.
                 try:
-                    info, _ = await self.resolver.resolve(repo, reference, ALL_MANIFEST_TYPES)
+                    info, _ = await self.resolver.resolve(repo, reference, DEFAULT_MANIFEST_ACCEPT)
                     roots.append(info.digest)
                 except (OciError, UpstreamUnavailable) as e:
                     log.info("admin rmi %s: tag not resolvable (%s)", ref, e)
@@ -323,7 +321,7 @@ class Admin:
         todo: list[tuple[str, int]] = [(reference, 0)]
         while todo:
             ref, depth = todo.pop(0)
-            info, body = await self.resolver.resolve(repo, ref, ALL_MANIFEST_TYPES)
+            info, body = await self.resolver.resolve(repo, ref, DEFAULT_MANIFEST_ACCEPT)
             summary["manifests"].append(info.digest)
             children, layer_digests = manifest_children(body)
             if depth < MAX_INDEX_DEPTH:

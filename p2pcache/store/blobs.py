@@ -112,8 +112,7 @@ class BlobStore:
         # partials here: each is a download a restart left to resume, and make_room weighs them when it resumes.
         # Not the most recently used blob when it alone is bigger than the quota: it stays until something else
         # comes, as its commit and its pin's end decided (found in review: a plain restart deleted it).
-        order = self._index.lru_order()
-        newest = order[-1] if order else None
+        newest = self._index.newest()
         huge = newest is not None and max_bytes is not None and (self._index.size(newest) or 0) > max_bytes
         self._enforce(0, exclude=newest if huge else None, idle_partials=False)
 

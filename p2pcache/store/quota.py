@@ -68,6 +68,10 @@ class LruIndex:
     def lru_order(self) -> list[str]:
         return list(self._sizes)
 
+    def newest(self) -> str | None:
+        """The most recently used blob, if any."""
+        return next(reversed(self._sizes), None)
+
     def victims(self, nbytes: int, max_bytes: int, exclude: str | None = None) -> list[str]:
         """Least recently used unpinned blobs whose removal makes `used + nbytes <= max_bytes`, as far as possible.
 

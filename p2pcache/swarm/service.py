@@ -53,7 +53,7 @@ from p2pcache.discovery import rendezvous
 from p2pcache.discovery.dns import run_dns_seeds
 from p2pcache.discovery.gossip import GossipDriver
 from p2pcache.discovery.membership import Membership
-from p2pcache.paced import PacedUpstream
+from p2pcache.paced import paced
 from p2pcache.swarm.chain import ChainHasher, piece_hash
 from p2pcache.swarm.handshake import Handshake, HandshakeError, PeerInfo, load_secret
 from p2pcache.swarm.metainfo import checkable, piece_count, piece_span, prev_link, valid_layout
@@ -1374,9 +1374,7 @@ class _Fill:
         return j
 
     def _paced_upstream(self) -> Any:
-        if not self.svc.settings.download_limit:
-            return self.svc.upstream
-        return PacedUpstream(self.svc.upstream, self.svc.down_share)
+        return paced(self.svc.upstream, self.svc.down_share)
 
     def _on_piece(self, index: int, sha256: bytes) -> None:
         """Download piece listener: a piece was marked (written and hashed). Peers that asked hear of it; a piece
