@@ -914,6 +914,7 @@ class _Fill:
         self._writes = 0  # verified pieces being written
         self._writes_idle = trio.Event()
         self._early: list[tuple[PeerConnection, Message]] = []  # bitfields that came before the scheduler
+        self._tick_scope: trio.CancelScope | None = None  # the tick loop's sleep (_apply moves its deadline)
 
     # -- entry ------------------------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -1215,6 +1216,14 @@ class _Fill:
                 from p2pcache.fetch import FetchFailed
 
                 self._finish(FetchFailed(f"{self.digest}: {dec.reason}"))
+        # Every scheduler call ends here, decisions or not: one can move the next deadline earlier with nothing
+        # to send (the last piece in flight arrived while the peer with more said "busy": its back-off ends
+        # the wait). The tick loop then wakes at that deadline, not at its own (up to TICK_MAX later).
+        scope = self._tick_scope
+        if scope is not None:
+            at = self._tick_at()
+            if at < scope.deadline:
+                scope.deadline = at
 
     def _done_pieces(self) -> None:
         if self._writes == 0:
@@ -1227,14 +1236,21 @@ class _Fill:
             await self._writes_idle.wait()
         self._finish()
 
+    def _tick_at(self) -> float:
+        """When the tick loop wakes next: the scheduler's next deadline, at least TICK_MIN from now (a deadline
+        already past must not spin the loop) and at most TICK_MAX (a safety net: _apply moves it earlier)."""
+        assert self.sched is not None
+        nxt = self.sched.next_deadline()
+        now = trio.current_time()
+        return now + TICK_MAX if nxt is None else max(now + TICK_MIN, min(now + TICK_MAX, nxt))
+
     async def _tick_loop(self) -> None:
         while True:
             assert self.sched is not None
-            nxt = self.sched.next_deadline()
-            # Between TICK_MIN (a deadline already past, say a claim retry nobody needs, must not spin the loop)
-            # and TICK_MAX (new deadlines set by events are seconds away, so waking this often is soon enough).
-            wait = TICK_MAX if nxt is None else max(TICK_MIN, min(TICK_MAX, nxt - trio.current_time()))
-            await trio.sleep(wait)
+            with trio.CancelScope(deadline=self._tick_at()) as scope:
+                self._tick_scope = scope
+                await trio.sleep_forever()
+            self._tick_scope = None
             self._apply(self.sched.tick(trio.current_time()))
 
     async def _ask_claim(self) -> None:
@@ -1408,8 +1424,8 @@ class _Fill:
 
 RPC_META_TIMEOUT = 3.0
 CLAIM_CONFIG = SchedulerConfig()  # the downloads' scheduler settings (claim_stagger) before a scheduler exists
-TICK_MAX = 0.5  # the scheduler's busy back-off is 0.5 s, its timeouts seconds
-TICK_MIN = 0.05  # the scheduler's timeouts are seconds; 50 ms of slack costs nothing and bounds the wakeups
+TICK_MAX = 0.5  # a safety net: _apply moves the tick loop's wake-up to each new earlier deadline
+TICK_MIN = 0.01  # under the scheduler's shortest busy back-off (20 ms), so its wake-up is not late
 BAN_SECONDS = 600.0  # like the scheduler's: a liar stays out for ten minutes
 
 

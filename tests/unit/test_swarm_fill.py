@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+import trio
 
 from p2pcache.config import Settings
 from p2pcache.fetch import Download, FetchFailed
@@ -83,3 +84,39 @@ async def test_a_bitfield_from_a_connection_closed_before_the_scheduler_existed_
     assert fill._early == [] and "D" not in fill.peers
     fill.peer_message(conn, _Msg("bitfield", digest=fill.digest, bits=b"\xff"))  # type: ignore[arg-type]
     assert fill._early == []  # a message of a closed connection is not taken either
+
+
+class _DeadlineOnly:
+    """A scheduler stand-in: only a next deadline, and a log of the ticks the driver called."""
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None
+        self.ticks: list[float] = []
+
+    def next_deadline(self) -> float | None:
+        return self.deadline
+
+    def tick(self, now: float) -> list:
+        self.ticks.append(now)
+        self.deadline = None
+        return []
+
+
+async def test_a_deadline_moved_earlier_without_decisions_wakes_the_tick_loop(tmp_path, autojump_clock) -> None:
+    """A piece arrives, nothing is left in flight, and the peer with more pieces is in its 20 ms "busy"
+    back-off: the scheduler answers no decisions, only an earlier deadline. The tick loop slept on to its own
+    wake-up (up to 0.5 s) instead of retrying after 20 ms (found by the simulator's monotonicity search)."""
+    svc, node = service(tmp_path)
+    fill = _Fill(svc, Download(node.fetcher, None, "sha256:" + "ab" * 32), None)  # type: ignore[arg-type]
+    sched = _DeadlineOnly()
+    fill.sched = sched  # type: ignore[assignment]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fill._tick_loop)
+        await trio.sleep(0.1)  # nothing pending: the loop sleeps its longest
+        t0 = trio.current_time()
+        sched.deadline = t0 + 0.02
+        fill._apply([])  # what every scheduler call ends in
+        while not sched.ticks:
+            await trio.sleep(0.001)
+        nursery.cancel_scope.cancel()
+    assert sched.ticks[0] - t0 == pytest.approx(0.02, abs=1e-3)
