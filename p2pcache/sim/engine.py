@@ -73,6 +73,7 @@ INF = 1e300
 ARRIVE, TRACKER_Q, TRACKER_A, CLAIM_Q, CLAIM_A, REQ, CANCEL, DELIVER, HAVES, TICK, UP_START, KILL, RESTART, \
     GONE, REFUSED, LAYER_START, CLAIM_WAIT = range(1, 18)
 PEER, UPS, BASE = 0, 1, 2  # flow kinds
+SPARE = 0.95  # an upload link carrying less than this share of its capacity has room (UploadSlots.request)
 
 
 class SimLayer:
@@ -557,7 +558,8 @@ class Simulation:
                     continue
                 if not u.have.get(lid, 0) >> idx & 1:
                     continue  # cannot happen with honest peers; the requester times out
-                serves = u.slots.request(did, lid, idx)
+                # upload capacity the running uploads leave unused, as the node's upload bucket shows it
+                serves = u.slots.request(did, lid, idx, spare=net.used[u.up] < SPARE * net.cap[u.up])
                 if serves is None:
                     self.push(now + self.latency(u, nodes[did]), REFUSED, did, uid, lid, idx)
                 else:

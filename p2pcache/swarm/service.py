@@ -481,7 +481,9 @@ class SwarmService:
 
     # -- upload slots (UploadSlots decides, connections send) ---------------------------------------------------
     def upload_request(self, conn: PeerConnection, digest: str, index: int) -> bool:
-        serves = self.uploads.request(conn, digest, index)
+        # room on the upload link: the limit's bucket is not in debt (no limit: room as far as we know)
+        spare = self.up_bucket.available(trio.current_time()) > 0
+        serves = self.uploads.request(conn, digest, index, spare=spare)
         if serves is None:
             return False
         self._start_uploads(serves)

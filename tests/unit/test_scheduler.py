@@ -244,6 +244,22 @@ def test_upload_slots_refuse_when_full_by_default():
     assert u.request("b", "d", 0) == [Serve("b", "d", 0)]
 
 
+def test_a_second_peer_gets_one_slot_beyond_them_when_one_peer_holds_every_slot_of_a_link_with_room():
+    """One peer with a slow download held all four slots of a fast uploader, whose link then sat mostly idle
+    while the others were told "busy" (UploadSlots._guest)."""
+    u = UploadSlots(slots=2)
+    assert u.request("a", "d", 0) == [Serve("a", "d", 0)]
+    assert u.request("a", "d", 1) == [Serve("a", "d", 1)]
+    assert u.request("b", "d", 2) is None  # the link is full: no guest
+    assert u.request("a", "d", 3, spare=True) is None  # the peer holding the slots gets no more
+    assert u.request("b", "d", 2, spare=True) == [Serve("b", "d", 2)]
+    assert u.request("b", "d", 4, spare=True) is None  # one guest slot per peer
+    assert u.request("c", "d", 5, spare=True) is None  # two peers hold slots: no guest
+    assert u.finished("a", "d", 0) == []  # three running on two slots: nothing starts
+    assert u.finished("b", "d", 2) == []
+    assert u.request("c", "d", 5) == [Serve("c", "d", 5)]
+
+
 def test_upload_slots_least_served_piece_first():
     u = UploadSlots(slots=1, queue=4)
     assert u.request("a", "d", 0) == [Serve("a", "d", 0)]

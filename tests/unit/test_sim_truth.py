@@ -135,12 +135,16 @@ def test_a_faster_registry_never_makes_it_slower_when_uploads_are_the_bottleneck
     (10, ("80 MB",), {"up": 10, "down": 50, "upstream": 10}, "upstream"),
     # 9.6 s -> 12.3 s with twice the registry
     (3, ("50 MB", "10 MB", "50 MB"), {"up": 10, "down": 25, "upstream": 50}, "upstream"),
+    # one node's deep pipelines held every upload slot of a fast uploader: 7.05 s -> 8.24 s with twice the registry
+    (3, ("10 MB", "80 MB", "50 MB"), {"up": 50, "down": 25, "upstream": 20}, "upstream"),
 ])
 def test_more_bandwidth_never_makes_a_heterogeneous_cluster_slower(nodes, layers, links, key):
     def mean_max(mult):
         rates = {k: f"{v * (mult if k == key else 1)} MB/s" for k, v in links.items()}
+        # six seeds: single runs of these small clusters spread +-10 % (7.9-10.1 s for the third case), so the
+        # mean of three moved by more than the 3 % this allows with no change to the rule it checks
         runs = [max(simulate(scenario(nodes=nodes, seed=seed, layers=layers, latency="1 ms",
-                                      upstream_latency="1 ms", **rates)).pull_seconds) for seed in (1, 2, 3)]
+                                      upstream_latency="1 ms", **rates)).pull_seconds) for seed in range(1, 7)]
         return sum(runs) / len(runs)
 
     times = [mean_max(m) for m in (1, 2, 4)]
