@@ -305,12 +305,13 @@ class PiecePicker:
             self._buckets[a] |= bit
 
     def first_wanted(self, free_only: bool = True, no_peer: bool = False) -> int | None:
-        """Lowest wanted piece (not in flight if free_only; that no connected peer has if no_peer)."""
+        """Lowest wanted piece (not in flight if free_only; if no_peer, one no connected peer can give us: none
+        has it, or its hash is not known, so no copy of it could be checked)."""
         c = self.wanted
         if free_only:
             c &= ~self.inflight_mask
         if no_peer:
-            c &= self._buckets[0]
+            c &= self._buckets[0] | ~self.known
         if not c:
             return None
         return (c & -c).bit_length() - 1

@@ -393,7 +393,9 @@ class DownloadScheduler:
             return False
         if self.upstream_reason == "stall":
             return not p.inflight_mask >> index & 1
-        return not p.inflight_mask >> index & 1 and p.avail[index] == 0
+        # a peer's copy counts only if we could check it: a member that claims every piece of a blob nobody has
+        # published yet (a bitfield of all ones) held the claim holder's stream back to the 60 s stall fallback
+        return not p.inflight_mask >> index & 1 and (p.avail[index] == 0 or not p.known >> index & 1)
 
     def _start_upstream(self, reason: str, out: list) -> None:
         if self.upstream is not None or self.done or self.failed:

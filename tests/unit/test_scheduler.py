@@ -42,6 +42,19 @@ def test_claim_holder_streams_everything_from_upstream_once():
     assert s.bytes_from_upstream == 4 * MiB and s.bytes_from_peers == 0
 
 
+def test_a_peer_claiming_pieces_nobody_could_check_does_not_hold_back_the_claim_holders_stream():
+    """A member sent a bitfield of all ones for a blob whose hashes nobody had published: the first holder
+    counted those pieces as available from a peer, streamed none of them, and waited for the 60 s stall
+    fallback (found in review, with a real node)."""
+    s = DownloadScheduler(4 * MiB, MiB, rng=random.Random(0), zone="z1", known=[])
+    s.start(0)
+    assert reqs(s.peer_added("liar", "z1", [0, 1, 2, 3], 0.05)) == []  # nothing it has can be checked
+    assert s.claim_granted(0.1) == [FetchUpstream(0, "claim")]
+    for i in range(3):
+        assert s.upstream_progress(i, MiB, 1 + i) == []  # the stream goes on past what the liar "has"
+    assert s.upstream_progress(3, MiB, 5) == [Done()]
+
+
 def test_a_claim_lost_at_renewal_stops_the_upstream_stream_and_the_new_holder_serves_the_rest():
     s = sched(6, pipeline=2)
     s.start(0)
