@@ -500,7 +500,13 @@ class Upstream:
             if resp is None:
                 headers = {"Authorization": credentials.basic_header()} if credentials is not None and \
                     not identity else {}
-                resp = await self._client.get(realm, params=params, headers=headers)
+                # Added to the realm's own query, never in place of it: a token server may need parameters of
+                # its own there (realm="https://h/token?account=acme"), as Docker and containers/image keep them.
+                # (httpx's `params=` would replace that query.)
+                url = realm
+                for key, value in params.items():
+                    url = url.copy_add_param(key, value)
+                resp = await self._client.get(url, headers=headers)
                 self._count_request("GET", "token", resp.status_code)
             if resp.status_code >= 500:
                 raise _Retry(f"token server answered {resp.status_code}")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import bcrypt
 import httpx
@@ -128,6 +128,9 @@ class TokenServer:
     lifetime: int = TOKEN_LIFETIME
     # OAuth2 refresh tokens (what `docker login` stores as "identitytoken") -> their user; POST /token takes them
     refresh_tokens: dict[str, str] = field(default_factory=dict)
+    # Query parameters the realm itself carries (realm="…/token?account=acme"): a GET without them gets 400,
+    # as a token server that serves several accounts would answer.
+    realm_params: dict[str, str] = field(default_factory=dict)
     requests: list[TokenRequest] = field(default_factory=list)
     _httpd: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
@@ -136,7 +139,8 @@ class TokenServer:
     def realm(self) -> str:
         assert self._httpd is not None, "token server not started"
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}/token"
+        query = urlencode(self.realm_params)
+        return f"http://{host}:{port}/token" + (f"?{query}" if query else "")
 
     def issue(self, subject: str | None, scopes: list[str]) -> str:
         """A signed token granting `scopes` ("repository:<name>:<actions>"), without any checks."""
@@ -166,6 +170,9 @@ class TokenServer:
                     self._answer(404, {"error": "not found"})
                     return
                 query = parse_qs(url.query)
+                if any(query.get(k) != [v] for k, v in server.realm_params.items()):
+                    self._answer(400, {"details": "the realm's own query parameters are missing"})
+                    return
                 scopes = [s for v in query.get("scope", []) for s in v.split(" ") if s]
                 user = self._user()
                 if user is False or (user is None and not server.allow_anonymous):
@@ -347,14 +354,17 @@ def token_registry(
     *,
     allow_anonymous: bool = False,
     lifetime: int = TOKEN_LIFETIME,
+    realm_params: dict[str, str] | None = None,
 ) -> Iterator[AuthRegistry]:
     """docker-registry with `auth: token` and its token server, both on free loopback ports; stopped on exit.
 
-    With `allow_anonymous`, the token server gives pull-only tokens to anyone (like Docker Hub).
+    With `allow_anonymous`, the token server gives pull-only tokens to anyone (like Docker Hub). With
+    `realm_params`, the realm the registry announces carries them as its query, and the token server needs them.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     cert = make_signing_cert(workdir)
-    tokens = TokenServer(cert, {username: password}, allow_anonymous=allow_anonymous, lifetime=lifetime).start()
+    tokens = TokenServer(cert, {username: password}, allow_anonymous=allow_anonymous, lifetime=lifetime,
+                         realm_params=dict(realm_params or {})).start()
     try:
         reg = Registry(workdir / "registry", config_extra={
             "auth": {"token": {"realm": tokens.realm, "service": SERVICE, "issuer": ISSUER,

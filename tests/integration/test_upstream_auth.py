@@ -168,3 +168,22 @@ async def test_token_auth_anonymous_pull(tmp_path: Path) -> None:
             await up.aclose()
         assert reg.token_server is not None
         assert [(r.user, r.status) for r in reg.token_server.requests if r.user is None] == [(None, 200)]
+
+
+async def test_token_realm_with_a_query_of_its_own(tmp_path: Path) -> None:
+    """The registry announces realm="http://…/token?account=acme": the token request keeps `account` and adds
+    scope and service to it (Docker's and containers/image's behaviour); without `account` the token server
+    answers 400."""
+    with token_registry(tmp_path, realm_params={"account": "acme"}) as reg:
+        image = im.small_image("realmq")
+        reg.push(NAME, "1", image)
+        creds = reg.write_credentials(tmp_path / "creds.toml")
+        up = upstream_for(reg, creds)
+        try:
+            info, body = await up.get_manifest(REPO, "1", [im.OCI_MANIFEST])
+            assert info.digest == image.digest and body == image.manifest.data
+        finally:
+            await up.aclose()
+        assert reg.token_server is not None
+        assert [(r.user, r.scopes, r.status) for r in reg.token_server.requests] == [
+            ("bob", [f"repository:{NAME}:pull"], 200)]

@@ -256,6 +256,19 @@ async def test_wrong_credentials_are_unauthorized() -> None:
         await up2.get_manifest(REPO, "latest", [OCI_MANIFEST])
 
 
+async def test_the_realms_own_query_is_kept_in_the_token_request() -> None:
+    """realm="http://auth.test/token?account=acme": the token server needs `account`; scope and service are
+    added to it (as Docker and containers/image do), not put in its place."""
+    reg = FakeRegistry(auth="bearer", realm="http://auth.test/token?account=acme")
+    up = make(reg)
+    info, _ = await up.get_manifest(REPO, "latest", [OCI_MANIFEST])
+    assert info.digest == MANIFEST_DIGEST
+    token_request = next(r for r in reg.requests if r.url.host == "auth.test")
+    assert token_request.url.path == "/token"
+    assert dict(token_request.url.params) == {
+        "account": "acme", "scope": "repository:library/alpine:pull", "service": "registry.test"}
+
+
 @pytest.mark.parametrize("realm", ["http://[::1", "ftp://auth.test/token", "http://999.1.1.1/token"])
 async def test_a_realm_that_is_no_usable_url_is_unauthorized(realm: str) -> None:
     up = make(FakeRegistry(auth="bearer", realm=realm))
