@@ -12,7 +12,8 @@ This is the only module that talks to upstream registries. What it guarantees it
   request is checked against the status and `Content-Range`, and when the upstream ignored Range (200) the
   prefix is skipped here. The whole-blob digest is the caller's job (it hashes as it stores).
 - `Authorization` is only ever sent to the registry's own origin (scheme, host, port). Redirects are followed
-  by hand so a blob redirected to a CDN, as Docker Hub does, is fetched without the token.
+  by hand so a blob redirected to a CDN, as Docker Hub does, is fetched without the token. Token requests follow
+  redirects too (a moved token endpoint, http -> https), their credentials only to the realm's own host.
 
 It never retries a 429 (the limit belongs to the user's account, the client decides), never follows more than
 `MAX_REDIRECTS` hops, never reads an unbounded manifest into memory, and never logs a credential or a token.
@@ -111,6 +112,18 @@ class ManifestInfo:
 def _origin(url: httpx.URL) -> tuple[str, str, int]:
     port = url.port if url.port is not None else {"http": 80, "https": 443}.get(url.scheme, 0)
     return url.scheme, url.host, port
+
+
+def _carries_credentials(realm: httpx.URL, target: httpx.URL) -> bool:
+    """Whether a token request to `target`, reached by redirects from `realm`, may carry the credentials.
+
+    The realm's own origin may, and so may the same host upgraded to https (a token server moved behind TLS, the
+    common redirect): the credentials were meant for that host and travel no less safely. Another host, or a
+    downgrade from https to http, may not.
+    """
+    if _origin(target) == _origin(realm):
+        return True
+    return target.host == realm.host and target.scheme == "https"
 
 
 def _accept_header(accept: Sequence[str]) -> str:
@@ -493,21 +506,18 @@ class Upstream:
             if identity:
                 # OAuth2, as docker does with an identity token: trade the refresh token for an access token.
                 form = {**params, "grant_type": "refresh_token", "refresh_token": identity, "client_id": "p2pcache"}
-                resp = await self._client.post(realm, data=form)
-                self._count_request("POST", "token", resp.status_code)
+                resp = await self._send_token_request("POST", realm, data=form)
                 if resp.status_code in (404, 405):
                     resp = None  # a token server without OAuth2: the GET below, which has no password to send
             if resp is None:
-                headers = {"Authorization": credentials.basic_header()} if credentials is not None and \
-                    not identity else {}
+                basic = credentials.basic_header() if credentials is not None and not identity else None
                 # Added to the realm's own query, never in place of it: a token server may need parameters of
                 # its own there (realm="https://h/token?account=acme"), as Docker and containers/image keep them.
                 # (httpx's `params=` would replace that query.)
                 url = realm
                 for key, value in params.items():
                     url = url.copy_add_param(key, value)
-                resp = await self._client.get(url, headers=headers)
-                self._count_request("GET", "token", resp.status_code)
+                resp = await self._send_token_request("GET", url, basic=basic)
             if resp.status_code >= 500:
                 raise _Retry(f"token server answered {resp.status_code}")
             if resp.status_code == 429:
@@ -524,6 +534,40 @@ class Upstream:
             if token is None:
                 raise OciError("UNAUTHORIZED", "upstream token server answered without a token")
             return token
+
+    async def _send_token_request(self, method: str, realm: httpx.URL, *, basic: str | None = None,
+                                  data: dict[str, str] | None = None) -> httpx.Response:
+        """A token request, following up to MAX_REDIRECTS redirects (a moved token endpoint, http -> https), as
+        Docker's and containers/image's clients do. Returns the final response, read.
+
+        The credentials go only where the realm is (`_carries_credentials`): Basic is left off a GET
+        redirected to another host. A POST's body holds the refresh token, so it is followed only with 307/308
+        (which keep method and body) to the realm itself; any other redirect of a POST is returned as the
+        answer, which the caller takes as a refusal.
+        """
+        target = realm
+        for _ in range(MAX_REDIRECTS + 1):
+            trusted = _carries_credentials(realm, target)
+            if method == "POST":
+                request = self._client.build_request("POST", target, data=data)
+            else:
+                request = self._client.build_request(
+                    "GET", target, headers={"Authorization": basic} if basic is not None and trusted else {})
+            resp = await self._client.send(request)
+            self._count_request(method, "token", resp.status_code)
+            location = resp.headers.get("location")
+            if resp.status_code not in REDIRECT_STATUSES or not location:
+                return resp
+            try:
+                following = resp.url.join(location)
+            except httpx.InvalidURL:
+                raise UpstreamProtocolError(f"token server {target.host} redirected to an invalid URL") from None
+            if following.scheme not in ("http", "https") or not following.host:
+                raise UpstreamProtocolError(f"token server {target.host} redirected to a non-HTTP URL")
+            if method == "POST" and (resp.status_code not in (307, 308) or not _carries_credentials(realm, following)):
+                return resp
+            target = following
+        raise UpstreamProtocolError(f"more than {MAX_REDIRECTS} redirects from token server {realm.host}")
 
     async def _send_following_redirects(
         self, method: str, url: str, headers: dict[str, str], authorization: str | None, base: str, kind: str

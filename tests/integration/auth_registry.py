@@ -131,6 +131,9 @@ class TokenServer:
     # Query parameters the realm itself carries (realm="…/token?account=acme"): a GET without them gets 400,
     # as a token server that serves several accounts would answer.
     realm_params: dict[str, str] = field(default_factory=dict)
+    # The path the realm names; when not /token, requests there are redirected (307) to /token with their query,
+    # as a token endpoint that moved answers.
+    realm_path: str = "/token"
     requests: list[TokenRequest] = field(default_factory=list)
     _httpd: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
@@ -140,7 +143,7 @@ class TokenServer:
         assert self._httpd is not None, "token server not started"
         host, port = self._httpd.server_address[:2]
         query = urlencode(self.realm_params)
-        return f"http://{host}:{port}/token" + (f"?{query}" if query else "")
+        return f"http://{host}:{port}{self.realm_path}" + (f"?{query}" if query else "")
 
     def issue(self, subject: str | None, scopes: list[str]) -> str:
         """A signed token granting `scopes` ("repository:<name>:<actions>"), without any checks."""
@@ -164,7 +167,19 @@ class TokenServer:
             def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
                 pass
 
+            def _moved(self) -> bool:
+                url = urlsplit(self.path)
+                if server.realm_path == "/token" or url.path != server.realm_path:
+                    return False
+                self.send_response(307)
+                self.send_header("Location", "/token" + (f"?{url.query}" if url.query else ""))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return True
+
             def do_GET(self) -> None:  # noqa: N802 - the http.server naming
+                if self._moved():
+                    return
                 url = urlsplit(self.path)
                 if url.path != "/token":
                     self._answer(404, {"error": "not found"})
@@ -189,6 +204,9 @@ class TokenServer:
                                    "issued_at": issued_at})
 
             def do_POST(self) -> None:  # noqa: N802 - OAuth2 (grant_type=refresh_token), as docker sends it
+                if self._moved():
+                    self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                    return
                 form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
                 scopes = [s for v in form.get("scope", []) for s in v.split(" ") if s]
                 user = server.refresh_tokens.get((form.get("refresh_token") or [""])[0])
@@ -355,16 +373,18 @@ def token_registry(
     allow_anonymous: bool = False,
     lifetime: int = TOKEN_LIFETIME,
     realm_params: dict[str, str] | None = None,
+    realm_path: str = "/token",
 ) -> Iterator[AuthRegistry]:
     """docker-registry with `auth: token` and its token server, both on free loopback ports; stopped on exit.
 
     With `allow_anonymous`, the token server gives pull-only tokens to anyone (like Docker Hub). With
     `realm_params`, the realm the registry announces carries them as its query, and the token server needs them.
+    With another `realm_path`, the realm names that path and the token server redirects it (307) to /token.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     cert = make_signing_cert(workdir)
     tokens = TokenServer(cert, {username: password}, allow_anonymous=allow_anonymous, lifetime=lifetime,
-                         realm_params=dict(realm_params or {})).start()
+                         realm_params=dict(realm_params or {}), realm_path=realm_path).start()
     try:
         reg = Registry(workdir / "registry", config_extra={
             "auth": {"token": {"realm": tokens.realm, "service": SERVICE, "issuer": ISSUER,

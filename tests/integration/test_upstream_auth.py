@@ -187,3 +187,21 @@ async def test_token_realm_with_a_query_of_its_own(tmp_path: Path) -> None:
         assert reg.token_server is not None
         assert [(r.user, r.scopes, r.status) for r in reg.token_server.requests] == [
             ("bob", [f"repository:{NAME}:pull"], 200)]
+
+
+@pytest.mark.parametrize("fmt", ["toml", "docker-identitytoken"])
+async def test_a_token_realm_that_redirects_is_followed(tmp_path: Path, fmt: str) -> None:
+    """The registry announces realm="http://…/oldtoken", which answers 307 to /token (a moved endpoint): both the
+    GET with Basic credentials and the OAuth2 POST with a refresh token follow it to the same server."""
+    with token_registry(tmp_path, realm_path="/oldtoken") as reg:
+        image = im.small_image("moved")
+        reg.push(NAME, "1", image)
+        creds = reg.write_credentials(tmp_path / "creds", fmt=fmt)
+        up = upstream_for(reg, creds)
+        try:
+            info, _ = await up.get_manifest(REPO, "1", [im.OCI_MANIFEST])
+            assert info.digest == image.digest
+        finally:
+            await up.aclose()
+        assert reg.token_server is not None
+        assert [(r.user, r.status) for r in reg.token_server.requests] == [("bob", 200)]

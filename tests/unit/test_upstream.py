@@ -83,6 +83,7 @@ class FakeRegistry:
     gzip_manifest: bool = False  # encodes the manifest although we asked for identity
     manifest_header_digest: str | None = None
     rate_limited: bool = False
+    moved_token_to: str | None = None  # the token server's /moved answers 307 to this URL (plus the query)
     requests: list[httpx.Request] = field(default_factory=list)
     tokens_issued: int = 0
     valid_tokens: set[str] = field(default_factory=set)
@@ -97,7 +98,10 @@ class FakeRegistry:
         if self.redirect_loop:
             return respond(302, headers={"Location": str(request.url)})
         host = request.url.host
-        if host == "auth.test":
+        if host in ("auth.test", "other.test"):
+            if request.url.path == "/moved" and self.moved_token_to is not None:
+                query = request.url.query.decode()
+                return respond(307, headers={"Location": self.moved_token_to + (f"?{query}" if query else "")})
             return self._token(request)
         if host == "cdn.test":
             return self._blob(request)
@@ -267,6 +271,40 @@ async def test_the_realms_own_query_is_kept_in_the_token_request() -> None:
     assert token_request.url.path == "/token"
     assert dict(token_request.url.params) == {
         "account": "acme", "scope": "repository:library/alpine:pull", "service": "registry.test"}
+
+
+@pytest.mark.parametrize("moved_to", ["/token", "https://auth.test/token", "https://auth.test:8443/token"])
+async def test_a_redirect_from_the_realm_is_followed_with_the_credentials_to_its_host(moved_to: str) -> None:
+    """The token endpoint moved (a path, or http -> https on the same host): followed, and Basic goes along."""
+    reg = FakeRegistry(auth="bearer", anonymous_tokens=False, realm="http://auth.test/moved?account=acme",
+                       moved_token_to=moved_to)
+    up = make(reg, Credentials("alice", "wonderland"))
+    info, _ = await up.get_manifest(REPO, "latest", [OCI_MANIFEST])
+    assert info.digest == MANIFEST_DIGEST
+    moved, token = [r for r in reg.requests if r.url.host == "auth.test"]
+    assert moved.url.path == "/moved" and token.url.path == "/token"
+    assert token.url.params["account"] == "acme"
+    assert token.headers["authorization"].startswith("Basic ") and reg.tokens_issued == 1
+
+
+@pytest.mark.parametrize("moved_to", ["http://other.test/token", "http://auth.test:8080/token"])
+async def test_a_redirect_from_the_realm_to_another_origin_gets_no_credentials(moved_to: str) -> None:
+    """Redirected to another host (or another port over plain http): followed, but without the password, so
+    this token server refuses (it wants credentials)."""
+    reg = FakeRegistry(auth="bearer", anonymous_tokens=False, realm="http://auth.test/moved",
+                       moved_token_to=moved_to)
+    up = make(reg, Credentials("alice", "wonderland"))
+    with pytest.raises(OciError) as e:
+        await up.get_manifest(REPO, "latest", [OCI_MANIFEST])
+    assert e.value.code == "UNAUTHORIZED"
+    followed = [r for r in reg.requests if r.url.path == "/token"]
+    assert followed and all("authorization" not in r.headers for r in followed)
+
+
+async def test_a_token_redirect_loop_is_an_error() -> None:
+    reg = FakeRegistry(auth="bearer", realm="http://auth.test/moved", moved_token_to="http://auth.test/moved")
+    with pytest.raises(UpstreamProtocolError, match="redirects from token server"):
+        await make(reg).get_manifest(REPO, "latest", [OCI_MANIFEST])
 
 
 @pytest.mark.parametrize("realm", ["http://[::1", "ftp://auth.test/token", "http://999.1.1.1/token"])
