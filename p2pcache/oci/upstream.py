@@ -10,7 +10,9 @@ This is the only module that talks to upstream registries. What it guarantees it
   the wrong length): callers fall back to peers on both.
 - Bytes are never trusted: a manifest fetched by digest is hashed before it is returned; a ranged blob
   request is checked against the status and `Content-Range`, and when the upstream ignored Range (200) the
-  prefix is skipped here. The whole-blob digest is the caller's job (it hashes as it stores).
+  prefix is skipped here. A blob body without Content-Length (chunked, or HTTP/1.0 read to the close) takes
+  its size from a HEAD and must end exactly there. The whole-blob digest is the caller's job (it hashes as it
+  stores).
 - `Authorization` is only ever sent to the registry's own origin (scheme, host, port). Redirects are followed
   by hand so a blob redirected to a CDN, as Docker Hub does, is fetched without the token. Token requests follow
   redirects too (a moved token endpoint, http -> https), their credentials only to the realm's own host.
@@ -308,16 +310,12 @@ class Upstream:
         elif offset:
             headers["Range"] = f"bytes={offset}-"
 
-        async def check(resp: httpx.Response) -> tuple[httpx.Response, int, int]:
+        async def check(resp: httpx.Response) -> tuple[httpx.Response, int | None, int]:
             _require_identity(resp, f"blob {digest}")
             length = _content_length(resp)
             if resp.status_code == 200:
-                if length is None:
-                    raise UpstreamProtocolError(f"blob {digest}: no Content-Length")
-                if offset > length:
-                    raise OciError("RANGE_INVALID", f"offset {offset} beyond blob size {length}",
-                                   headers={"Content-Range": f"bytes */{length}"})
-                # Range ignored (or not asked for): the whole blob comes, we drop the prefix ourselves.
+                # Range ignored (or not asked for): the whole blob comes, we drop the prefix ourselves. Without
+                # a Content-Length (None) the size is asked for below.
                 return resp, length, offset
             if resp.status_code == 206:
                 m = _CONTENT_RANGE.fullmatch(resp.headers.get("content-range", "").strip())
@@ -334,7 +332,20 @@ class Upstream:
                 return resp, total, 0
             raise UpstreamProtocolError(f"blob {digest}: unexpected status {resp.status_code}")
 
-        return await self._call("GET", repo, f"blobs/{digest}", "blob", headers, check, keep_open=True)
+        resp, size, skip = await self._call("GET", repo, f"blobs/{digest}", "blob", headers, check, keep_open=True)
+        try:
+            if size is None:
+                # A chunked or HTTP/1.0 (read to the close) body: its end cannot tell a whole blob from a cut one,
+                # so the size comes from a HEAD, as a client's would from the manifest (skopeo pulls such blobs).
+                # BlobResponse then holds the body to exactly that size.
+                size = await self.head_blob(repo, digest)
+            if offset > size:
+                raise OciError("RANGE_INVALID", f"offset {offset} beyond blob size {size}",
+                               headers={"Content-Range": f"bytes */{size}"})
+        except BaseException:
+            await resp.aclose()
+            raise
+        return resp, size, skip
 
     # --- the request machinery: retries > authentication > redirects ---
 
@@ -617,7 +628,8 @@ class BlobResponse:
     """A blob streaming from upstream, from `offset` to its end, in chunks of up to 1 MiB.
 
     Yields exactly `size - offset` bytes in order, or raises: a body that breaks, stalls or ends early is
-    resumed from the next byte with a Range request; when the retries are spent, UpstreamUnavailable.
+    resumed from the next byte with a Range request; when the retries are spent, UpstreamUnavailable. A body
+    that goes on past the blob's size is an UpstreamProtocolError, raised before its last bytes are yielded.
     """
 
     def __init__(
@@ -641,6 +653,8 @@ class BlobResponse:
         # chunk_size: httpx would re-buffer every byte through a BytesIO (three copies). With 1 MiB socket
         # reads each chunk already is one read of up to 1 MiB (measured: ~1010 KiB on average, and faster).
         length = _content_length(resp)
+        # Without a Content-Length nothing but the size says where the body should end (see __anext__).
+        self._unsized = length is None
         raw = None if length is None else detach_body(resp, length, CHUNK_SIZE)
         self._raw = raw
         self._chunks: AsyncIterator[bytes] = resp.aiter_raw() if raw is None else raw
@@ -685,11 +699,26 @@ class BlobResponse:
                         continue
                 if self._pos + len(chunk) > self.size:
                     raise UpstreamProtocolError(f"blob {self._digest}: more bytes than its size {self.size}")
+                if self._unsized and self._pos + len(chunk) == self.size == self.end:
+                    # The last bytes of a body without a length: it must end here. Read on before handing
+                    # them over, so a longer body fails the download rather than completing it.
+                    try:
+                        await self._expect_end()
+                    except httpx.TransportError as e:
+                        problem = _describe(e)  # the end was not seen: these bytes come again after the resume
+                        await self._resume(problem)
+                        continue
                 if self._pos + len(chunk) > self.end:  # a registry that ignored our Range end
                     chunk = chunk[: self.end - self._pos]
                 self._pos += len(chunk)
                 return chunk
             await self._resume(problem)
+
+    async def _expect_end(self) -> None:
+        async for extra in self._chunks:
+            if extra:
+                self._upstream._count_bytes(len(extra))
+                raise UpstreamProtocolError(f"blob {self._digest}: more bytes than its size {self.size}")
 
     async def _resume(self, problem: object) -> None:
         await self._close_current()

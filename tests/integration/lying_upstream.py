@@ -13,6 +13,11 @@ It forwards every request to `target` and records what it was asked (method, tar
 - "flip_trickle":  "flip" at the pace of "trickle" (the bytes around the wrong one reach clients long before
                    the body's end could tell anyone it is wrong)
 - "stall":         the headers and half the body, then nothing until the proxy stops (a hung upstream)
+- "chunked":       the body with `Transfer-Encoding: chunked`, no Content-Length (a streaming proxy or CDN)
+- "close":         an HTTP/1.0 answer without Content-Length, the body ending at the close
+- "chunked_cut":   "chunked" with half the body, then the connection closed (no last chunk)
+- "close_cut":     "close" with half the body: a clean end, that only the size tells from a whole body
+- "close_long":    "close" with the body and then 1000 more bytes
 - "429", "500", "503": that status with an OCI error body (429 with `Retry-After: 7`), the registry not asked
 
 `scope="all"` tampers manifest requests (GET and HEAD) too, any `/v2/<name>/…` but the `/v2/` ping;
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+UNSIZED_MODES = {"chunked", "close", "chunked_cut", "close_cut", "close_long"}
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length"}
 
@@ -180,6 +186,9 @@ class LyingUpstream:
                         self._write(path, data)
                         return
                     total = int(clen)
+                    if mode in UNSIZED_MODES and resp.status in (200, 206):
+                        self._send_unsized(path, mode, resp.status, rheaders, resp.read())
+                        return
                     if mode == "short" and resp.status in (200, 206):
                         data = resp.read()[: max(0, total - 1000)]
                         self._send_head(resp.status, rheaders, len(data))
@@ -215,6 +224,32 @@ class LyingUpstream:
                     self.close_connection = True
                 finally:
                     conn.close()
+
+            def _send_unsized(self, path: str, mode: str, status: int, headers: list[tuple[str, str]],
+                              data: bytes) -> None:
+                if mode.endswith("_cut"):
+                    data = data[: len(data) // 2]
+                elif mode == "close_long":
+                    data += bytes(1000)
+                self.close_connection = mode != "chunked"
+                if mode.startswith("chunked"):
+                    self.send_response_only(status)
+                    for k, v in headers:
+                        self.send_header(k, v)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for i in range(0, len(data), 65536):
+                        part = data[i:i + 65536]
+                        self.wfile.write(b"%x\r\n" % len(part))
+                        self._write(path, part)
+                        self.wfile.write(b"\r\n")
+                    if mode == "chunked":
+                        self.wfile.write(b"0\r\n\r\n")
+                    return
+                head = [f"HTTP/1.0 {status} {self.responses.get(status, ('',))[0]}"]
+                head += [f"{k}: {v}" for k, v in headers] + ["Connection: close", "", ""]
+                self.wfile.write("\r\n".join(head).encode("latin-1"))
+                self._write(path, data)
 
             def _send_head(self, status: int, headers: list[tuple[str, str]], length: int) -> None:
                 self.send_response_only(status)

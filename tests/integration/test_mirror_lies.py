@@ -30,7 +30,7 @@ def _setup(make_registry, name):
     return reg, layer, f"/v2/library/{name}/blobs/{layer.digest}"
 
 
-@pytest.mark.parametrize("mode", ["flip", "truncate", "short"])
+@pytest.mark.parametrize("mode", ["flip", "truncate", "short", "chunked_cut", "close_cut", "close_long"])
 def test_persistent_liar_client_never_gets_a_wrong_blob(mode, make_registry, make_node):
     reg, layer, path = _setup(make_registry, f"lie-{mode}")
     with LyingUpstream(reg.url, mode=mode, only=layer.digest) as liar:
@@ -68,6 +68,21 @@ def test_liar_on_resumed_ranges(plan, make_registry, make_node):
         _check_store(node, layer.digest)
         if "ignore_range" in plan:
             assert node.store_files(layer.digest), "the blob should be stored once it was fetched right"
+
+
+@pytest.mark.parametrize("mode", ["chunked", "close"])
+def test_a_blob_body_without_content_length_is_served_and_stored(mode, make_registry, make_node):
+    """A proxy in front of the registry streams blobs chunked, or as HTTP/1.0 to the close (skopeo pulls these
+    straight from it): the node learns the size from a HEAD and serves and stores the right blob."""
+    reg, layer, path = _setup(make_registry, f"unsized-{mode}")
+    with LyingUpstream(reg.url, mode=mode, only=layer.digest) as liar:
+        node = make_node({"docker.io": liar.url})
+        got = fetch_blob(node.url, path)
+        assert got.complete and "sha256:" + got.sha256 == layer.digest, got
+        assert liar.tampered >= 1
+        assert any(s.method == "HEAD" and s.path == path for s in liar.seen)
+    assert node.store_files(layer.digest), "the blob should be stored"
+    _check_store(node, layer.digest)
 
 
 def test_bit_rot_in_the_real_registry(make_registry, make_node):

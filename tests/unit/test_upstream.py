@@ -57,6 +57,17 @@ class Body(httpx.AsyncByteStream):
             yield self.data[i : i + 300_000]
 
 
+class Pieces(httpx.AsyncByteStream):
+    """A body of exactly these pieces, each one read."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for piece in self.pieces:
+            yield piece
+
+
 def respond(status: int, headers: dict[str, str] | None = None, content: bytes = b"", json_doc: object = None,
             ) -> httpx.Response:
     if json_doc is not None:
@@ -83,6 +94,9 @@ class FakeRegistry:
     gzip_manifest: bool = False  # encodes the manifest although we asked for identity
     manifest_header_digest: str | None = None
     rate_limited: bool = False
+    # the next blob GETs answer without Content-Length (chunked or HTTP/1.0 to the close): "whole" the blob,
+    # "cut" its first 600 kB only, "long" the blob and then more bytes
+    unsized: list[str] = field(default_factory=list)
     moved_token_to: str | None = None  # the token server's /moved answers 307 to this URL (plus the query)
     requests: list[httpx.Request] = field(default_factory=list)
     tokens_issued: int = 0
@@ -171,6 +185,16 @@ class FakeRegistry:
         if request.method == "HEAD":
             return respond(200, headers={"Content-Length": str(len(BLOB))})
         rng = request.headers.get("range")
+        if self.unsized:
+            start = int(rng.removeprefix("bytes=").partition("-")[0]) if rng else 0
+            pieces = [BLOB[i:i + 300_000] for i in range(start, len(BLOB), 300_000)]
+            kind = self.unsized.pop(0)
+            if kind == "cut":
+                pieces = pieces[:2]
+            elif kind == "long":
+                pieces.append(b"more")  # a piece of its own: the body is exactly right up to the blob's end
+            headers = {"Content-Range": f"bytes {start}-{len(BLOB) - 1}/{len(BLOB)}"} if rng else {}
+            return httpx.Response(206 if rng else 200, headers=headers, stream=Pieces(pieces))
         if self.break_body_at:
             n = self.break_body_at.pop(0)
             start = int(rng.removeprefix("bytes=").partition("-")[0]) if rng else 0
@@ -555,6 +579,36 @@ async def test_broken_body_gives_up_after_retries() -> None:
     reg = FakeRegistry(break_body_at=[5, 5, 5])
     with pytest.raises(UpstreamUnavailable):
         await read_all(make(reg, retries=1))
+
+
+async def test_a_body_without_content_length_takes_the_size_from_a_head() -> None:
+    """Chunked or HTTP/1.0 to the close, as a proxy or CDN may answer (skopeo pulls these): the size comes
+    from a HEAD of the blob."""
+    reg = FakeRegistry(unsized=["whole"])
+    assert await read_all(make(reg)) == BLOB
+    assert reg.paths() == [f"GET registry.test/v2/library/alpine/blobs/{BLOB_DIGEST}",
+                           f"HEAD registry.test/v2/library/alpine/blobs/{BLOB_DIGEST}"]
+
+
+async def test_a_body_without_content_length_that_ends_early_is_resumed() -> None:
+    reg = FakeRegistry(unsized=["cut", "whole"])
+    assert await read_all(make(reg)) == BLOB
+    blob_gets = [r for r in reg.requests if r.method == "GET"]
+    assert [r.headers.get("range") for r in blob_gets] == [None, "bytes=600000-"]
+
+
+@pytest.mark.parametrize("plan", [["long"], ["cut", "long"]])
+async def test_a_body_without_content_length_longer_than_the_blob_fails_before_its_last_bytes(
+        plan: list[str]) -> None:
+    """The bytes up to the size are right, more follow: an error, and the blob's last bytes are never handed
+    on, so nothing downstream completes (and stores) a blob from such a body."""
+    reg = FakeRegistry(unsized=plan)
+    got = 0
+    with pytest.raises(UpstreamProtocolError, match="more bytes than its size"):
+        async with make(reg).open_blob(REPO, BLOB_DIGEST) as blob:
+            async for chunk in blob:
+                got += len(chunk)
+    assert got < len(BLOB)
 
 
 async def test_fast_path_is_enabled() -> None:
