@@ -59,7 +59,7 @@ class Settings:
     upstreams: dict[str, str] = field(default_factory=dict)  # ns -> base URL; see upstream_url()
     default_ns: str = DOCKER_HUB  # what Docker's registry-mirrors requests (no ns) mean
     credentials: Path | None = None  # TOML {registry = {username, password}} or Docker config.json "auths"
-    upstream_ca: Path | None = None  # PEM certificates trusted for upstream TLS, besides the usual bundles
+    upstream_ca: Path | None = None  # PEM certificates trusted for upstream TLS, besides the system's store
     max_disk: int | None = None  # bytes; None = no quota
     tag_ttl: float = 30.0  # a tag is re-resolved (one cheap HEAD) at most this often
     log_level: str = "info"
@@ -323,14 +323,20 @@ def _env_key(name: str) -> str | None:
     return "upstreams" if key == "upstream" else key
 
 
-def upstream_tls_context(ca_file: Path | None) -> ssl.SSLContext | bool:
-    """What upstream TLS connections trust. Without `ca_file`: httpx's default (certifi's bundle, or
-    SSL_CERT_FILE). With it: that bundle, the system store and `ca_file` (a private registry's own CA).
+def upstream_tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """What upstream TLS connections trust: the system's store, as Docker and containerd do (a CA that
+    `update-ca-certificates` added is trusted; SSL_CERT_FILE / SSL_CERT_DIR replace the store, as OpenSSL reads
+    them), and `ca_file` on top (a private registry's own CA). httpx's default would be certifi's bundle alone,
+    which knows no CA of the site's own. Only where the system has no store at all (a slim image without
+    ca-certificates) does certifi's bundle stand in for it, so public registries still verify.
     ConfigError when the file cannot be read or holds no certificate."""
+    system = ssl.get_default_verify_paths()
+    if system.cafile is None and system.capath is None:
+        ctx = ssl.create_default_context(cafile=certifi.where())
+    else:
+        ctx = ssl.create_default_context()
     if ca_file is None:
-        return True
-    ctx = ssl.create_default_context(cafile=certifi.where())
-    ctx.load_default_certs()
+        return ctx
     try:
         ctx.load_verify_locations(cafile=str(ca_file))
     except (OSError, ssl.SSLError) as e:
@@ -350,7 +356,7 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
     a("--default-ns", dest="default_ns", help="namespace of requests that name none (default docker.io)")
     a("--credentials", help="registry credentials: TOML or Docker config.json (auths)")
     a("--upstream-ca", dest="upstream_ca",
-      help="PEM file of CA certificates to trust for upstream registries (besides the usual bundles)")
+      help="PEM file of CA certificates to trust for upstream registries (besides the system's store)")
     a("--max-disk", dest="max_disk", help="disk quota for the store, e.g. 20GiB (LRU eviction)")
     a("--tag-ttl", dest="tag_ttl", help="how long a tag's digest is cached, e.g. 30s")
     a("--log-level", dest="log_level", help="debug, info, warning or error")

@@ -34,6 +34,7 @@ import json
 import logging
 import random
 import re
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -387,6 +388,12 @@ class Upstream:
                 return result
             except (httpx.TransportError, _Retry) as e:
                 problem = e
+                if _certificate_failure(e) is not None:
+                    # The same certificate fails the same way on a retry: say why at once, and only once.
+                    host = httpx.URL(base).netloc.decode("ascii")
+                    log.warning("upstream %s for %s: %s; not retried (a private CA is trusted with --upstream-ca)",
+                                host, repo.ns, _describe(e))
+                    raise UpstreamUnavailable(f"{method} {repo}/{path}: {_describe(e)}") from None
             if attempt >= self._retries:
                 raise UpstreamUnavailable(
                     f"{method} {repo}/{path}: {_describe(problem)} (after {attempt + 1} attempts)"
@@ -754,5 +761,29 @@ def _media_type_of(body: bytes) -> str:
 
 
 def _describe(e: BaseException) -> str:
-    text = str(e)
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    """`e` for a log line, with the cause httpx keeps out of its own text: over trio a refused certificate is
+    a bare `ConnectError` whose reason sits three exceptions down the chain."""
+    name = type(e).__name__
+    bad_certificate = _certificate_failure(e)
+    if bad_certificate is not None:
+        return f"{name}: certificate verify failed: {bad_certificate.verify_message or bad_certificate.reason}"
+    for cause in _causes(e):
+        if str(cause):
+            return f"{name}: {cause}"
+    return name
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """`e` and the exceptions it was raised from or while handling, outermost first (cycles cut)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = e
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _certificate_failure(e: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification error behind `e`, if that is what it is. Not an outage: the same
+    certificate fails the same way on every retry until someone trusts its CA (`--upstream-ca`)."""
+    return next((c for c in _causes(e) if isinstance(c, ssl.SSLCertVerificationError)), None)

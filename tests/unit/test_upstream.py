@@ -670,3 +670,43 @@ async def test_stalled_body_times_out_and_resumes_over_real_sockets(nursery) -> 
     await up.aclose()
     assert got == data
     assert seen[0] == "" and len(seen) == 2 and 0 < int(seen[1]) <= len(data) // 2
+
+
+async def test_an_untrusted_certificate_is_reported_with_its_reason_and_not_retried(
+        nursery, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """A certificate that fails verification is no outage: the log and the error say why (httpx over trio says
+    only "ConnectError"), and it is not retried, since the same certificate fails the same way again."""
+    import logging
+    import ssl
+    import subprocess
+
+    import trio
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    handshakes = 0
+
+    async def serve(stream: trio.SSLStream) -> None:
+        nonlocal handshakes
+        handshakes += 1
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError:
+            pass  # the client refused the certificate
+
+    listeners = await nursery.start(functools.partial(trio.serve_ssl_over_tcp, serve, 0, server_tls,
+                                                      host="127.0.0.1"))
+    port = listeners[0].transport_listener.socket.getsockname()[1]
+    up = Upstream(Settings(upstreams={"docker.io": f"https://127.0.0.1:{port}"}, upstream_retries=3),
+                  retry_backoff=0.001)
+    caplog.set_level(logging.INFO, logger="p2pcache.oci.upstream")
+    with trio.fail_after(10), pytest.raises(UpstreamUnavailable, match="certificate verify failed: self"):
+        await up.head_blob(REPO, BLOB_DIGEST)
+    await up.aclose()
+    assert handshakes == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "p2pcache.oci.upstream"]
+    assert len(lines) == 1 and "certificate verify failed" in lines[0] and "--upstream-ca" in lines[0], lines
