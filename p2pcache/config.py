@@ -214,6 +214,13 @@ def _parse_upstreams(value: Any) -> dict[str, str]:
             pairs.append((ns.strip(), url.strip()))
     out: dict[str, str] = {}
     for ns, url in pairs:
+        authority = str(url).partition("://")[2].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+        if "@" in authority:
+            # httpx would quietly send them as Basic auth, and the URL, password and all, would reach log lines
+            # and error messages. Not echoed here either: this message is printed.
+            host = authority.rpartition("@")[2]
+            raise ValueError(f"upstream URL for {ns} must not carry credentials (user:password@{host}); put them "
+                             f'in the credentials file (--credentials) under ["{host}"] and give the URL without')
         if not str(url).startswith(("http://", "https://")):
             raise ValueError(f"upstream URL for {ns} must start with http:// or https://, got {url!r}")
         try:

@@ -18,7 +18,8 @@ This is the only module that talks to upstream registries. What it guarantees it
   redirects too (a moved token endpoint, http -> https), their credentials only to the realm's own host.
 
 It never retries a 429 (the limit belongs to the user's account, the client decides), never follows more than
-`MAX_REDIRECTS` hops, never reads an unbounded manifest into memory, and never logs a credential or a token.
+`MAX_REDIRECTS` hops, never reads an unbounded manifest into memory, and never logs a credential or a token
+(a URL goes into a message through `_for_log`, without userinfo and query).
 
 Throughput: httpcore 1.0 reads the socket in 64 KiB pieces, which caps a stream at ~0.4-1.1 GB/s on loopback;
 `enable_large_reads()` raises that to 1 MiB (~4.2 GB/s on an idle machine of ours), and blob bodies are iterated
@@ -618,7 +619,7 @@ class Upstream:
                 raise UpstreamProtocolError(f"redirect to an invalid URL from {target.host}") from None
             if target.scheme not in ("http", "https"):
                 raise UpstreamProtocolError(f"redirect to a non-HTTP URL from {resp.url.host}")
-        raise UpstreamProtocolError(f"more than {MAX_REDIRECTS} redirects for {url}")
+        raise UpstreamProtocolError(f"more than {MAX_REDIRECTS} redirects for {_for_log(url)}")
 
     # --- metrics ---
 
@@ -758,6 +759,14 @@ def _media_type_of(body: bytes) -> str:
         return ""
     value = doc.get("mediaType") if isinstance(doc, dict) else None
     return value if isinstance(value, str) and _HEADER_VALUE.fullmatch(value) else ""
+
+
+def _for_log(url: str | httpx.URL) -> str:
+    """`url` for a log line or an error message: without userinfo (a password) and query (a CDN's signature)."""
+    try:
+        return str(httpx.URL(url).copy_with(userinfo=b"", query=None))
+    except httpx.InvalidURL:
+        return "(an invalid URL)"
 
 
 def _describe(e: BaseException) -> str:

@@ -187,3 +187,20 @@ def test_no_home_directory_is_a_message_not_a_traceback(monkeypatch) -> None:
     monkeypatch.setattr(config.Path, "home", staticmethod(no_home))
     with pytest.raises(ConfigError, match="--data"):
         load_settings({}, env={})
+
+
+@pytest.mark.parametrize("url", ["http://alice:pw-s3cret@127.0.0.1:5000", "https://alice:pw-s3cret@reg.example/",
+                                 "http://alice@127.0.0.1:5000", "http://alice:pw-s3cret@[::1:5000",
+                                 "http://alice:pw-s3cret@127.0.0.1:99999"])
+def test_credentials_in_an_upstream_url_are_refused_without_echoing_them(
+        url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """httpx would send them as Basic auth and the URL would reach log lines: refused at start-up, pointing to the
+    credentials file, and the password is not in the message either."""
+    with pytest.raises(ConfigError, match=r"must not carry credentials.*--credentials") as e:
+        load_settings({"upstreams": [f"docker.io={url}"]}, env={})
+    assert "pw-s3cret" not in str(e.value) and "alice" not in str(e.value)
+    with pytest.raises(ConfigError, match="must not carry credentials"):
+        load_settings(env={"P2PCACHE_UPSTREAM": f"docker.io={url}"})
+    assert main(["node", "--upstream", f"docker.io={url}"]) == 2
+    err = capsys.readouterr().err
+    assert "--credentials" in err and "pw-s3cret" not in err

@@ -406,6 +406,17 @@ async def test_redirect_loop_is_an_error() -> None:
         await read_all(make(reg))
 
 
+async def test_a_url_in_an_error_carries_no_userinfo() -> None:
+    """The CLI refuses credentials in an upstream URL; a URL that has them anyway (Settings built in code) still
+    never reaches a message with its password."""
+    reg = FakeRegistry(redirect_loop=True)
+    settings = Settings(upstreams={"docker.io": "http://alice:pw-s3cret@registry.test"}, upstream_retries=0)
+    up = Upstream(settings, transport=httpx.MockTransport(reg.handler), credentials=CredentialStore())
+    with pytest.raises(UpstreamProtocolError, match="redirects for http://registry.test/v2/") as e:
+        await read_all(up)
+    assert "s3cret" not in str(e.value) and "alice" not in str(e.value)
+
+
 # --- retries and errors ---
 
 
