@@ -18,7 +18,10 @@ from typing import Any, TextIO
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime",
                                                                                      "taskName"}
 
-# Libraries that log every request at INFO; a node's own lines matter more.
+# The HTTP client's libraries, at WARNING even with --log-level debug: httpx logs every request's full URL at
+# INFO, httpcore every response's headers at DEBUG (a Location), hpack HTTP/2 headers (Authorization) -- and a
+# blob redirected to a CDN is fetched from a signed URL whose query is the credential (`?sig=...`). The node's
+# own lines name hosts, not URLs, and never a header's value.
 _QUIET = ("httpx", "httpcore", "hpack")
 
 
@@ -59,6 +62,5 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    if root.level > logging.DEBUG:
-        for name in _QUIET:
-            logging.getLogger(name).setLevel(logging.WARNING)
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
