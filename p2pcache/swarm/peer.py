@@ -17,7 +17,9 @@ piece, which is handed to the waiting `request_piece` caller.
 Limits: at most `MAX_REQUESTS_IN` piece requests queued from one peer, and uploads only when the host's node-wide
 upload slots (the scheduler module's `UploadSlots`) say so (refused requests are rejected "busy"); at most
 `MAX_REQUESTS_OUT` of ours in flight on one connection (callers wait for a slot), at most `MAX_CONTROL_QUEUE`
-frames queued for a peer that does not read (then it is dropped). Frame sizes are bounded by the decoder.
+frames queued for a peer that does not read (then it is dropped). Frame sizes are bounded by the decoder. A call
+takes only an answer of the kind its question expects (`ANSWER_OF`), about the same digest: any other answer with
+its id fails the call at once (`WrongAnswer`, a PeerGone), as a dead peer's would.
 
 Timeouts are cancel scopes: the handshake must finish within `HANDSHAKE_TIMEOUT`; while we wait for anything from
 the peer (a piece, an answer), a stall scope around the reader is pushed back each time bytes arrive and fires
@@ -63,8 +65,13 @@ SEND_CHUNK = 1 << 20  # sendfile slices: the unit the upload bucket paces
 # How a connection ends without it being anybody's bug.
 _CLOSED = (OSError, ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError)
 
-# Answers to an RPC: the waiter is found by the "id" the question carried.
-ANSWER_KINDS = {"holders", "claim-answer", "metainfo", "tag", "manifest", "pong"}
+# The answer each RPC expects. The waiter is found by the "id" the question carried, but only an answer of this
+# kind (whose fields the decoder checked are all there) and, when both carry one, of the question's digest is taken:
+# a member that answered every call with a "pong" of the right id made the callers fail on missing fields (a
+# KeyError ended the download's announce loop), and every pull through the node failed (found in review).
+ANSWER_OF = {"announce": "holders", "claim": "claim-answer", "metainfo-req": "metainfo", "tag-req": "tag",
+             "manifest-req": "manifest", "ping": "pong"}
+ANSWER_KINDS = frozenset(ANSWER_OF.values())
 
 
 class PeerGone(Exception):
@@ -72,6 +79,11 @@ class PeerGone(Exception):
 
 
 _CLOSED = (*_CLOSED, PeerGone)
+
+
+class WrongAnswer(PeerGone):
+    """The peer answered a call with a message of another kind, or about another digest: that call failed, as a
+    timeout would have (the connection stays: its other traffic is judged on its own)."""
 
 
 class PieceRejected(Exception):
@@ -106,12 +118,14 @@ Throttle = Callable[[int], Awaitable[None]]
 
 
 class _Waiter:
-    __slots__ = ("event", "value", "error")
+    __slots__ = ("event", "value", "error", "answer", "digest")
 
-    def __init__(self) -> None:
+    def __init__(self, answer: str | None = None, digest: str | None = None) -> None:
         self.event = trio.Event()
         self.value: Message | None = None
         self.error: Exception | None = None
+        self.answer = answer  # a call's expected answer kind (None for a piece request)
+        self.digest = digest  # the digest the call asked about, if any
 
     def set(self, value: Message | None = None, error: Exception | None = None) -> None:
         if not self.event.is_set():
@@ -362,7 +376,8 @@ class PeerConnection:
         if kind == "piece":
             return (fields["digest"], fields["index"]) in self._pieces
         if kind == "manifest":
-            return fields["id"] in self._calls
+            w = self._calls.get(fields["id"])
+            return w is not None and w.answer == kind
         return False
 
     def _stalls(self) -> bool:
@@ -437,7 +452,12 @@ class PeerConnection:
         if k in ANSWER_KINDS:
             w = self._calls.pop(msg["id"], None)
             if w is not None:
-                w.set(msg)
+                wrong = _wrong_answer(w, msg)
+                if wrong is None:
+                    w.set(msg)
+                else:
+                    log.info("peer %s: %s", self.peer.node, wrong)
+                    w.set(error=WrongAnswer(f"{self.peer.node} {wrong}"))
             return
         if k == "request":
             key = (msg["digest"], msg["index"])
@@ -498,9 +518,11 @@ class PeerConnection:
         return w.value
 
     async def call(self, kind: str, timeout: float = RPC_TIMEOUT, **fields: Any) -> Message:
-        """Send an RPC and wait for its answer. Raises PeerGone (closed, stalled or timed out)."""
+        """Send an RPC and wait for its answer, a message of kind `ANSWER_OF[kind]` (about the same digest, if the
+        question names one), so the caller may read every field of that kind. Raises PeerGone (closed, stalled,
+        timed out, or WrongAnswer)."""
         rid = next(self._ids)
-        w = self._calls[rid] = _Waiter()
+        w = self._calls[rid] = _Waiter(ANSWER_OF[kind], fields.get("digest"))
         self._waiting += 1
         self._arm()
         try:
@@ -525,3 +547,12 @@ class PeerConnection:
             raise w.error
         assert w.value is not None
         return w.value
+
+
+def _wrong_answer(w: _Waiter, msg: Message) -> str | None:
+    """Why `msg` does not answer the call `w` waits on (None: it does)."""
+    if msg.kind != w.answer:
+        return f"answered a call with {msg.kind!r}, not {w.answer!r}"
+    if w.digest is not None and msg.fields.get("digest", w.digest) != w.digest:
+        return f"answered a call about {w.digest[:19]} with one about {msg['digest'][:19]}"
+    return None

@@ -1033,6 +1033,11 @@ class _Fill:
 
     # -- metainfo ---------------------------------------------------------------------------------------------
     def _accept_meta(self, fields: dict[str, Any], source: str) -> tuple[int, int, list[bytes | None]] | None:
+        if fields.get("digest") != self.digest:
+            # (PeerConnection.call already refuses an answer about another digest; this is the last line)
+            log.warning("%s: metainfo from %s is about %s; ignored", self.digest[:19], source,
+                        str(fields.get("digest"))[:19])
+            return None
         size, piece_size, hashes = fields["size"], fields["piece_size"], fields["hashes"]
         if not valid_layout(size, piece_size) or len(hashes) != piece_count(size, piece_size):
             return None

@@ -244,3 +244,44 @@ async def test_a_peer_that_stops_inside_a_frame_is_dropped_after_the_stall_timeo
                 await trio.sleep(0.02)
         nursery.cancel_scope.cancel()
     lsock.close()
+
+
+class Answers(Host):
+    """Answers every call with whatever `answer(msg)` makes of it: (kind, fields) or None for no answer."""
+
+    def __init__(self, path, answer) -> None:
+        super().__init__(path)
+        self.answer = answer
+
+    def on_message(self, conn, msg):
+        out = self.answer(msg)
+        return [] if out is None else [(out[0], out[1], b"")]
+
+
+async def test_an_answer_of_the_wrong_kind_or_digest_fails_the_call_like_a_dead_peer(blob):
+    """A member answered every call with a "pong" of the right id: matched by id only, it reached callers that
+    read fields it has not (KeyError 'size' in the metainfo reader, 'claim' in the announce loop), and every pull
+    through the node failed (found in review). Such an answer fails the call at once, as PeerGone."""
+    path, _ = blob
+    other = "sha256:" + "ef" * 32
+
+    def answer(msg):
+        if msg.kind == "metainfo-req":
+            return "pong", {"id": msg["id"]}
+        if msg.kind == "announce":  # the right kind, about another digest
+            return "holders", {"id": msg["id"], "digest": other, "holders": [], "claim": None}
+        if msg.kind == "ping":
+            return "pong", {"id": msg["id"]}
+        return None
+
+    async with trio.open_nursery() as nursery:
+        cli, _, lsock = await pair(nursery, Answers(path, answer))
+        with trio.fail_after(1):  # not the RPC timeout (3 s): the wrong answer is the failure
+            with pytest.raises(PeerGone, match="'pong', not 'metainfo'"):
+                await cli.call("metainfo-req", digest=D)
+            with pytest.raises(PeerGone, match="about sha256:efefef"):
+                await cli.call("announce", digest=D, pieces=0, complete=False)
+            assert (await cli.call("ping")).kind == "pong"  # the connection still serves what it answers right
+        assert not cli.closed and not cli._calls and not cli.busy()
+        nursery.cancel_scope.cancel()
+    lsock.close()

@@ -120,3 +120,12 @@ async def test_a_deadline_moved_earlier_without_decisions_wakes_the_tick_loop(tm
             await trio.sleep(0.001)
         nursery.cancel_scope.cancel()
     assert sched.ticks[0] - t0 == pytest.approx(0.02, abs=1e-3)
+
+
+async def test_metainfo_about_another_digest_is_not_taken(tmp_path) -> None:
+    """The layout and hashes of another blob: taken, every piece of ours would fail its check against them."""
+    svc, node = service(tmp_path)
+    fill = _Fill(svc, Download(node.fetcher, None, "sha256:" + "ab" * 32), None)  # type: ignore[arg-type]
+    fields = {"digest": "sha256:" + "cd" * 32, "size": 1 << 20, "piece_size": 1 << 19, "hashes": [None, None]}
+    assert fill._accept_meta(fields, "D") is None
+    assert fill._accept_meta({**fields, "digest": fill.digest}, "D") == (1 << 20, 1 << 19, [None, None])

@@ -1,0 +1,80 @@
+"""A hostile member: a peer with the cluster secret (it passes the real handshake) that then misbehaves. What it
+may cost a node is bounded, and pulls through the node still complete, from the other owners or from upstream.
+A real node process and docker-registry; the member is `hostile_member.HostileMember`."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import httpx
+import pytest
+import trio
+
+from p2pcache.swarm.wire import encode
+
+from .harness.registry import Registry
+from .hostile_member import HostileMember, wait_member
+from .swarm_harness import Cluster, push_random_image
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SECRET = b"cluster-secret"
+RPCS = {"announce", "claim", "metainfo-req", "tag-req", "manifest-req", "ping"}
+
+
+@pytest.fixture
+def reg(tmp_path):
+    r = Registry(tmp_path / "reg").start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def one_node(tmp_path, reg):
+    c = Cluster(tmp_path / "c", reg, 1, secret=SECRET).start()
+    yield c.nodes[0]
+    c.stop()
+
+
+def timed_fetch(node, name: str, digest: str) -> tuple[bytes, float]:
+    """The blob from the node's registry API, and the seconds between its first body bytes and its last."""
+    with httpx.Client(timeout=60) as c:
+        with c.stream("GET", f"{node.url}/v2/{name}/blobs/{digest}") as r:
+            assert r.status_code == 200, (r.status_code, r.read()[:300])
+            chunks, first = [], None
+            for chunk in r.iter_bytes(1 << 16):
+                first = first or time.monotonic()
+                chunks.append(chunk)
+            return b"".join(chunks), time.monotonic() - (first or time.monotonic())
+
+
+def pull_beside(node, member: HostileMember, name: str, digest: str) -> tuple[bytes, float]:
+    """With the member connected (a live member: an owner of the digest), pull `digest` through `node`."""
+    out: dict[str, tuple[bytes, float]] = {}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(member.run)
+            await trio.to_thread.run_sync(wait_member, node)
+            out["r"] = await trio.to_thread.run_sync(timed_fetch, node, name, digest)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return out["r"]
+
+
+def test_a_member_answering_every_call_with_another_kind_fails_no_pull(one_node, reg):
+    """It answered every call with a "pong" of the right id: the node read fields a pong has not (KeyError),
+    and every pull through it failed with a 503 (found in review). Now each such answer fails that call, as a
+    dead owner would, and the node fetches from upstream on its own."""
+    layer = push_random_image(reg, "library/wk", "1", [3_000_000]).layers[0]
+
+    def on_frame(msg):
+        return [encode("pong", id=msg["id"])] if msg.kind in RPCS else []
+
+    member = HostileMember(one_node.peer_addr, SECRET, on_frame)
+    data, _ = pull_beside(one_node, member, "library/wk", layer.digest)
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == layer.digest
+    assert {"announce", "claim", "metainfo-req"} <= set(member.seen)  # it was asked, as an owner
+    assert "KeyError" not in one_node.log_text()
