@@ -56,7 +56,14 @@ from p2pcache.discovery.membership import Membership
 from p2pcache.paced import paced
 from p2pcache.swarm.chain import ChainHasher, piece_hash
 from p2pcache.swarm.handshake import Handshake, HandshakeError, PeerInfo, load_secret
-from p2pcache.swarm.metainfo import checkable, piece_count, piece_span, prev_link, valid_layout
+from p2pcache.swarm.metainfo import (
+    MAX_META_PIECES,
+    checkable,
+    piece_count,
+    piece_span,
+    prev_link,
+    valid_layout,
+)
 from p2pcache.swarm.peer import (
     MAX_REQUESTS_IN,
     RECV_CHUNK,
@@ -915,7 +922,9 @@ class _Fill:
         self._nursery: trio.Nursery | None = None
         self._writes = 0  # verified pieces being written
         self._writes_idle = trio.Event()
-        self._early: list[tuple[PeerConnection, Message]] = []  # bitfields that came before the scheduler
+        # What peers said before the scheduler existed: per connection, its latest bitfield with the "have"s
+        # since ORed in (_keep_early)
+        self._early: dict[PeerConnection, bytearray] = {}
         self._tick_scope: trio.CancelScope | None = None  # the tick loop's sleep (_apply moves its deadline)
 
     # -- entry ------------------------------------------------------------------------------------------------
@@ -976,9 +985,9 @@ class _Fill:
             nursery.start_soon(self._task, self._publish, 0, [])  # the layout at once: leechers can start
         self._apply(self.sched.start(now))
         svc._share_sources()
-        for conn, msg in self._early:
-            self.peer_message(conn, msg)
-        self._early.clear()
+        early, self._early = self._early, {}
+        for conn, bits in early.items():
+            self.peer_message(conn, Message("bitfield", {"digest": self.digest, "bits": bytes(bits)}))
         nursery.start_soon(self._task, self._tick_loop)
         nursery.start_soon(self._task, self._metainfo_loop)
         await self.done.wait()
@@ -1166,8 +1175,7 @@ class _Fill:
             return
         node = conn.peer.node
         if self.sched is None:
-            if msg.kind == "bitfield" or len(self._early) < 10_000:
-                self._early.append((conn, msg))
+            self._keep_early(conn, msg)
             return
         now = trio.current_time()
         if msg.kind == "bitfield":
@@ -1178,9 +1186,27 @@ class _Fill:
             if 0 <= msg["index"] < self.sched.n:
                 self._apply(self.sched.peer_has(node, msg["index"], now))
 
+    def _keep_early(self, conn: PeerConnection, msg: Message) -> None:
+        """Before the scheduler exists (the layout is not known yet), keep what `conn` says of its pieces: its
+        latest bitfield, with the "have"s since ORed in. A newer bitfield replaces it (it is all the peer's
+        news); a "have" before any bitfield is dropped (the scheduler takes a peer's "have"s only after its
+        bitfield: replayed, it was dropped there); bits past the longest layout (MAX_META_PIECES) are no piece.
+        So a connection costs at most 2 KiB here however much it sends: every early bitfield was kept, and a
+        member that sent 256 KiB ones as fast as it could took the node from 39 MiB to 1.5 GB (found in
+        review)."""
+        if msg.kind == "bitfield":
+            self._early[conn] = bytearray(msg["bits"][:EARLY_BITS_MAX])
+            return
+        bits = self._early.get(conn)
+        i = msg["index"]
+        if bits is not None and i < 8 * EARLY_BITS_MAX:
+            if len(bits) <= i >> 3:  # (a peer with nothing yet answers with an empty bitfield)
+                bits.extend(bytes((i >> 3) + 1 - len(bits)))
+            bits[i >> 3] |= 0x80 >> (i & 7)
+
     def peer_closed(self, conn: PeerConnection) -> None:
         node = conn.peer.node
-        self._early = [(c, m) for c, m in self._early if c is not conn]
+        self._early.pop(conn, None)
         if self.peers.get(node) is not conn:
             return
         del self.peers[node]
@@ -1430,6 +1456,7 @@ class _Fill:
 
 
 RPC_META_TIMEOUT = 3.0
+EARLY_BITS_MAX = MAX_META_PIECES // 8  # bytes of the longest bitfield a layout has (metainfo.valid_layout)
 CLAIM_CONFIG = SchedulerConfig()  # the downloads' scheduler settings (claim_stagger) before a scheduler exists
 TICK_MAX = 0.5  # a safety net: _apply moves the tick loop's wake-up to each new earlier deadline
 TICK_MIN = 0.01  # under the scheduler's shortest busy back-off (20 ms), so its wake-up is not late

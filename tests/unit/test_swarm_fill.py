@@ -81,9 +81,27 @@ async def test_a_bitfield_from_a_connection_closed_before_the_scheduler_existed_
     assert len(fill._early) == 1  # kept until the scheduler exists
     conn.closed = True
     fill.peer_closed(conn)  # type: ignore[arg-type]
-    assert fill._early == [] and "D" not in fill.peers
+    assert fill._early == {} and "D" not in fill.peers
     fill.peer_message(conn, _Msg("bitfield", digest=fill.digest, bits=b"\xff"))  # type: ignore[arg-type]
-    assert fill._early == []  # a message of a closed connection is not taken either
+    assert fill._early == {}  # a message of a closed connection is not taken either
+
+
+async def test_what_a_peer_says_before_the_scheduler_exists_costs_at_most_2_kib(tmp_path) -> None:
+    """Every early bitfield was kept: a member that sent 256 KiB ones as fast as it could, while the node was
+    still learning the blob's layout, took it from 39 MiB to 1.5 GB (found in review). Now a connection's latest
+    bitfield is kept, with the "have"s since ORed in, cut at the longest layout's."""
+    svc, node = service(tmp_path)
+    fill = _Fill(svc, Download(node.fetcher, None, "sha256:" + "ab" * 32), None)  # type: ignore[arg-type]
+    flood, honest = _Conn(), _Conn()
+    for _ in range(1000):
+        fill.peer_message(flood, _Msg("bitfield", digest=fill.digest, bits=b"\xff" * (1 << 18)))  # type: ignore
+        fill.peer_message(flood, _Msg("have", digest=fill.digest, index=1 << 40))  # type: ignore[arg-type]
+    fill.peer_message(honest, _Msg("have", digest=fill.digest, index=0))  # type: ignore[arg-type]
+    fill.peer_message(honest, _Msg("bitfield", digest=fill.digest, bits=b""))  # type: ignore[arg-type]
+    fill.peer_message(honest, _Msg("have", digest=fill.digest, index=9))  # type: ignore[arg-type]
+    assert set(fill._early) == {flood, honest}
+    assert len(fill._early[flood]) == 2048  # MAX_META_PIECES bits
+    assert bytes(fill._early[honest]) == b"\x00\x40"  # piece 9 (a "have" before any bitfield is no news)
 
 
 class _DeadlineOnly:
