@@ -17,9 +17,10 @@ piece, which is handed to the waiting `request_piece` caller.
 Limits: at most `MAX_REQUESTS_IN` piece requests queued from one peer, and uploads only when the host's node-wide
 upload slots (the scheduler module's `UploadSlots`) say so (refused requests are rejected "busy"); at most
 `MAX_REQUESTS_OUT` of ours in flight on one connection (callers wait for a slot), at most `MAX_CONTROL_QUEUE`
-frames queued for a peer that does not read (then it is dropped). Frame sizes are bounded by the decoder. A call
-takes only an answer of the kind its question expects (`ANSWER_OF`), about the same digest: any other answer with
-its id fails the call at once (`WrongAnswer`, a PeerGone), as a dead peer's would.
+frames and `MAX_CONTROL_BYTES` bytes queued for a peer that does not read (then it is dropped). Frame sizes are
+bounded by the decoder. A call takes only an answer of the kind its question expects (`ANSWER_OF`), about the
+same digest: any other answer with its id fails the call at once (`WrongAnswer`, a PeerGone), as a dead peer's
+would.
 
 Timeouts are cancel scopes: the handshake must finish within `HANDSHAKE_TIMEOUT`; while we wait for anything from
 the peer (a piece, an answer), a stall scope around the reader is pushed back each time bytes arrive and fires
@@ -58,6 +59,10 @@ RPC_BUSY_MAX = 30.0  # ... unless a piece on the connection holds the call or it
 MAX_REQUESTS_IN = 32  # queued piece requests one peer may have with us; bounds memory and upload fairness
 MAX_REQUESTS_OUT = 8  # our piece requests in flight per connection: enough to fill a LAN pipe with 1-16 MiB pieces
 MAX_CONTROL_QUEUE = 4096  # frames queued for a peer that stopped reading: beyond this it is dropped
+# ... and bytes: frames carry payloads (a manifest answer) and headers up to 1 MiB (a metainfo answer). Counting
+# frames only, a member that asked for one 512 KB manifest 1000 times and read slowly had ~500 MB queued for it
+# (found in review). Requests whose answer is large are refused before this (`SwarmService.on_message`).
+MAX_CONTROL_BYTES = 16 << 20
 RECV_CHUNK = 1 << 20  # socket reads: 1 MiB keeps syscalls few (trio reading a socket ~3 GB/s here)
 RECV_HEAD = 64 << 10  # reads between payloads: many control frames at once, little of a piece's payload
 SEND_CHUNK = 1 << 20  # sendfile slices: the unit the upload bucket paces
@@ -231,6 +236,7 @@ class PeerConnection:
         self.on_bytes = on_bytes  # ("in"|"out", n) piece bytes, for metrics and scoring
         self.closed = False
         self._control: deque[bytes] = deque()
+        self._control_bytes = 0  # of the frames in _control and the one being sent
         self._uploads: deque[tuple[str, int]] = deque()  # requests given a slot, in order
         self._requested: set[tuple[str, int]] = set()  # the peer's requests not yet answered (or cancelled)
         self._sending: tuple[str, int] | None = None
@@ -302,20 +308,32 @@ class PeerConnection:
 
     # -- sending -----------------------------------------------------------------------------------------------
     def send(self, kind: str, payload: bytes = b"", **fields: Any) -> None:
-        """Queue a frame (never blocks). A peer that lets MAX_CONTROL_QUEUE frames pile up is dropped."""
+        """Queue a frame (never blocks). A peer that lets MAX_CONTROL_QUEUE frames or MAX_CONTROL_BYTES bytes
+        pile up is dropped (one frame alone may be larger: it is queued)."""
         if self.closed:
             raise PeerGone("connection closed")
-        if len(self._control) >= MAX_CONTROL_QUEUE:
+        frame = encode(kind, payload, **fields)
+        if len(self._control) >= MAX_CONTROL_QUEUE or (
+                self._control_bytes and self._control_bytes + len(frame) > MAX_CONTROL_BYTES):
             self.close()
             raise PeerGone("peer is not reading")
-        self._control.append(encode(kind, payload, **fields))
+        self._control.append(frame)
+        self._control_bytes += len(frame)
         self.last_active = trio.current_time()
         self._wake.set()
+
+    def queued_bytes(self) -> int:
+        """Bytes of frames queued for the peer and not sent yet (pieces being uploaded not included)."""
+        return self._control_bytes
 
     async def _writer(self) -> None:
         while True:
             if self._control:
-                await _send_all(self.sock, self._control.popleft(), SEND_STALL_TIMEOUT)
+                frame = self._control.popleft()
+                try:
+                    await _send_all(self.sock, frame, SEND_STALL_TIMEOUT)
+                finally:
+                    self._control_bytes -= len(frame)
             elif self._uploads:
                 key = self._sending = self._uploads.popleft()
                 try:

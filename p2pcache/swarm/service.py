@@ -131,6 +131,11 @@ METAINFO_POLL = 0.2  # how often a leecher refreshes piece hashes while the clai
 UPLOAD_SLOTS = 4  # pieces uploaded at once: a cold blob's first holder finishes pieces fast so they spread
 MAX_STORED_ANNOUNCED = 10_000  # blobs found in the store at start-up that are announced (one small RPC each)
 HOLDERS_LIMIT = 50  # holders asked for per lookup; the tracker samples them at random so load spreads
+# A manifest is answered only while what the connection has queued for its peer, with it, stays within this (one
+# alone always goes, however large); beyond, "not held". A member that asked for one 512 KB manifest 1000 times and
+# read slowly had ~500 MB of answers queued (found in review); peer.MAX_CONTROL_BYTES closes a connection whose
+# peer lets any frames pile up beyond that.
+MANIFEST_ANSWER_QUEUE = 4 << 20
 # Piece payloads are hashed in a worker thread (`_Fill._get_piece`), not by the decoder on the event loop: SHA-256
 # runs ~1.4 GB/s on one core here, so hashing on the loop caps a node's intake near that and stalls every other
 # connection while it runs; in a thread it overlaps the next piece's receive.
@@ -540,6 +545,12 @@ class SwarmService:
             return [("tag", self._tag_answer(msg), b"")]
         if k == "manifest-req":
             got = self.manifests.get(msg["digest"])
+            queued = conn.queued_bytes()
+            if got is not None and queued and queued + len(got[1]) > MANIFEST_ANSWER_QUEUE:
+                # Answered "not held" (the asker tries another peer): the answers it has not read yet are enough.
+                log.debug("swarm: %s has %d bytes of answers unread: manifest %s refused", conn.peer.node, queued,
+                         msg["digest"][:19])
+                got = None
             if got is None:
                 return [("manifest", {"id": msg["id"], "digest": msg["digest"], "media_type": None}, b"")]
             return [("manifest", {"id": msg["id"], "digest": msg["digest"], "media_type": got[0]}, got[1])]

@@ -23,10 +23,11 @@ OnFrame = Callable[[Message], list[bytes]]
 
 
 class HostileMember:
-    def __init__(self, target: str, secret: bytes, on_frame: OnFrame, node_id: str = "hostile000000001") -> None:
+    def __init__(self, target: str, secret: bytes, on_frame: OnFrame | None = None,
+                 node_id: str = "hostile000000001") -> None:
         self.target = target
         self.secret = secret
-        self.on_frame = on_frame
+        self.on_frame = on_frame  # None: the member never reads what the node sends (it piles up)
         self.node_id = node_id
         self.addr = f"127.0.0.1:{free_port()}"
         self.seen: list[str] = []  # the kinds of the node's frames, in order
@@ -42,6 +43,8 @@ class HostileMember:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._gossip)
                 task_status.started()
+                if self.on_frame is None:
+                    await trio.sleep_forever()
                 await self._read(dec)
                 nursery.cancel_scope.cancel()
         finally:
@@ -71,6 +74,7 @@ class HostileMember:
                 continue
             assert isinstance(ev, Message)
             self.seen.append(ev.kind)
+            assert self.on_frame is not None
             for frame in self.on_frame(ev):
                 await self.send(frame)
 
@@ -80,3 +84,12 @@ def wait_member(node, timeout: float = 10) -> None:
     one of the two tracker owners of every digest); then a gossip round more for good measure."""
     wait_until(lambda: node.metric("p2pcache_peers_connected") >= 1, timeout, "the member to connect")
     time.sleep(0.6)
+
+
+def rss_mib(node) -> float:
+    """The node process's resident memory."""
+    with open(f"/proc/{node.proc.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")

@@ -5,6 +5,7 @@ A real node process and docker-registry; the member is `hostile_member.HostileMe
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 
 import httpx
@@ -14,8 +15,8 @@ import trio
 from p2pcache.swarm.wire import encode
 
 from .harness.registry import Registry
-from .hostile_member import HostileMember, wait_member
-from .swarm_harness import Cluster, push_random_image
+from .hostile_member import HostileMember, rss_mib, wait_member
+from .swarm_harness import MANIFEST_ACCEPT, Cluster, push_random_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -78,3 +79,36 @@ def test_a_member_answering_every_call_with_another_kind_fails_no_pull(one_node,
     assert "sha256:" + hashlib.sha256(data).hexdigest() == layer.digest
     assert {"announce", "claim", "metainfo-req"} <= set(member.seen)  # it was asked, as an owner
     assert "KeyError" not in one_node.log_text()
+
+
+def test_a_member_asking_for_a_large_manifest_again_and_again_without_reading_costs_megabytes(one_node, reg):
+    """It asked 1000 times for one 512 KB manifest and read slowly: every answer was queued with its payload
+    (the queue counted frames, 4096), ~500 MB (found in review). Now a manifest is answered "not held" once 4 MiB
+    of answers wait for the peer, and 16 MiB of any frames close its connection."""
+    image = push_random_image(reg, "library/big", "1", [1000])
+    doc = json.loads(image.manifest.data)
+    doc["annotations"] = {"org.example.padding": "A" * (512 << 10)}
+    body = json.dumps(doc).encode()
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    assert httpx.put(f"{reg.url}/v2/library/big/manifests/2", content=body,
+                     headers={"Content-Type": doc["mediaType"]}, timeout=30).status_code == 201
+    r = httpx.get(f"{one_node.url}/v2/library/big/manifests/2", headers={"Accept": MANIFEST_ACCEPT}, timeout=30)
+    assert r.status_code == 200 and r.content == body  # the node holds it now
+    member = HostileMember(one_node.peer_addr, SECRET)  # it never reads
+    peak = {"rss": 0.0}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(member.run)
+            await trio.sleep(0.5)
+            base = rss_mib(one_node)
+            await member.send(b"".join(encode("manifest-req", id=i + 1, digest=digest) for i in range(300)))
+            for _ in range(30):  # 3 s, inside the send-stall timeout (10 s)
+                await trio.sleep(0.1)
+                peak["rss"] = max(peak["rss"], rss_mib(one_node) - base)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert peak["rss"] < 48, f"the node grew by {peak['rss']:.0f} MiB"  # 300 answers: 150 MB
+    with httpx.Client(timeout=10) as c:
+        assert c.get(f"{one_node.url}/v2/").status_code == 200

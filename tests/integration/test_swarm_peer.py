@@ -247,7 +247,7 @@ async def test_a_peer_that_stops_inside_a_frame_is_dropped_after_the_stall_timeo
 
 
 class Answers(Host):
-    """Answers every call with whatever `answer(msg)` makes of it: (kind, fields) or None for no answer."""
+    """Answers every message with what `answer(msg)` makes of it: (kind, fields[, payload]), or None for none."""
 
     def __init__(self, path, answer) -> None:
         super().__init__(path)
@@ -255,7 +255,7 @@ class Answers(Host):
 
     def on_message(self, conn, msg):
         out = self.answer(msg)
-        return [] if out is None else [(out[0], out[1], b"")]
+        return [] if out is None else [(out[0], out[1], out[2] if len(out) > 2 else b"")]
 
 
 async def test_an_answer_of_the_wrong_kind_or_digest_fails_the_call_like_a_dead_peer(blob):
@@ -283,5 +283,30 @@ async def test_an_answer_of_the_wrong_kind_or_digest_fails_the_call_like_a_dead_
                 await cli.call("announce", digest=D, pieces=0, complete=False)
             assert (await cli.call("ping")).kind == "pong"  # the connection still serves what it answers right
         assert not cli.closed and not cli._calls and not cli.busy()
+        nursery.cancel_scope.cancel()
+    lsock.close()
+
+
+async def test_a_peer_that_lets_answers_pile_up_is_dropped_at_a_byte_bound(blob):
+    """Only frames were counted (4096): a member that asked 1000 times for a 512 KB manifest and read slowly had
+    ~500 MB of answers queued for it (found in review). Past MAX_CONTROL_BYTES queued, the connection closes."""
+    path, _ = blob
+    body = b"m" * (512 << 10)
+
+    def answer(msg):
+        if msg.kind == "manifest-req":
+            return "manifest", {"id": msg["id"], "digest": msg["digest"], "media_type": "x/y"}, body
+        return None
+
+    host = Answers(path, answer)
+    async with trio.open_nursery() as nursery:
+        s, server_side, lsock = await pair(nursery, host, raw_client_rcvbuf=4096)
+        await s.send(b"".join(encode("manifest-req", id=i + 1, digest=D) for i in range(100)))  # then never reads
+        with trio.fail_after(2):  # not the send-stall timeout (10 s): the queue's bound
+            while "conn" not in server_side or not server_side["conn"].closed:
+                await trio.sleep(0.02)
+        srv = server_side["conn"]
+        assert srv in host.closed and len(srv._control) < 40  # 16 MiB of 512 KB answers, not 100 of them
+        s.close()
         nursery.cancel_scope.cancel()
     lsock.close()
