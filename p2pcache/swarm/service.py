@@ -531,7 +531,7 @@ class SwarmService:
                 return []
             return [("metainfo", self._metainfo_fields(msg["id"], msg["digest"], ans), b"")]
         if k == "interested":
-            conn.interested.add(msg["digest"])
+            conn.want_haves(msg["digest"])
             fill = self._fills.get(msg["digest"])
             if fill is not None:
                 fill.consider(conn)  # a peer fetching the same blob: we want its pieces as much as it wants ours

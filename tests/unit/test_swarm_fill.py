@@ -147,3 +147,25 @@ async def test_metainfo_about_another_digest_is_not_taken(tmp_path) -> None:
     fields = {"digest": "sha256:" + "cd" * 32, "size": 1 << 20, "piece_size": 1 << 19, "hashes": [None, None]}
     assert fill._accept_meta(fields, "D") is None
     assert fill._accept_meta({**fields, "digest": fill.digest}, "D") == (1 << 20, 1 << 19, [None, None])
+
+
+async def test_the_digests_a_peer_wants_news_of_are_bounded(tmp_path) -> None:
+    """A member sent "interested" for a million made-up digests: the connection kept every one (40 -> 195 MiB,
+    found in review). Now the latest MAX_INTERESTED, which are what "have"s go out for."""
+    from p2pcache.swarm.handshake import PeerInfo
+    from p2pcache.swarm.peer import MAX_INTERESTED, PeerConnection
+    from p2pcache.swarm.wire import FrameDecoder, Message
+
+    svc, node = service(tmp_path)
+    sock = trio.socket.socket()
+    conn = PeerConnection(sock, PeerInfo("D", "127.0.0.1:1", None), svc, FrameDecoder(), outgoing=False)
+    svc.conns["D"] = [conn]
+    digests = [f"sha256:{i:064x}" for i in range(10_000)]
+    for d in digests:
+        answer = svc.on_message(conn, Message("interested", {"digest": d}))
+        assert answer == [("bitfield", {"digest": d, "bits": b""}, b"")]  # each is still answered
+    assert list(conn.interested) == digests[-MAX_INTERESTED:]
+    svc.have_piece(digests[-1], 0)
+    svc.have_piece(digests[0], 0)  # forgotten: no "have"
+    assert len(conn._control) == 1
+    sock.close()
