@@ -683,7 +683,7 @@ class SwarmService:
             except PeerGone:
                 pass
 
-    async def _claim(self, digest: str, release: bool = False) -> dict[str, Any] | None:
+    async def _claim(self, digest: str) -> dict[str, Any] | None:
         """Ask every owner of `digest` (as we see them) for the claim; granted only if every owner that answers
         grants it. Two nodes whose member lists differ for a moment (a join still gossiping) compute different
         owners, but rendezvous sets of two almost always share one, and that one grants only one of them. Where we
@@ -692,7 +692,7 @@ class SwarmService:
         answers: list[tuple[str, dict[str, Any]]] = []
         for owner in await self._owner_conns(digest):
             try:
-                ans = await self._tracker_call(owner, "claim", digest=digest, release=release)
+                ans = await self._tracker_call(owner, "claim", digest=digest, release=False)
             except PeerGone as e:
                 log.info("claim of %s at %s failed: %s", digest[:19], owner, e)
                 continue
@@ -701,12 +701,35 @@ class SwarmService:
         if not answers:
             return None
         denied = [a for _, a in answers if not a["granted"]]
-        if release or not denied:
+        if not denied:
             return answers[0][1]
         for owner, a in answers:
             if a["granted"]:
                 self._spawn(functools.partial(self._tracker_call, owner, "claim", digest=digest, release=True))
         return max(denied, key=lambda a: a["complete"])  # a complete holder is the better news
+
+    async def _release_claim(self, digest: str) -> None:
+        """Release our claim on `digest` at every owner at once, waiting at most CLAIM_RELEASE_WAIT for each (a
+        silent owner lets it expire instead). Not at an owner we reach after a new fill of ours for `digest`
+        began: the claim it asks for or holds is the same entry at the tracker."""
+
+        async def at(owner: str) -> None:
+            with trio.move_on_after(CLAIM_RELEASE_WAIT):
+                if owner != self.node_id:
+                    await self.connect_node(owner)
+                if digest not in self._fills:
+                    await self._tracker_call(owner, "claim", digest=digest, release=True)
+
+        async def logged(owner: str) -> None:
+            try:
+                await at(owner)
+            except PeerGone as e:
+                log.info("release of %s at %s failed: %s", digest[:19], owner, e)
+
+        owners = await self._owner_conns(digest)
+        async with trio.open_nursery() as nursery:
+            for owner in owners:
+                nursery.start_soon(logged, owner)
 
     # -- metainfo ---------------------------------------------------------------------------------------------
     def _metainfo_answer(self, digest: str) -> tuple[int, int, list[bytes | None]] | None:
@@ -859,7 +882,10 @@ class SwarmService:
             if self._fills.get(download.digest) is fill:
                 del self._fills[download.digest]
             self._share_sources()
-        self._spawn(self._after_fill, download, fill.meta_source)
+            # The client's last bytes wait for this return (the fetcher then checks the whole digest), so the
+            # tracker bookkeeping runs in the service's nursery: an owner that never answers added up to 5 s to
+            # every pull (3 s for the complete announce, 2 s for the claim release; found in review).
+            self._spawn(self._after_fill, download, fill)
 
     def _share_sources(self) -> None:
         """Split the node's sources among the downloads it drives, oldest first (`source_shares`): called
@@ -873,10 +899,18 @@ class SwarmService:
             if sched.max_sources != n:
                 f._apply(sched.set_max_sources(n, now))
 
-    async def _after_fill(self, download: Download, meta_source: str | None) -> None:
-        """Once the fetcher checked the whole digest: if it failed, withdraw, forget the hashes and ban whoever
-        gave us the piece list (the fetcher refetches from upstream)."""
-        if download.size is None:
+    async def _after_fill(self, download: Download, fill: _Fill) -> None:
+        """After a fill, in the service's nursery (the client's bytes do not wait for it): tell the owners we hold
+        the whole blob, then release the claim, in that order so nobody claims a blob the cluster already has.
+        Once the fetcher checked the whole digest: if it failed, withdraw, forget the hashes and ban whoever gave
+        us the piece list (the fetcher refetches from upstream)."""
+        if fill.complete:
+            with trio.move_on_after(RPC_META_TIMEOUT):
+                await self._announce(download.digest, True, download.n_pieces)
+        if fill.release_claim:
+            await self._release_claim(download.digest)
+        meta_source = fill.meta_source
+        if not fill.complete or download.size is None:
             return
         try:
             await download.readable(max(0, download.size - 1))
@@ -936,6 +970,8 @@ class _Fill:
         # What peers said before the scheduler existed: per connection, its latest bitfield with the "have"s
         # since ORed in (_keep_early)
         self._early: dict[PeerConnection, bytearray] = {}
+        self.complete = False  # every piece verified (run returned): to announce
+        self.release_claim = False  # the claim was ours when run ended: to release
         self._tick_scope: trio.CancelScope | None = None  # the tick loop's sleep (_apply moves its deadline)
 
     # -- entry ------------------------------------------------------------------------------------------------
@@ -958,21 +994,19 @@ class _Fill:
                      sc.bytes_from_peers if sc else 0, sc.bytes_from_upstream if sc else 0,
                      sc.pieces_rejected if sc else 0)
             if self.error is None:
-                # Every piece verified: remember the layout and hashes (to serve and vouch for them), and say so
-                # before the claim is released, so nobody claims a blob the cluster already has.
+                # Every piece verified: remember the layout and hashes (to serve and vouch for them). The owners
+                # hear of it after we return (SwarmService._after_fill), before the claim is released.
                 assert d.size is not None and d.piece_size is not None
                 svc._meta_cache[self.digest] = (d.size, d.piece_size, list(self.hashes))
                 svc._announced[self.digest] = True
-                with trio.move_on_after(RPC_META_TIMEOUT):
-                    await svc._announce(self.digest, True, d.n_pieces)
+                self.complete = True
         finally:
             self._nursery = None
             if self.claimed:
                 self.claimed = False
+                self.release_claim = True
                 svc._claims.discard(self.digest)
                 svc.metrics.claims_held.dec()
-                with trio.CancelScope(shield=True), trio.move_on_after(2):
-                    await svc._claim(self.digest, release=True)
         if self.error is not None:
             raise self.error
 
@@ -1467,6 +1501,7 @@ class _Fill:
 
 
 RPC_META_TIMEOUT = 3.0
+CLAIM_RELEASE_WAIT = 2.0  # for each owner's answer to a release; a claim not released expires (CLAIM_TTL)
 EARLY_BITS_MAX = MAX_META_PIECES // 8  # bytes of the longest bitfield a layout has (metainfo.valid_layout)
 CLAIM_CONFIG = SchedulerConfig()  # the downloads' scheduler settings (claim_stagger) before a scheduler exists
 TICK_MAX = 0.5  # a safety net: _apply moves the tick loop's wake-up to each new earlier deadline

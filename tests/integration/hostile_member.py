@@ -30,7 +30,7 @@ class HostileMember:
         self.on_frame = on_frame  # None: the member never reads what the node sends (it piles up)
         self.node_id = node_id
         self.addr = f"127.0.0.1:{free_port()}"
-        self.seen: list[str] = []  # the kinds of the node's frames, in order
+        self.seen: list[Message] = []  # the node's frames, in order
         self._sock: trio.socket.SocketType | None = None
         self._lock = trio.Lock()
 
@@ -49,6 +49,9 @@ class HostileMember:
                 nursery.cancel_scope.cancel()
         finally:
             self._sock.close()
+
+    def kinds(self) -> set[str]:
+        return {m.kind for m in self.seen}
 
     async def send(self, frame: bytes) -> None:
         async with self._lock:  # whole frames: tasks must not interleave parts of theirs
@@ -73,7 +76,7 @@ class HostileMember:
                 dec.feed(data)
                 continue
             assert isinstance(ev, Message)
-            self.seen.append(ev.kind)
+            self.seen.append(ev)
             assert self.on_frame is not None
             for frame in self.on_frame(ev):
                 await self.send(frame)
