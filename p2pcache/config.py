@@ -357,7 +357,8 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
     a("--config", type=Path, help="TOML file with the same keys as these flags")
     a("--listen", help="registry API address (default 0.0.0.0:5000)")
     a("--admin-listen", dest="admin_listen", help="admin API address (default 127.0.0.1:5001)")
-    a("--data", help="store directory (default /var/lib/p2pcache as root, else ~/.cache/p2pcache)")
+    a("--data", help="store directory (default /var/lib/p2pcache as root, else $XDG_CACHE_HOME/p2pcache, "
+                     "~/.cache/p2pcache without it)")
     a("--upstream", dest="upstreams", action="append", metavar="NS=URL",
       help="upstream registry for namespace NS, repeatable (default docker.io=https://registry-1.docker.io)")
     a("--default-ns", dest="default_ns", help="namespace of requests that name none (default docker.io)")
