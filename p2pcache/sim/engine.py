@@ -51,6 +51,7 @@ from p2pcache.sim.scenario import Scenario
 from p2pcache.swarm.metainfo import piece_count, piece_size_for, piece_span
 from p2pcache.swarm.ratelimit import TokenBucket
 from p2pcache.swarm.scheduler import (
+    SPARE_SHARE,
     AskClaim,
     Ban,
     Cancel,
@@ -73,7 +74,6 @@ INF = 1e300
 ARRIVE, TRACKER_Q, TRACKER_A, CLAIM_Q, CLAIM_A, REQ, CANCEL, DELIVER, HAVES, TICK, UP_START, KILL, RESTART, \
     GONE, REFUSED, LAYER_START, CLAIM_WAIT = range(1, 18)
 PEER, UPS, BASE = 0, 1, 2  # flow kinds
-SPARE = 0.95  # an upload link carrying less than this share of its capacity has room (UploadSlots.request)
 
 
 class SimLayer:
@@ -558,8 +558,8 @@ class Simulation:
                     continue
                 if not u.have.get(lid, 0) >> idx & 1:
                     continue  # cannot happen with honest peers; the requester times out
-                # upload capacity the running uploads leave unused, as the node's upload bucket shows it
-                serves = u.slots.request(did, lid, idx, spare=net.used[u.up] < SPARE * net.cap[u.up])
+                # upload capacity the running uploads leave unused (the node: what it sent over the last second)
+                serves = u.slots.request(did, lid, idx, spare=net.used[u.up] < SPARE_SHARE * net.cap[u.up])
                 if serves is None:
                     self.push(now + self.latency(u, nodes[did]), REFUSED, did, uid, lid, idx)
                 else:

@@ -771,6 +771,10 @@ SERVED_KEYS = 1024  # blobs whose per-piece upload counts an UploadSlots keeps (
 # Second copies refused in a row, after a stream ended, with no first copy started between them: then nobody wants
 # the pieces still waiting, and the first-copies rule ends (UploadSlots).
 DRAIN_REFUSALS = 16
+# An upload link carrying less than this share of its capacity has room for a guest (UploadSlots._guest): the
+# simulator reads it off its allocation, the node off what it sent over the last second (ratelimit.RateMeter).
+# Half, not nearly all: the real node's upload has gaps between pieces that a 95 % rule took for room.
+SPARE_SHARE = 0.5
 
 
 class UploadSlots:

@@ -75,8 +75,9 @@ from p2pcache.swarm.peer import (
     open_peer_socket,
 )
 from p2pcache.swarm.picker import mask_of
-from p2pcache.swarm.ratelimit import TokenBucket, paced_chunk
+from p2pcache.swarm.ratelimit import RateMeter, TokenBucket, paced_chunk
 from p2pcache.swarm.scheduler import (
+    SPARE_SHARE,
     AskClaim,
     Ban,
     BanList,
@@ -180,6 +181,7 @@ class SwarmService:
         self.membership = Membership(self.node_id, self.addr, self.zone, heartbeat=int(time.time() * 10))
         self.tracker = Tracker(rng=random.Random(), announce_ttl=ANNOUNCE_TTL, claim_ttl=CLAIM_TTL)
         self.up_bucket = TokenBucket(settings.upload_limit, now=trio.current_time())
+        self.up_meter = RateMeter(now=trio.current_time())  # what the upload limit let through lately
         # The node's one download limit: the fetcher's upstream downloads count against it too (paced.py). The
         # upstream stream and the peer reads are each assured half and take what the other leaves: the cluster's
         # upstream link is its scarcest resource (every node needs what only the claim holder can fetch), so the
@@ -285,7 +287,9 @@ class SwarmService:
     # connections
     # =========================================================================================================
     async def _throttle_tx(self, n: int) -> None:
-        delay = self.up_bucket.take(n, trio.current_time())
+        now = trio.current_time()
+        delay = self.up_bucket.take(n, now)
+        self.up_meter.add(n, now)
         if delay > 0:
             await trio.sleep(delay)
 
@@ -493,8 +497,10 @@ class SwarmService:
 
     # -- upload slots (UploadSlots decides, connections send) ---------------------------------------------------
     def upload_request(self, conn: PeerConnection, digest: str, index: int) -> bool:
-        # room on the upload link: the limit's bucket is not in debt (no limit: room as far as we know)
-        spare = self.up_bucket.available(trio.current_time()) > 0
+        # room on the upload link: less than SPARE_SHARE of the limit sent over the last second (no limit: room
+        # as far as we know), as the simulator reads it off its allocation
+        limit = self.settings.upload_limit
+        spare = limit is None or self.up_meter.rate(trio.current_time()) < SPARE_SHARE * limit
         serves = self.uploads.request(conn, digest, index, spare=spare)
         if serves is None:
             return False

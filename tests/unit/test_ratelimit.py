@@ -96,3 +96,16 @@ def test_download_share_never_exceeds_the_limit():
     # over 100 s: at most the limit, plus one burst (1 MB) and the stream's one second ahead (10 MB)
     assert ups + sum(peers) <= 10 + (1 + 10) / 100
     assert ups + sum(peers) >= 9.5
+
+
+def test_rate_meter_counts_about_the_last_second():
+    from p2pcache.swarm.ratelimit import RateMeter
+
+    m = RateMeter(window=1.0, now=0.0)
+    for i in range(10):
+        m.add(100, i / 10)  # 1000 bytes over the first second
+    assert m.rate(0.99) == pytest.approx(1000, rel=0.02)
+    assert m.rate(1.5) == pytest.approx(500, rel=0.02)  # half of the last second is the first one's
+    assert m.rate(2.0) == 0.0
+    m.add(300, 5.0)  # after a pause nothing old is left over
+    assert m.rate(5.0) == pytest.approx(300)
