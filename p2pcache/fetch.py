@@ -87,7 +87,7 @@ from p2pcache.lane import ThreadLane
 from p2pcache.oci.errors import OciError, UpstreamUnavailable
 from p2pcache.oci.reference import parse_digest
 from p2pcache.paced import UPSTREAM_AHEAD, paced
-from p2pcache.pump import SocketPump
+from p2pcache.pump import BufferBudget, SocketPump
 from p2pcache.store.blobs import DigestMismatch
 from p2pcache.swarm.chain import ChainHasher, whole_digest
 from p2pcache.swarm.metainfo import piece_count, piece_size_for, piece_span
@@ -730,7 +730,7 @@ class Download:
         def digest(pos: int, view: memoryview) -> _Written:
             return self._write_batch([(pos, view)], write=False)
 
-        pump = SocketPump(body, write=write, digest=digest, count=count)
+        pump = SocketPump(body, write=write, digest=digest, count=count, budget=self.fetcher.pump_buffers)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._after_writes, pump.results, nursery, False)
@@ -850,6 +850,8 @@ class Fetcher:
         self.down_share = DownloadShare(settings.download_limit, ahead=UPSTREAM_AHEAD)
         self.upstream = paced(upstream, self.down_share)
         self.metrics = metrics
+        # What every upstream pump's buffers may hold at once (pump.py: Memory): many cold blobs at once stay small.
+        self.pump_buffers = BufferBudget()
         self.swarm: BlobSwarm | None = None
         self._downloads: dict[str, Download] = {}
         # Digests whose last download from the swarm failed the whole-blob check: fetched from upstream next.

@@ -74,3 +74,36 @@ async def test_clients_stream_while_the_download_is_in_flight(make_registry, mak
         assert f.ttfb is not None and f.ttfb < total / 2, (
             f"client {i} waited {f.ttfb:.2f}s for its first byte of a {total:.2f}s download")
     print("ttfb", [round(f.ttfb, 2) for f in results], "total", round(total, 2))
+
+
+def _peak_rss_mib(node) -> float:
+    with open(f"/proc/{node.proc.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+async def test_many_small_cold_blobs_at_once_keep_the_node_small(make_registry, make_node):
+    """60 clients each pull a different cold 256 KiB blob at once (15 MiB in all): the node's peak RSS stays
+    near its idle size. Every cold download zero-filled 8 x 1 MiB pump buffers whatever its size, with nothing
+    bounding them together: +300 MB (found in review; the README promises <= 150 MiB, flat)."""
+    reg = make_registry()
+    layers = [im.random_layer(256 * 1024) for _ in range(60)]
+    im.push(reg.url, "library/many", "1", im.make_image(layers))
+    node = make_node({"docker.io": reg.url})
+    idle = _peak_rss_mib(node)
+    results: list = [None] * len(layers)
+    limits = httpx.Limits(max_connections=100)
+    async with httpx.AsyncClient(base_url=node.url, timeout=60, limits=limits) as client:
+
+        async def one(i: int) -> None:
+            results[i] = await afetch_blob(client, f"/v2/library/many/blobs/{layers[i].digest}")
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(layers)):
+                nursery.start_soon(one, i)
+    for la, f in zip(layers, results, strict=True):
+        assert f.complete and "sha256:" + f.sha256 == la.digest, f
+    grew = _peak_rss_mib(node) - idle
+    assert grew < 48, f"the node's peak RSS grew by {grew:.0f} MiB for 15 MiB of cold blobs"

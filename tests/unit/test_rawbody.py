@@ -372,3 +372,51 @@ async def test_many_pumps_at_once_never_wait_on_each_others_threads(monkeypatch:
     for _, b in pairs:
         b.close()
     assert all(bytes(g) == payload for g in got)
+
+
+async def test_pumps_share_one_buffer_budget_and_size_buffers_to_the_body() -> None:
+    """A pump's buffers are sized to its body, and all pumps of a node hold at most the budget at once (one
+    buffer each at least, so none waits for ever): 16 pumps on a budget of 3 buffers all finish."""
+    import socket
+
+    from p2pcache.oci.rawbody import SocketBody
+    from p2pcache.pump import BufferBudget, SocketPump
+
+    n, size = 16, 50_000
+    budget = BufferBudget(3 * size)
+    payload = os.urandom(size)
+    pairs = [socket.socketpair() for _ in range(n)]
+    peak = 0
+    pumps: list[SocketPump] = []
+
+    async def one(a: socket.socket) -> None:
+        nonlocal peak
+
+        def write(pos: int, view: memoryview) -> None:
+            nonlocal peak
+            peak = max(peak, budget.lent)
+
+        pump = SocketPump(SocketBody(a, None, b"", size, 10.0), write=write,
+                          digest=lambda pos, view: len(view), count=lambda n: None, budget=budget)
+        pumps.append(pump)
+        async with trio.open_nursery() as nursery:
+            async def drain() -> None:
+                async for _ in pump.results:
+                    pass
+            nursery.start_soon(drain)
+            assert await pump.run(0, size) is None
+
+    def feed() -> None:
+        for _, b in pairs:
+            b.settimeout(15)
+            b.sendall(payload)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for a, _ in pairs:
+                nursery.start_soon(one, a)
+            await trio.to_thread.run_sync(feed, limiter=trio.CapacityLimiter(1))
+    for _, b in pairs:
+        b.close()
+    assert all(p.buffer_size == size and p.buffers == 1 for p in pumps)
+    assert 0 < peak <= 3 * size and budget.lent == 0
