@@ -473,7 +473,15 @@ class Download:
             try:
                 partial.save()
             except OSError as e:
-                log.warning("cannot save partial state of %s: %s", self.digest, e)
+                if partial.state_path.exists():
+                    log.warning("cannot save partial state of %s: %s (an older state stays to resume from)",
+                                self.digest, e)
+                else:
+                    # Without a state nothing can resume it (a restart deletes it), yet it held the disk: on a
+                    # full disk without --max-disk every later pull failed until a restart (found in review).
+                    log.warning("cannot save partial state of %s: %s; its partial download is removed",
+                                self.digest, e)
+                    partial.discard()
         # Every handle reads through a file object of its own (open_reader), so closing this one is safe.
         partial.close()
 

@@ -341,11 +341,46 @@ class BlobStore:
         larger than the whole quota evicts nothing: it cannot fit whatever goes (an upstream that announced an
         absurd size emptied the cache before its first byte), and its commit applies the quota as usual.
         """
+        keep_hex = digest_hex(keep) if keep is not None else None
+        self._free_disk(max(0, nbytes), keep_hex)
         if self.max_bytes is not None and nbytes > self.max_bytes:
             log.warning("store: a download of %d bytes is larger than the quota (%d): nothing evicted for it",
                         nbytes, self.max_bytes)
             return
-        self._enforce(max(0, nbytes), exclude=None, keep=digest_hex(keep) if keep is not None else None)
+        self._enforce(max(0, nbytes), exclude=None, keep=keep_hex)
+
+    def _free_disk(self, nbytes: int, keep: str | None) -> None:
+        """Remove idle partial downloads, oldest first, while the filesystem has less room than `nbytes` plus
+        what the downloads in progress still have to write (their files are sparse), quota or not.
+
+        Why: without --max-disk nothing else ever removed them, and a download that failed on a full disk left
+        its partial holding that disk: every later pull failed until a restart (found in review). Complete blobs
+        are not touched here; only the quota evicts those."""
+        try:
+            st = os.statvfs(self.partial_dir)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        with self._lock:
+            live = [p for p in self._partials.values() if not (p.discarded or p.committed or p.file.closed)]
+        need = nbytes
+        for p in live:
+            with contextlib.suppress(OSError, ValueError):
+                need += max(0, p.size - os.fstat(p.file.fileno()).st_blocks * 512)
+        if keep is not None:  # a resume writes only what its partial does not hold yet
+            with contextlib.suppress(OSError):
+                need -= min(nbytes, (self.partial_dir / f"{keep}.data").stat().st_blocks * 512)
+        if free >= need:
+            return
+        with self._lock:
+            idle = self._idle_partials(keep)
+            while idle and free < need:
+                _, hex_, n = idle.pop(0)
+                log.warning("store: removing the idle partial download of sha256:%s (%d bytes): the disk has "
+                            "%d bytes free, %d needed", hex_, n, free, need)
+                for kind in ("data", "state"):
+                    _remove(self.partial_dir / f"{hex_}.{kind}")
+                free += n
 
     def reserved_bytes(self) -> int:
         """The sizes of the downloads in progress (live partials), which the quota holds room for."""

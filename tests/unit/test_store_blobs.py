@@ -294,6 +294,39 @@ def test_idle_partial_downloads_count_and_go_first(tmp_path: Path) -> None:
     live.close()
 
 
+def test_a_full_disk_removes_idle_partials_without_a_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --max-disk: a download that failed on a full disk left its partial holding that disk, and every later
+    pull failed until a restart (found in review). A download that starts while the filesystem has less room
+    than it needs removes idle partials, oldest first; a live one, the resuming one and complete blobs stay."""
+    store = BlobStore(tmp_path)
+    a = put(store, blob(3000, 1))
+    idle = []
+    for seed in (2, 3):
+        data = blob(8192, seed)
+        p = store.partial(digest_of(data), len(data), 4096)
+        p.write(0, data[:4096])
+        p.mark(0, hashlib.sha256(data[:4096]).digest())
+        p.save()
+        p.close()
+        idle.append(digest_of(data))
+    os.utime(tmp_path / "partial" / f"{idle[0][7:]}.data", (1000, 1000))  # the older one
+    free = {"bytes": 10_000}
+
+    class Vfs:
+        f_frsize = 1
+        f_bavail = property(lambda self: free["bytes"])
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Vfs())
+    store.make_room(5000)  # room enough: nothing goes
+    assert len(files_under(tmp_path / "partial")) == 4
+    free["bytes"] = 2000
+    store.make_room(5000)  # short by 3000: the older idle partial (4 KiB on disk) goes, that is enough
+    names = {f.name for f in files_under(tmp_path / "partial")}
+    assert names == {f"{idle[1][7:]}.data", f"{idle[1][7:]}.state"}
+    store.make_room(10**9, keep=idle[1])  # never the partial about to resume, nor a complete blob
+    assert len(files_under(tmp_path / "partial")) == 2 and store.stat(a) == 3000
+
+
 def test_restart_recounts_and_keeps_lru_order_from_mtime(tmp_path: Path) -> None:
     store = BlobStore(tmp_path, max_bytes=1000)
     a, b, c = (put(store, blob(100, s)) for s in (1, 2, 3))
