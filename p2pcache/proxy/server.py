@@ -43,9 +43,12 @@ import h11
 import trio
 
 from p2pcache.config import Settings, parse_hostport
+from p2pcache.log import Throttled
 from p2pcache.oci.errors import OciError
 
 log = logging.getLogger(__name__)
+# Out of file descriptors: one line every 10 s, not a traceback per request.
+_out_of_files = Throttled(log)
 
 SERVER_NAME = "p2pcache"
 _READ_SIZE = 64 * 1024
@@ -358,6 +361,18 @@ class _Conn:
             return await self.handler(req)
         except OciError as e:
             return oci_error_response(e)
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                log.exception("handler failed for %s %s", req.method, req.target)
+                return oci_error_response(OciError("UNKNOWN", "internal error"))
+            # Opening a blob (or a manifest) found no file descriptor left: the node is busy, not broken, and
+            # the client may retry (503, as for an unreachable upstream); it got 500 "internal error" and the
+            # log a traceback per request (found in review: RLIMIT_NOFILE 64, 150 GETs at once).
+            _out_of_files.warning("too many open files (%s): answering 503 to %s %s; raise the open-files "
+                                  "limit (LimitNOFILE=, the container runtime's)", errno.errorcode[e.errno],
+                                  req.method, req.target)
+            return oci_error_response(OciError("UNAVAILABLE", "the node has too many open files; retry",
+                                               headers={"Retry-After": "1"}))
         except Exception:
             log.exception("handler failed for %s %s", req.method, req.target)
             return oci_error_response(OciError("UNKNOWN", "internal error"))

@@ -107,3 +107,37 @@ async def test_many_small_cold_blobs_at_once_keep_the_node_small(make_registry, 
         assert f.complete and "sha256:" + f.sha256 == la.digest, f
     grew = _peak_rss_mib(node) - idle
     assert grew < 48, f"the node's peak RSS grew by {grew:.0f} MiB for 15 MiB of cold blobs"
+
+
+async def test_out_of_file_descriptors_is_503_and_one_log_line(make_registry, make_node):
+    """A node whose open-files limit is 64 gets 150 GETs of a stored blob at once: those it has no descriptor
+    for get 503 UNAVAILABLE (retryable, an OCI error body), the log says "too many open files" once, and no
+    traceback. They got 500 UNKNOWN "internal error" and a traceback each (found in review)."""
+    reg = make_registry()
+    layer = im.random_layer(5 * 1024 * 1024)
+    im.push(reg.url, "library/fds", "1", im.make_image([layer]))
+    node = make_node({"docker.io": reg.url}, start=False)
+    node.wrap = ["prlimit", "--nofile=64:64", "--"]
+    node.start()
+    path = f"/v2/library/fds/blobs/{layer.digest}"
+    with httpx.Client(base_url=node.url, timeout=30) as c:
+        assert c.get(path).status_code == 200  # stored
+    statuses: list[int] = []
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=node.url, timeout=60, limits=limits) as client:
+
+        async def one() -> None:
+            r = await client.get(path)
+            statuses.append(r.status_code)
+            if r.status_code == 503:
+                assert r.json()["errors"][0]["code"] == "UNAVAILABLE", r.text
+            else:
+                assert r.status_code == 200 and len(r.content) == layer.size, (r.status_code, r.text[:200])
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(150):
+                nursery.start_soon(one)
+    assert statuses.count(503) > 0, f"the limit was never reached: {statuses.count(200)} x 200"
+    log = node.log_text()
+    assert 1 <= log.count("too many open files") <= 3, log[-3000:]
+    assert "Traceback" not in log, log[-6000:]
