@@ -38,6 +38,9 @@ _TMP_PREFIX = ".tmp-"
 # A tag's entry is rewritten on disk when its content changes, or when the persisted checked_at is older
 # than this: re-resolving a tag every TTL must not mean a file write every TTL.
 PERSIST_CHECKED_AT_EVERY = 600.0
+# Accept variants kept per tag (docker, containerd, skopeo and podman send one each); beyond this the one
+# checked longest ago is forgotten, so a tag's entries, and the file rewritten when one changes, stay small.
+MAX_TAG_VARIANTS = 16
 
 
 def check_media_type(media_type: str) -> str:
@@ -181,6 +184,8 @@ class TagCache:
         with self._lock:
             entries = self._mem.setdefault(key, {})
             entries[accept_key] = TagEntry(**asdict(entry))
+            while len(entries) > MAX_TAG_VARIANTS:
+                del entries[min((k for k in entries if k != accept_key), key=lambda k: entries[k].checked_at)]
             on_disk = self._disk.get(key, {}).get(accept_key)
             if on_disk is not None and (
                 (on_disk.digest, on_disk.media_type, on_disk.size) == (entry.digest, entry.media_type, entry.size)

@@ -117,6 +117,19 @@ def test_checked_at_refresh_is_kept_in_memory_without_rewriting(tmp_path: Path) 
     assert TagCache(tmp_path).get(ALPINE, "latest", INDEX) == entry(new, at=1060.0)
 
 
+def test_a_tag_keeps_a_bounded_number_of_accept_variants(tmp_path: Path) -> None:
+    """Beyond MAX_TAG_VARIANTS the variant checked longest ago is forgotten, in memory and on disk: a tag's
+    entries (and the file rewritten whole when one changes) stay small whatever clients send."""
+    from p2pcache.store.manifests import MAX_TAG_VARIANTS
+
+    cache = TagCache(tmp_path)
+    for i in range(MAX_TAG_VARIANTS + 10):
+        cache.put(ALPINE, "1", f"key-{i}", TagEntry(DIGEST, INDEX, 10, 1000.0 + i))
+    keys = set(cache.entries(ALPINE, "1"))
+    assert keys == {f"key-{i}" for i in range(10, MAX_TAG_VARIANTS + 10)}
+    assert set(TagCache(tmp_path).entries(ALPINE, "1")) == keys
+
+
 def test_forget(tmp_path: Path) -> None:
     tc = TagCache(tmp_path)
     busybox = Repo("docker.io", "library/busybox")
