@@ -444,6 +444,13 @@ class Download:
             self.partial = None
             self._mismatch = BlobDigestMismatch(str(e))
             raise self._mismatch from e
+        except OSError as e:
+            # A full disk, or no inode left for blobs/<ab>/: the bytes were verified, and the clients reading
+            # them keep their own file objects to the end; only the store misses the blob. A failure of the
+            # download, not a crash: it was logged as one, with a traceback (found in review). `_close` keeps the
+            # partial to resume from if its state can be saved.
+            raise FetchFailed(f"{self.digest} was verified but cannot be stored "
+                              f"(its clients still get every byte): {e}") from e
         self.committed = True
         self._wake()
 

@@ -850,3 +850,25 @@ async def test_the_whole_hash_survives_any_mix_of_peer_pieces_and_upstream_strea
     async with running(settings, up) as fetcher:
         fetcher.swarm = ChaosSwarm(data, up, seed)
         assert await fetch(fetcher, d) == data
+
+
+async def test_a_commit_that_fails_on_the_disk_is_a_failure_not_a_crash(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The store cannot take a verified blob (no inode left for blobs/<ab>/, a full disk): the client still
+    gets every byte, and the log says what happened in one line. It said "download ... crashed", with a
+    traceback (found in review)."""
+    import errno
+
+    data = blob(300_000)
+    d = digest_of(data)
+
+    def no_room(src: Path, hex_: str, size: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(src))
+
+    store = BlobStore(settings.data, metrics=Metrics())
+    monkeypatch.setattr(store, "_install", no_room)
+    async with running(settings, FakeUpstream({d: data}), store) as fetcher:
+        assert await fetch(fetcher, d) == data
+        assert await settled_size(fetcher, d) is None
+    assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info], caplog.text
+    assert "was verified but cannot be stored" in caplog.text and "No space left" in caplog.text
