@@ -84,6 +84,14 @@ def node(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream, ghcr_upst
 
 
 @pytest.fixture
+def reg(tmp_path: Path) -> Iterator[Registry]:
+    """A docker-registry of the test's own, empty (the swarm tests push what they need)."""
+    r = Registry(tmp_path / "reg").start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
 def make_registry(tmp_path: Path) -> Iterator[Callable[..., Registry]]:
     """Fresh registries for tests that stop or corrupt their upstream; stopped at teardown."""
     made: list[Registry] = []

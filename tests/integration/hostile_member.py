@@ -16,7 +16,7 @@ from p2pcache.swarm.handshake import Handshake, PeerInfo
 from p2pcache.swarm.peer import handshake, open_peer_socket
 from p2pcache.swarm.wire import NEED_DATA, FrameDecoder, Message, encode
 
-from .harness.util import free_port, wait_until
+from .harness.util import free_port, proc_mib, wait_until
 
 # What the member sends back for a frame from the node: whole frames (`wire.encode`).
 OnFrame = Callable[[Message], list[bytes]]
@@ -91,8 +91,4 @@ def wait_member(node, timeout: float = 10) -> None:
 
 def rss_mib(node) -> float:
     """The node process's resident memory."""
-    with open(f"/proc/{node.proc.pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    return proc_mib(node.proc.pid, "VmRSS")

@@ -11,6 +11,7 @@ import trio
 
 from .harness import images as im
 from .harness.fetch import afetch_blob
+from .harness.util import proc_mib
 from .lying_upstream import LyingUpstream
 
 pytestmark = pytest.mark.integration
@@ -77,11 +78,7 @@ async def test_clients_stream_while_the_download_is_in_flight(make_registry, mak
 
 
 def _peak_rss_mib(node) -> float:
-    with open(f"/proc/{node.proc.pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+    return proc_mib(node.proc.pid, "VmHWM")
 
 
 async def test_many_small_cold_blobs_at_once_keep_the_node_small(make_registry, make_node):

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from .harness import images as im
-from .harness.registry import Registry
 from .harness.util import free_port, wait_until
 from .lying_upstream import LyingUpstream
 from .swarm_harness import Cluster, fetch_blob, pull_everywhere, pull_image, push_random_image
@@ -22,13 +21,6 @@ from .swarm_harness import Cluster, fetch_blob, pull_everywhere, pull_image, pus
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MIB = 1 << 20
-
-
-@pytest.fixture
-def reg(tmp_path):
-    r = Registry(tmp_path / "reg").start()
-    yield r
-    r.stop()
 
 
 @pytest.fixture

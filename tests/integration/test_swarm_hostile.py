@@ -14,7 +14,6 @@ import trio
 
 from p2pcache.swarm.wire import encode
 
-from .harness.registry import Registry
 from .hostile_member import HostileMember, rss_mib, wait_member
 from .swarm_harness import MANIFEST_ACCEPT, Cluster, push_random_image
 
@@ -22,13 +21,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SECRET = b"cluster-secret"
 RPCS = {"announce", "claim", "metainfo-req", "tag-req", "manifest-req", "ping"}
-
-
-@pytest.fixture
-def reg(tmp_path):
-    r = Registry(tmp_path / "reg").start()
-    yield r
-    r.stop()
 
 
 @pytest.fixture

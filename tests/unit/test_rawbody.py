@@ -16,7 +16,6 @@ import functools
 import hashlib
 import os
 import ssl
-import subprocess
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from p2pcache.oci.rawbody import RawBody, detach_body
 from p2pcache.oci.reference import Repo
 from p2pcache.oci.upstream import CHUNK_SIZE, Upstream
 from p2pcache.store.blobs import BlobStore
+from tests.selfsigned import self_signed_server
 
 REPO = Repo("docker.io", "library/alpine")
 DATA = hashlib.sha256(b"seed").digest() * (3 * CHUNK_SIZE // 32) + b"tail"  # 3 MiB + 4 bytes
@@ -287,14 +287,7 @@ async def test_a_full_disk_under_the_pump_fails_the_download_without_resuming(
 def tls_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, Path]:
     """A server context with a self-signed certificate for 127.0.0.1, and that certificate's file (the node's
     `--upstream-ca`)."""
-    d = tmp_path_factory.mktemp("tls")
-    key, cert = d / "key.pem", d / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(cert, key)
-    return server, cert
+    return self_signed_server(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.mark.parametrize("cut", [None, 5000 + CHUNK_SIZE + 17])
@@ -352,12 +345,7 @@ async def test_many_pumps_at_once_never_wait_on_each_others_threads(monkeypatch:
     async def one(k: int, a: socket.socket) -> None:
         pump = SocketPump(SocketBody(a, None, b"", size, 10.0), write=writer(k),
                           digest=lambda pos, view: len(view), count=lambda n: None)
-        async with trio.open_nursery() as nursery:
-            async def drain() -> None:
-                async for _ in pump.results:
-                    pass
-            nursery.start_soon(drain)
-            assert await pump.run(0, size) is None
+        await _run_draining(pump, size)
 
     def feed() -> None:
         for _, b in pairs:
@@ -399,12 +387,7 @@ async def test_pumps_share_one_buffer_budget_and_size_buffers_to_the_body() -> N
         pump = SocketPump(SocketBody(a, None, b"", size, 10.0), write=write,
                           digest=lambda pos, view: len(view), count=lambda n: None, budget=budget)
         pumps.append(pump)
-        async with trio.open_nursery() as nursery:
-            async def drain() -> None:
-                async for _ in pump.results:
-                    pass
-            nursery.start_soon(drain)
-            assert await pump.run(0, size) is None
+        await _run_draining(pump, size)
 
     def feed() -> None:
         for _, b in pairs:
@@ -420,3 +403,13 @@ async def test_pumps_share_one_buffer_budget_and_size_buffers_to_the_body() -> N
         b.close()
     assert all(p.buffer_size == size and p.buffers == 1 for p in pumps)
     assert 0 < peak <= 3 * size and budget.lent == 0
+
+
+async def _run_draining(pump, size: int) -> None:
+    """Run `pump` over `size` bytes while a task reads its results (as the fetcher does)."""
+    async with trio.open_nursery() as nursery:
+        async def drain() -> None:
+            async for _ in pump.results:
+                pass
+        nursery.start_soon(drain)
+        assert await pump.run(0, size) is None

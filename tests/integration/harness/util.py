@@ -74,3 +74,12 @@ def tail(path: Path, n: int = 4000) -> str:
         return path.read_text(errors="replace")[-n:]
     except OSError:
         return ""
+
+
+def proc_mib(pid: int, field: str = "VmRSS") -> float:
+    """A process's memory figure from /proc/PID/status, in MiB: VmRSS (resident now) or VmHWM (its peak)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field} for process {pid}")
