@@ -335,12 +335,20 @@ class Upstream:
             raise UpstreamProtocolError(f"blob {digest}: unexpected status {resp.status_code}")
 
         resp, size, skip = await self._call("GET", repo, f"blobs/{digest}", "blob", headers, check, keep_open=True)
+        if size is None:
+            # A chunked or HTTP/1.0 (read to the close) body: its end cannot tell a whole blob from a cut one, so
+            # the size comes from a HEAD, as a client's would from the manifest (skopeo pulls such blobs), and
+            # BlobResponse holds the body to exactly that size. The GET is closed first and sent again after:
+            # holding its pooled connection while the HEAD waited for another, 64 such blobs at once held every
+            # connection of the pool and nothing reached the upstream any more (found in review).
+            await resp.aclose()
+            size = await self.head_blob(repo, digest)
+            resp, again, skip = await self._call("GET", repo, f"blobs/{digest}", "blob", headers, check,
+                                                 keep_open=True)
+            if again is not None and again != size:
+                await resp.aclose()
+                raise UpstreamProtocolError(f"blob {digest}: HEAD says {size} bytes, the GET {again}")
         try:
-            if size is None:
-                # A chunked or HTTP/1.0 (read to the close) body: its end cannot tell a whole blob from a cut one,
-                # so the size comes from a HEAD, as a client's would from the manifest (skopeo pulls such blobs).
-                # BlobResponse then holds the body to exactly that size.
-                size = await self.head_blob(repo, digest)
             if offset > size:
                 raise OciError("RANGE_INVALID", f"offset {offset} beyond blob size {size}",
                                headers={"Content-Range": f"bytes */{size}"})

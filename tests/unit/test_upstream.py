@@ -7,11 +7,13 @@ import functools
 import gzip
 import hashlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
+import trio
 
 from p2pcache.config import Settings
 from p2pcache.metrics import Metrics
@@ -595,20 +597,22 @@ async def test_broken_body_gives_up_after_retries() -> None:
 async def test_a_body_without_content_length_takes_the_size_from_a_head() -> None:
     """Chunked or HTTP/1.0 to the close, as a proxy or CDN may answer (skopeo pulls these): the size comes
     from a HEAD of the blob."""
-    reg = FakeRegistry(unsized=["whole"])
+    reg = FakeRegistry(unsized=["whole", "whole"])
     assert await read_all(make(reg)) == BLOB
+    # the first GET is closed before the HEAD (it must not hold a pooled connection meanwhile), then sent again
     assert reg.paths() == [f"GET registry.test/v2/library/alpine/blobs/{BLOB_DIGEST}",
-                           f"HEAD registry.test/v2/library/alpine/blobs/{BLOB_DIGEST}"]
+                           f"HEAD registry.test/v2/library/alpine/blobs/{BLOB_DIGEST}",
+                           f"GET registry.test/v2/library/alpine/blobs/{BLOB_DIGEST}"]
 
 
 async def test_a_body_without_content_length_that_ends_early_is_resumed() -> None:
-    reg = FakeRegistry(unsized=["cut", "whole"])
+    reg = FakeRegistry(unsized=["whole", "cut", "whole"])
     assert await read_all(make(reg)) == BLOB
     blob_gets = [r for r in reg.requests if r.method == "GET"]
-    assert [r.headers.get("range") for r in blob_gets] == [None, "bytes=600000-"]
+    assert [r.headers.get("range") for r in blob_gets] == [None, None, "bytes=600000-"]
 
 
-@pytest.mark.parametrize("plan", [["long"], ["cut", "long"]])
+@pytest.mark.parametrize("plan", [["whole", "long"], ["whole", "cut", "long"]])
 async def test_a_body_without_content_length_longer_than_the_blob_fails_before_its_last_bytes(
         plan: list[str]) -> None:
     """The bytes up to the size are right, more follow: an error, and the blob's last bytes are never handed
@@ -620,6 +624,62 @@ async def test_a_body_without_content_length_longer_than_the_blob_fails_before_i
             async for chunk in blob:
                 got += len(chunk)
     assert got < len(BLOB)
+
+
+async def test_many_bodies_without_content_length_at_once_do_not_exhaust_the_connection_pool() -> None:
+    """Each unsized GET asked its HEAD while it still held its pooled connection: 64 at once (the pool's size)
+    held every connection, each HEAD waited for one for ever, and nothing reached the upstream any more (found
+    in review, with a real node behind a chunked proxy)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    blobs = {}
+    for i in range(65):
+        b = (b"blob %d " % i) * 100
+        blobs["sha256:" + hashlib.sha256(b).hexdigest()] = b
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(blobs[self.path.rsplit("/", 1)[-1]])))
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            b = blobs[self.path.rsplit("/", 1)[-1]]
+            time.sleep(0.3)  # a streaming proxy's headers come a moment later: every GET is open at once
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(b), b))
+            self.wfile.flush()
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    up = Upstream(Settings(upstreams={"docker.io": f"http://127.0.0.1:{srv.server_address[1]}"},
+                           upstream_retries=0))
+    done = []
+
+    async def one(digest: str) -> None:
+        async with up.open_blob(REPO, digest) as blob:
+            assert b"".join([c async for c in blob]) == blobs[digest]
+        done.append(digest)
+
+    try:
+        with trio.move_on_after(20):
+            async with trio.open_nursery() as nursery:
+                for digest in list(blobs)[:64]:
+                    nursery.start_soon(one, digest)
+        assert len(done) == 64
+    finally:
+        await up.aclose()
+        srv.shutdown()
+        srv.server_close()
 
 
 async def test_fast_path_is_enabled() -> None:
@@ -688,17 +748,12 @@ async def test_an_untrusted_certificate_is_reported_with_its_reason_and_not_retr
     """A certificate that fails verification is no outage: the log and the error say why (httpx over trio says
     only "ConnectError"), and it is not retried, since the same certificate fails the same way again."""
     import logging
-    import ssl
-    import subprocess
 
     import trio
 
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
+    from tests.selfsigned import self_signed_server
+
+    server_tls, cert = self_signed_server(tmp_path)
     handshakes = 0
 
     async def serve(stream: trio.SSLStream) -> None:
