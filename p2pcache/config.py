@@ -214,7 +214,9 @@ def _parse_upstreams(value: Any) -> dict[str, str]:
             pairs.append((ns.strip(), url.strip()))
     out: dict[str, str] = {}
     for ns, url in pairs:
-        authority = str(url).partition("://")[2].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+        # (with or without a scheme: the scheme's own error below would echo the URL, password and all)
+        rest = str(url).partition("://")[2] or str(url).lstrip("/")
+        authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
         if "@" in authority:
             # httpx would quietly send them as Basic auth, and the URL, password and all, would reach log lines
             # and error messages. Not echoed here either: this message is printed.
@@ -330,18 +332,35 @@ def _env_key(name: str) -> str | None:
     return "upstreams" if key == "upstream" else key
 
 
+def _system_store_present(paths: ssl.DefaultVerifyPaths) -> bool:
+    """Whether the system's CA store holds anything: a non-empty CA file, or a CA directory with an entry. A
+    directory alone is no store: Debian's `openssl` package owns /etc/ssl/certs, so an image with openssl and
+    without ca-certificates has it empty, and a context on it trusted nothing (found in review)."""
+    try:
+        if paths.cafile and os.path.getsize(paths.cafile) > 0:
+            return True
+    except OSError:
+        pass
+    try:
+        if paths.capath:
+            with os.scandir(paths.capath) as entries:
+                return any(True for _ in entries)
+    except OSError:
+        pass
+    return False
+
+
 def upstream_tls_context(ca_file: Path | None) -> ssl.SSLContext:
     """What upstream TLS connections trust: the system's store, as Docker and containerd do (a CA that
     `update-ca-certificates` added is trusted; SSL_CERT_FILE / SSL_CERT_DIR replace the store, as OpenSSL reads
     them), and `ca_file` on top (a private registry's own CA). httpx's default would be certifi's bundle alone,
-    which knows no CA of the site's own. Only where the system has no store at all (a slim image without
+    which knows no CA of the site's own. Only where the system's store is missing or empty (a slim image without
     ca-certificates) does certifi's bundle stand in for it, so public registries still verify.
     ConfigError when the file cannot be read or holds no certificate."""
-    system = ssl.get_default_verify_paths()
-    if system.cafile is None and system.capath is None:
-        ctx = ssl.create_default_context(cafile=certifi.where())
-    else:
+    if _system_store_present(ssl.get_default_verify_paths()):
         ctx = ssl.create_default_context()
+    else:
+        ctx = ssl.create_default_context(cafile=certifi.where())
     if ca_file is None:
         return ctx
     try:

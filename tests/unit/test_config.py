@@ -191,7 +191,9 @@ def test_no_home_directory_is_a_message_not_a_traceback(monkeypatch) -> None:
 
 @pytest.mark.parametrize("url", ["http://alice:pw-s3cret@127.0.0.1:5000", "https://alice:pw-s3cret@reg.example/",
                                  "http://alice@127.0.0.1:5000", "http://alice:pw-s3cret@[::1:5000",
-                                 "http://alice:pw-s3cret@127.0.0.1:99999"])
+                                 "http://alice:pw-s3cret@127.0.0.1:99999",
+                                 # without a scheme the scheme's own error echoed the URL (found in review)
+                                 "alice:pw-s3cret@registry:5000", "//alice:pw-s3cret@registry:5000"])
 def test_credentials_in_an_upstream_url_are_refused_without_echoing_them(
         url: str, capsys: pytest.CaptureFixture[str]) -> None:
     """httpx would send them as Basic auth and the URL would reach log lines: refused at start-up, pointing to the
@@ -204,3 +206,26 @@ def test_credentials_in_an_upstream_url_are_refused_without_echoing_them(
     assert main(["node", "--upstream", f"docker.io={url}"]) == 2
     err = capsys.readouterr().err
     assert "--credentials" in err and "pw-s3cret" not in err
+
+
+def test_an_empty_system_ca_store_falls_back_to_certifi(tmp_path, monkeypatch) -> None:
+    """Debian's openssl package owns /etc/ssl/certs: an image with openssl and without ca-certificates has the
+    directory, empty, and a context on it trusted nothing, so every public registry failed verification (found
+    in review). An empty or missing store means certifi's bundle; a store with anything in it is the system's."""
+    import ssl
+
+    from p2pcache import config
+
+    empty = tmp_path / "certs"
+    empty.mkdir()
+    paths = ssl.DefaultVerifyPaths(str(tmp_path / "none.pem"), str(empty), "", "", "", "")
+    monkeypatch.setattr(config.ssl, "get_default_verify_paths", lambda: paths)
+    ctx = config.upstream_tls_context(None)
+    assert ctx.cert_store_stats()["x509_ca"] > 0  # certifi's bundle, loaded from its file
+
+    assert not config._system_store_present(paths)
+    (empty / "ca.pem").write_text("x")
+    assert config._system_store_present(paths)
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text("")
+    assert not config._system_store_present(ssl.DefaultVerifyPaths(str(bundle), None, "", "", "", ""))
