@@ -116,8 +116,8 @@ class RateMeter:
     Why: the uploader lets a second peer take a fifth slot only while its upload link has room
     (`UploadSlots._guest`), which the simulator reads off its max-min allocation. The node's upload bucket was
     the first measure tried, and it has tokens for a moment between any two pieces: with it such moments admitted
-    guests, and 8 real nodes pulling 500 MB at 10 MB/s took 62 and 65 s where the same code without guests took
-    57 s (bench/swarm_bench.py, under other load). What was sent over the last second is closer to what the
+    guests, and 8 real nodes pulling 500 MB at 10 MB/s took 62 and 65 s where the same code with guests switched
+    off took 57 s (bench/swarm_bench.py, under other load). What was sent over the last second is closer to what the
     simulator's allocation stands for.
     """
 

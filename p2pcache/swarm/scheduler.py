@@ -814,7 +814,6 @@ class UploadSlots:
         self.per_peer = per_peer
         self.max_queue = queue
         self.active: set[tuple[Peer, Hashable, int]] = set()
-        self._per_peer_active: dict[Peer, int] = {}
         self.queue: deque[tuple[Peer, Hashable, int]] = deque()
         self.queued: dict[Peer, int] = {}
         # key -> {index: uploads started}, for the SERVED_KEYS blobs served last: a node serves for weeks, and a
@@ -893,11 +892,11 @@ class UploadSlots:
         and not on a busy link: a guest then only takes bandwidth from first copies (u = d = u_s went from 1.2x
         to 1.8x the bound when any new peer was a guest, and an upload-bound 3-node case 9.1 s -> 9.8 s with
         guests whatever the link carried)."""
-        return len(self._per_peer_active) == 1 and peer not in self._per_peer_active and not self.queued.get(peer)
+        holders = {item[0] for item in self.active}  # (at most slots + 1 items)
+        return len(holders) == 1 and peer not in holders and not self.queued.get(peer)
 
     def _activate(self, item: tuple[Peer, Hashable, int]) -> Serve:
         self.active.add(item)
-        self._per_peer_active[item[0]] = self._per_peer_active.get(item[0], 0) + 1
         self._count_served(item[1], item[2])
         fresh = self._fresh.get(item[1])
         if fresh is not None and item[2] in fresh:
@@ -907,15 +906,6 @@ class UploadSlots:
             elif item[1] in self._draining:
                 self._draining[item[1]] = 0
         return Serve(*item)
-
-    def _deactivate(self, item: tuple[Peer, Hashable, int]) -> None:
-        if item in self.active:
-            self.active.discard(item)
-            n = self._per_peer_active[item[0]] - 1
-            if n:
-                self._per_peer_active[item[0]] = n
-            else:
-                del self._per_peer_active[item[0]]
 
     def times_served(self, key: Hashable, index: int) -> int:
         """Uploads of piece `index` of `key` started here (0 once the blob fell out of the last SERVED_KEYS)."""
@@ -955,7 +945,7 @@ class UploadSlots:
 
     def finished(self, peer: Peer, key: Hashable, index: int) -> list[Serve]:
         """An upload completed (or was aborted); its slot goes to the next in line."""
-        self._deactivate((peer, key, index))
+        self.active.discard((peer, key, index))
         return self._start()
 
     def cancel(self, peer: Peer, key: Hashable, index: int) -> list[Serve]:
@@ -972,7 +962,7 @@ class UploadSlots:
 
     def peer_gone(self, peer: Peer) -> list[Serve]:
         for item in [it for it in self.active if it[0] == peer]:
-            self._deactivate(item)
+            self.active.discard(item)
         kept = deque(it for it in self.queue if it[0] != peer)
         self.queue = kept
         self.queued.pop(peer, None)
