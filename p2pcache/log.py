@@ -71,42 +71,46 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     accept.addFilter(_AcceptErrors())
 
 
+class Throttled:
+    """A warning that may come once per request (a node out of file descriptors answers every request with
+    it), logged at most once per `interval` seconds with how many were held back since: one traceback per
+    request filled the log while the node was already short of resources (found in review)."""
+
+    def __init__(self, logger: logging.Logger | None, interval: float = 10.0) -> None:
+        self._log = logger
+        self._interval = interval
+        self._last = -interval
+        self._held = 0
+
+    def due(self) -> int | None:
+        """None within `interval` of the last line (this one is held back); else how many were held since."""
+        now = time.monotonic()
+        if now - self._last < self._interval:
+            self._held += 1
+            return None
+        held, self._held, self._last = self._held, 0, now
+        return held
+
+    def warning(self, msg: str, *args: Any) -> None:
+        held = self.due()
+        if held is None or self._log is None:
+            return
+        if held:
+            msg += f" ({held} more since the last such line)"
+        self._log.warning(msg, *args)
+
+
 class _AcceptErrors(logging.Filter):
     """trio logs every failed accept (EMFILE: out of file descriptors) with a traceback, every 0.1 s while it
     lasts: one line every 10 s without the traceback says the same."""
 
     def __init__(self, interval: float = 10.0) -> None:
         super().__init__()
-        self._interval = interval
-        self._last = -interval
+        self._gate = Throttled(None, interval)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
-        if now - self._last < self._interval:
+        if self._gate.due() is None:
             return False
-        self._last = now
         record.exc_info = None
         record.exc_text = None
         return True
-
-
-class Throttled:
-    """A warning that may come once per request (a node out of file descriptors answers every request with
-    it), logged at most once per `interval` seconds with how many were held back since: one traceback per
-    request filled the log while the node was already short of resources (found in review)."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self._log = logger
-        self._interval = interval
-        self._last = -interval
-        self._held = 0
-
-    def warning(self, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last < self._interval:
-            self._held += 1
-            return
-        held, self._held, self._last = self._held, 0, now
-        if held:
-            msg += f" ({held} more since the last such line)"
-        self._log.warning(msg, *args)

@@ -55,3 +55,20 @@ async def test_a_cdn_signed_url_never_reaches_the_log(level: str, restore_loggin
     text = out.getvalue()
     assert "s3cr3t" not in text, text
     assert ("a line of our own" in text) == (level == "debug")
+
+
+def test_a_throttled_warning_is_one_line_per_interval_with_the_count_held_back(monkeypatch, caplog) -> None:
+    import logging
+
+    from p2pcache import log as plog
+
+    clock = [100.0]
+    monkeypatch.setattr(plog.time, "monotonic", lambda: clock[0])
+    t = plog.Throttled(logging.getLogger("t-throttled"), interval=10.0)
+    with caplog.at_level(logging.WARNING, logger="t-throttled"):
+        for _ in range(5):
+            t.warning("out of %s", "files")
+        clock[0] += 10.0
+        t.warning("out of %s", "files")
+    assert [r.getMessage() for r in caplog.records] == ["out of files",
+                                                         "out of files (4 more since the last such line)"]
