@@ -887,8 +887,9 @@ class UploadSlots:
         `spare`): does `peer` get one more? Yes when every running upload goes to one other peer. That peer's own
         download link is then what limits them: a node with a slow download and few peers (deep pipelines) held
         every slot of a fast uploader, and the others were told "busy" while most of the uploader's link sat idle
-        (the simulator, 3 nodes, 50 MB/s up, 25 MB/s down, three layers behind a 40 MB/s registry: one node idle
-        for 4 s, 9.8 s where a 20 MB/s registry gave 7.05 s; 6.3-6.7 s with this). Not with two peers or more,
+        (simulations/cases/slot-hogging.toml: 3 nodes, 50 MB/s up, 25 MB/s down, three layers behind a 40 MB/s
+        registry: one node idle for 4 s, 9.8 s where a 20 MB/s registry gave 7.05 s; 6.3-6.7 s with this). Not
+        with two peers or more,
         and not on a busy link: a guest then only takes bandwidth from first copies (u = d = u_s went from 1.2x
         to 1.8x the bound when any new peer was a guest, and an upload-bound 3-node case 9.1 s -> 9.8 s with
         guests whatever the link carried)."""

@@ -42,7 +42,7 @@ def test_the_issue_example_is_accepted_as_written(tmp_path):
 
 
 def test_every_shipped_scenario_parses():
-    files = sorted((REPO / "simulations").glob("*.toml"))
+    files = sorted((REPO / "simulations").glob("**/*.toml"))
     assert len(files) >= 8
     for f in files:
         load_scenario(f)
