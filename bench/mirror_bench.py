@@ -10,8 +10,8 @@ In one run, on one random blob (1 GiB unless --size says otherwise):
 Measurements alternate registry / node run by run and report the median. This prints figures; it asserts only
 that every download got the right number of bytes (and, once per side, the right digest).
 
-    /opt/p2pvenv/bin/python bench/mirror_bench.py                 # 1 GiB, 3 runs (several minutes)
-    /opt/p2pvenv/bin/python bench/mirror_bench.py --size 64MiB --runs 1   # a quick check
+    .venv/bin/python bench/mirror_bench.py                 # 1 GiB, 3 runs (several minutes)
+    .venv/bin/python bench/mirror_bench.py --size 64MiB --runs 1   # a quick check
 
 It never listens beyond 127.0.0.1, works in a scratch directory, and stops only the processes it started.
 """

@@ -1,7 +1,7 @@
 """How fast the simulator is: 10,000 nodes x a 1 GiB image at the default piece size, on one core.
 
-    /opt/p2pvenv/bin/python bench/sim_speed.py                  # the benchmark (goal: under 2 minutes)
-    /opt/p2pvenv/bin/python bench/sim_speed.py --nodes 1000      # a quicker look
+    .venv/bin/python bench/sim_speed.py                  # the benchmark (goal: under 2 minutes)
+    .venv/bin/python bench/sim_speed.py --nodes 1000      # a quicker look
 
 Prints the wall time of the p2p simulation alone (the baseline is cheap and not counted), the event count and
 what the simulation predicts, so a speed-up that changes the answer is noticed.

@@ -11,9 +11,9 @@ What it prints:
       thread as a node does), and node to node (a node pulls a blob that only one other node holds: receive +
       SHA-256 + write, end to end).
 
-    /opt/p2pvenv/bin/python bench/swarm_bench.py                         # 8 nodes, 200 MB image (the small variant)
-    /opt/p2pvenv/bin/python bench/swarm_bench.py --image-mb 500          # the 500 MB
-    /opt/p2pvenv/bin/python bench/swarm_bench.py --nodes 4 --image-mb 64 --skip-baseline   # a quick check
+    .venv/bin/python bench/swarm_bench.py                         # 8 nodes, 200 MB image (the small variant)
+    .venv/bin/python bench/swarm_bench.py --image-mb 500          # the 500 MB
+    .venv/bin/python bench/swarm_bench.py --nodes 4 --image-mb 64 --skip-baseline   # a quick check
 
 Everything listens on 127.0.0.1 only, works in a scratch directory (deleted at the end unless `--keep`) and stops
 only the processes it started.

@@ -1,8 +1,8 @@
 """Search small heterogeneous clusters for rollouts that more bandwidth makes slower (issue 4: "more bandwidth
 never makes it slower"), and print what it finds.
 
-    /opt/p2pvenv/bin/python simulations/monotonicity.py                  # 60 random cases, search seed 1
-    /opt/p2pvenv/bin/python simulations/monotonicity.py --cases 60 --search-seed 1 --seeds 1
+    .venv/bin/python simulations/monotonicity.py                  # 60 random cases, search seed 1
+    .venv/bin/python simulations/monotonicity.py --cases 60 --search-seed 1 --seeds 1
 
 Each case draws a cluster (2-10 nodes, 1-4 layers of 10-80 MB, uploads 5-50 MB/s, downloads 10-100 MB/s, a
 registry of 10-50 MB/s, 1 ms latencies), picks one of upload, download or registry, and runs it three times with

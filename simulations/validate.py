@@ -1,7 +1,7 @@
 """Run a small scenario in the simulator and with real node processes, and print both (issue 4's check).
 
-    /opt/p2pvenv/bin/python simulations/validate.py                               # simulations/bench-8x100.toml
-    /opt/p2pvenv/bin/python simulations/validate.py simulations/bench-8x100.toml --runs 3
+    .venv/bin/python simulations/validate.py                               # simulations/bench-8x100.toml
+    .venv/bin/python simulations/validate.py simulations/bench-8x100.toml --runs 3
 
 The real side is `bench/swarm_bench.py` (swarm part only): N node processes on loopback with `--upload-limit` and
 `--download-limit` at the scenario's rate, in front of a real docker-registry behind a proxy throttled to the
