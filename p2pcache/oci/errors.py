@@ -22,6 +22,7 @@ STATUS_OF_CODE: dict[str, int] = {
     "MANIFEST_UNKNOWN": 404,
     "NAME_INVALID": 400,
     "NAME_UNKNOWN": 404,
+    "PAGINATION_NUMBER_INVALID": 400,  # distribution's, for a tag list's `n`
     "SIZE_INVALID": 400,
     "UNAUTHORIZED": 401,
     "DENIED": 403,

@@ -37,7 +37,7 @@ _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 # The separators and the alphanumeric runs are disjoint character sets, so this pattern cannot backtrack
 # catastrophically; the length check before matching bounds the work anyway.
 _NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-_TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
+TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 _DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
 # Lower case only, like names: a namespace ends up in cache keys and file names, where "GHCR.io" and
 # "ghcr.io" must not become two different things.
@@ -81,7 +81,7 @@ def check_name(name: str) -> str:
 
 def check_tag(tag: str) -> str:
     """Return `tag` if it matches the OCI tag grammar, else raise OciError("NAME_INVALID", "invalid tag")."""
-    if not isinstance(tag, str) or _TAG_RE.fullmatch(tag) is None:
+    if not isinstance(tag, str) or TAG_RE.fullmatch(tag) is None:
         raise OciError("NAME_INVALID", f"invalid tag {_shown(tag)}")
     return tag
 

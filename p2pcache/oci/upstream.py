@@ -56,12 +56,13 @@ from p2pcache.oci.auth import (
 )
 from p2pcache.oci.errors import STATUS_OF_CODE, OciError, UpstreamUnavailable
 from p2pcache.oci.rawbody import SocketBody, detach_body
-from p2pcache.oci.reference import Repo, check_name, check_tag, is_digest, parse_digest
+from p2pcache.oci.reference import TAG_RE, Repo, check_name, check_tag, is_digest, parse_digest
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1 << 20  # what a BlobResponse yields at most per step, and httpcore's socket read size
 MAX_MANIFEST_BYTES = 4 << 20  # the distribution registry's own limit for a manifest
+MAX_TAGS_BYTES = 4 << 20  # a tag list page: ~100,000 tags of 40 bytes
 MAX_ERROR_BODY = 16 << 10  # we read this much of an error response to learn its OCI code
 MAX_REDIRECTS = 5
 MAX_BACKOFF = 5.0  # seconds; a retry never waits longer than this
@@ -264,6 +265,29 @@ class Upstream:
             "GET", repo, f"manifests/{ref}", "manifest", {"Accept": _accept_header(accept)}, read_body
         )
 
+    async def list_tags(self, repo: Repo, n: int | None = None, last: str | None = None
+                        ) -> tuple[list[str], tuple[int | None, str] | None]:
+        """One page of the upstream's tags of `repo` (`n` and `last` as in the distribution spec), and where the
+        next page starts, (n, last), when the upstream's Link header names one. Tags that are not tags by the
+        OCI grammar are left out: they could name nothing a client can pull."""
+        query = httpx.QueryParams({k: v for k, v in (("n", n), ("last", last)) if v is not None})
+        path = f"tags/list?{query}" if query else "tags/list"
+
+        async def read_page(resp: httpx.Response) -> tuple[list[str], tuple[int | None, str] | None]:
+            body = await self._read_capped(resp, MAX_TAGS_BYTES)
+            if body is None:
+                raise UpstreamProtocolError(f"tag list of {repo.name} is larger than {MAX_TAGS_BYTES >> 20} MiB")
+            try:
+                tags = json.loads(body).get("tags") or []
+            except (ValueError, AttributeError):
+                raise UpstreamProtocolError(f"tag list of {repo.name} is not a JSON object") from None
+            if not isinstance(tags, list):
+                raise UpstreamProtocolError(f"tag list of {repo.name} has no list of tags")
+            good = [t for t in tags if isinstance(t, str) and TAG_RE.fullmatch(t)]
+            return good, _next_page(resp.headers.get("link", ""))
+
+        return await self._call("GET", repo, path, "tags", {"Accept": "application/json"}, read_page)
+
     async def head_blob(self, repo: Repo, digest: str) -> int:
         """Size of a blob, from one HEAD."""
         parse_digest(digest)
@@ -422,7 +446,8 @@ class Upstream:
         await resp.aclose()
         what = f"{kind} {path.split('/', 1)[-1]}"
         if status == 404:
-            raise OciError("MANIFEST_UNKNOWN" if kind == "manifest" else "BLOB_UNKNOWN", f"{what} not found upstream")
+            code = {"manifest": "MANIFEST_UNKNOWN", "blob": "BLOB_UNKNOWN"}.get(kind, "NAME_UNKNOWN")
+            raise OciError(code, f"{what} not found upstream")
         if status == 401:
             raise OciError("UNAUTHORIZED", f"upstream refused {what}: authentication required")
         if status == 403:
@@ -758,6 +783,24 @@ class BlobResponse:
 
     async def aclose(self) -> None:
         await self._close_current()
+
+
+def _next_page(link: str) -> tuple[int | None, str] | None:
+    """(n, last) of a Link header's rel="next" target (`</v2/x/tags/list?n=2&last=b>; rel="next"`), else None."""
+    for part in link.split(","):
+        target, _, params = part.partition(";")
+        if re.search(r'\brel\s*=\s*"?next\b', params) is None:
+            continue
+        target = target.strip()
+        if not (target.startswith("<") and target.endswith(">")):
+            return None
+        q = httpx.URL(target[1:-1]).params
+        last = q.get("last")
+        if not last or TAG_RE.fullmatch(last) is None:
+            return None
+        n = q.get("n")
+        return (int(n) if n is not None and n.isascii() and n.isdigit() else None), last
+    return None
 
 
 def _media_type_of(body: bytes) -> str:

@@ -7,8 +7,10 @@ OCI JSON body. Answers:
 - `GET|HEAD /v2/<name>/manifests/<tag|digest>` → the manifest bytes verbatim, their media type and digest;
 - `GET|HEAD /v2/<name>/blobs/<digest>` → the blob (Range → 206, unsatisfiable → 416), streamed by the server's
   sendfile path while the Fetcher's download is still running;
-- every push method (POST, PUT, PATCH, DELETE) → 405 UNSUPPORTED; `/v2/_catalog` and `/v2/<name>/tags/list`
-  → 405 UNSUPPORTED too (a pull-through cache only knows what has been pulled through it, so a list would lie);
+- `GET|HEAD /v2/<name>/tags/list` (`n`, `last`) → the upstream's list, a page at a time, with a `Link` to the next
+  page in this node's own path form; never a list of what the cache holds (that would leave tags out);
+- every push method (POST, PUT, PATCH, DELETE) → 405 UNSUPPORTED; `/v2/_catalog` → 405 UNSUPPORTED too (a
+  pull-through cache knows only what was pulled through it, and upstreams such as Docker Hub list no catalog);
 - anything else → 404 with an OCI body.
 The namespace is `?ns=` (containerd), else a host-like first name segment, else `settings.default_ns`.
 
@@ -18,8 +20,10 @@ operations live in `proxy/admin.py` on another listener.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+import urllib.parse
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 API_VERSION_HEADER = ("docker-distribution-api-version", "registry/2.0")
+MAX_TAGS_PAGE = 10_000  # the most tags a client may ask for in one page (`n`)
 READ_METHODS = ("GET", "HEAD")
 
 
@@ -127,8 +132,10 @@ class Registry:
             # Before any parsing: a push attempt gets the one answer that tells docker this is a mirror.
             raise OciError("UNSUPPORTED", "this registry is a read-only pull-through cache")
         rest = path[len("/v2/"):]
-        if rest == "_catalog" or rest.endswith("/tags/list"):
-            return oci_error_response(OciError("UNSUPPORTED", "listing is not supported by this cache"))
+        if rest == "_catalog":
+            return oci_error_response(OciError("UNSUPPORTED", "the catalog is not listed by this cache"))
+        if rest.endswith("/tags/list"):
+            return await self._tags(req, rest[: -len("/tags/list")])
         parts = split_v2_path(rest)
         if parts is None:
             raise OciError("NAME_UNKNOWN", "not found", status=404)
@@ -159,6 +166,31 @@ class Registry:
         if req.method in READ_METHODS:
             return None
         return oci_error_response(OciError("UNSUPPORTED", f"{req.method} is not supported here"))
+
+    async def _tags(self, req: Request, name: str) -> Response:
+        repo = resolve_repo(name, req.query.get("ns"), self.settings.default_ns)
+        n_text, last = req.query.get("n"), req.query.get("last")
+        n = None
+        if n_text is not None:
+            if not (n_text.isascii() and n_text.isdigit()) or not 1 <= int(n_text) <= MAX_TAGS_PAGE:
+                raise OciError("PAGINATION_NUMBER_INVALID", f"n must be a number from 1 to {MAX_TAGS_PAGE}")
+            n = int(n_text)
+        if last is not None:
+            check_tag(last)
+        tags, following = await self.resolver.upstream.list_tags(repo, n, last)
+        # Pages in lexical order, as the distribution spec has them, also from an upstream that ignores `n` and
+        # `last` and lists in any order (docker-registry 2.8 does): the node cuts the page itself then.
+        tags = sorted(t for t in tags if last is None or t > last)
+        if n is not None and len(tags) > n:
+            tags, following = tags[:n], (n, tags[n - 1])
+        headers = [("content-type", "application/json")]
+        if following is not None:
+            # The upstream's link names its own path; the client pages on through ours (its name, its ?ns=).
+            query = {"n": following[0] if following[0] is not None else n, "last": following[1],
+                     "ns": req.query.get("ns")}
+            q = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+            headers.append(("link", f'</v2/{name}/tags/list?{q}>; rel="next"'))
+        return Response(200, headers, json.dumps({"name": name, "tags": tags}).encode())
 
     async def _manifest(self, req: Request, repo: Repo, ref: str) -> Response:
         info, body = await self.resolver.resolve(repo, ref, accept_types(req))

@@ -42,6 +42,9 @@ def test_pull_through_node_with_credentials(auth_upstream, make_node, skopeo_via
     assert (out / "manifest.json").read_bytes() == image.manifest.data
     if reg.token_server is not None:
         assert any(r.user == reg.username and r.status == 200 for r in reg.token_server.requests)
+    # The tag list goes through the same credentials (its own request, same pull scope).
+    r = httpx.get(f"{node.url}/v2/{NAME}/tags/list", timeout=30)
+    assert r.status_code == 200 and r.json() == {"name": NAME, "tags": ["1"]}, r.text
 
 
 def test_an_identity_token_from_docker_login_is_traded_for_access_tokens(make_node, skopeo_via, tmp_path):
@@ -72,6 +75,8 @@ def test_wrong_or_missing_credentials_are_unauthorized(auth_upstream, make_node,
         assert r.status_code == 401, (r.status_code, r.text)
         assert r.json()["errors"][0]["code"] == "UNAUTHORIZED"
         r = c.get(f"/v2/{NAME}/blobs/{image.layers[0].digest}")
+        assert r.status_code == 401 and r.json()["errors"][0]["code"] == "UNAUTHORIZED"
+        r = c.get(f"/v2/{NAME}/tags/list")
         assert r.status_code == 401 and r.json()["errors"][0]["code"] == "UNAUTHORIZED"
     p = skopeo_via(node).copy(f"docker://docker.io/{NAME}:1", tmp_path / "out", check=False)
     assert p.returncode != 0

@@ -259,9 +259,8 @@ async def test_methods_are_case_sensitive(node):
 
 async def test_lists_unknown_paths_metrics_healthz(node):
     client, *_ = node
-    for path in ("/v2/_catalog", "/v2/alpine/tags/list"):
-        r = await client.get(path)
-        assert r.status_code == 405 and error_code(r) == "UNSUPPORTED"
+    r = await client.get("/v2/_catalog")
+    assert r.status_code == 405 and error_code(r) == "UNSUPPORTED"
     for path in ("/", "/admin/status", "/v2/alpine/nothing/here", "/v2/manifests/1"):
         r = await client.get(path)
         assert r.status_code == 404 and r.json()["errors"]

@@ -776,3 +776,47 @@ async def test_an_untrusted_certificate_is_reported_with_its_reason_and_not_retr
     assert handshakes == 1
     lines = [r.getMessage() for r in caplog.records if r.name == "p2pcache.oci.upstream"]
     assert len(lines) == 1 and "certificate verify failed" in lines[0] and "--upstream-ca" in lines[0], lines
+
+
+# --- tag lists ---
+
+
+def _paginating(tags: list[str], body: bytes | None = None):
+    """A registry that pages its tag list as the distribution spec says (Docker Hub, distribution 3): sorted,
+    `n` and `last` honoured, a Link to the next page."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == f"/v2/{REPO.name}/tags/list"
+        if body is not None:
+            return httpx.Response(200, stream=Body(body))
+        n = int(request.url.params.get("n", len(tags)))
+        last = request.url.params.get("last")
+        rest = [t for t in sorted(tags) if last is None or t > last]
+        page, headers = rest[:n], {}
+        if len(rest) > n:
+            headers["Link"] = f'</v2/{REPO.name}/tags/list?last={page[-1]}&n={n}>; rel="next"'
+        return httpx.Response(200, stream=Body(json.dumps({"name": REPO.name, "tags": page}).encode()),
+                              headers=headers)
+
+    settings = Settings(upstreams={"docker.io": REGISTRY}, upstream_retries=0)
+    return Upstream(settings, transport=httpx.MockTransport(handler), credentials=CredentialStore())
+
+
+async def test_tag_list_pages_and_their_links() -> None:
+    up = _paginating(["b", "a", "c", "d"])
+    assert await up.list_tags(REPO) == (["a", "b", "c", "d"], None)
+    assert await up.list_tags(REPO, 3) == (["a", "b", "c"], (3, "c"))
+    assert await up.list_tags(REPO, 3, "c") == (["d"], None)
+
+
+@pytest.mark.parametrize("body,problem", [
+    (b"not json", "not a JSON object"), (b"[1, 2]", "not a JSON object"), (b'{"tags": "x"}', "no list of tags"),
+])
+async def test_a_broken_tag_list_is_a_protocol_error(body: bytes, problem: str) -> None:
+    with pytest.raises(UpstreamProtocolError, match=problem):
+        await _paginating([], body=body).list_tags(REPO)
+
+
+async def test_tags_that_are_no_tags_are_left_out() -> None:
+    body = b'{"tags": ["ok", "../etc", "", 7, null, "' + b"x" * 200 + b'"]}'
+    assert await _paginating([], body=body).list_tags(REPO) == (["ok"], None)
