@@ -78,7 +78,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import httpx
 import trio
@@ -121,6 +121,8 @@ MAX_IDLE_RESUMES = 3
 MAX_RESUMES = 20
 # Reads when re-hashing a resumed prefix from disk.
 REHASH_READ = 4 << 20
+# Reads of the pass that checks a stored blob the node has not checked since it started (StoreCheck).
+CHECK_READ = 16 << 20
 
 # Errors of the connection to upstream after the response started: worth a resume with Range.
 _TRANSIENT: tuple[type[BaseException], ...] = (
@@ -147,6 +149,13 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         n = os.pwrite(fd, data, offset)
         data = data[n:]
         offset += n
+
+
+def _hash_some(f: BinaryIO, hasher: Any, buf: memoryview) -> bool:
+    """Feed the next bytes of `f` (up to a buffer's worth) to `hasher` (a worker thread); False at the file's end."""
+    n = f.readinto(buf)  # type: ignore[attr-defined]
+    hasher.update(buf[:n])
+    return n == len(buf)
 
 
 # What the writer thread reports per batch: the stream's end after it, the pieces it completed (with their
@@ -452,6 +461,7 @@ class Download:
             raise FetchFailed(f"{self.digest} was verified but cannot be stored "
                               f"(its clients still get every byte): {e}") from e
         self.committed = True
+        self.fetcher.checked(self.digest, os.fstat(partial.file.fileno()).st_ino)  # rename keeps the inode
         self._wake()
 
     # ---- internals ----
@@ -825,13 +835,26 @@ class Download:
         return end, done, hashed, None
 
 
+class StoreCheck:
+    """The one SHA-256 pass over a stored blob this process has not checked (one from an earlier run: bit rot, a
+    file changed by hand). Its clients stream it meanwhile; the last byte of every response waits for the pass, as
+    a cold blob's waits for its download's check, so a damaged blob never reaches a client whole."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+        self.done = trio.Event()
+        self.ok = False
+
+
 class BlobHandle:
     """One client's view of a blob: its size, a file to sendfile from, and how far it may read."""
 
-    def __init__(self, size: int, file: BinaryIO, download: Download | None = None) -> None:
+    def __init__(self, size: int, file: BinaryIO, download: Download | None = None,
+                 check: StoreCheck | None = None) -> None:
         self.size = size
         self.file = file
         self._download = download
+        self._check = check
 
     async def readable(self, offset: int, stop: int | None = None) -> int:
         """Wait until bytes [0, end) with end > offset (or end == size) may be sent; return end.
@@ -844,7 +867,7 @@ class BlobHandle:
         """
         d = self._download
         if d is None:
-            return self.size
+            return await self._checked_end(offset, stop)
         end = await d.readable(offset)
         if stop is None:
             stop = self.size
@@ -853,6 +876,19 @@ class BlobHandle:
         if offset < stop - 1:
             return stop - 1
         return await d.readable(d.size - 1)  # returns once verified (or raises FetchFailed)
+
+    async def _checked_end(self, offset: int, stop: int | None) -> int:
+        """A stored blob: all of it once checked; until then all but the response's last byte."""
+        c = self._check
+        if c is None or c.ok:
+            return self.size
+        stop = self.size if stop is None else stop
+        if offset < stop - 1:
+            return stop - 1
+        await c.done.wait()
+        if not c.ok:
+            raise FetchFailed(f"stored {c.digest} is damaged")
+        return self.size
 
 
 class Fetcher:
@@ -871,6 +907,10 @@ class Fetcher:
         self._downloads: dict[str, Download] = {}
         # Digests whose last download from the swarm failed the whole-blob check: fetched from upstream next.
         self._distrust_swarm: set[str] = set()
+        # Stored blobs this process hashed or committed (digest -> inode of the file it checked), and the passes
+        # over those it has not checked yet (StoreCheck), one per digest.
+        self._checked: dict[str, int] = {}
+        self._checks: dict[str, StoreCheck] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -897,8 +937,9 @@ class Fetcher:
             if f is not None:
                 stack.callback(f.close)
                 self.metrics.cache_hits.labels(kind="blob").inc()
-                size = os.fstat(f.fileno()).st_size
-                yield BlobHandle(size, f)
+                st = os.fstat(f.fileno())
+                check = None if self._checked.get(digest) == st.st_ino else self._check_stored(digest, f)
+                yield BlobHandle(st.st_size, f, check=check)
                 return
             download = self._join(repo, digest)
             # A blob already verified here (its commit still landing) is a hit: nothing more is fetched for it.
@@ -944,6 +985,43 @@ class Fetcher:
             return await self.upstream.head_blob(repo, digest)
         except UpstreamUnavailable as e:
             raise _client_error(e) from e
+
+    def checked(self, digest: str, inode: int) -> None:
+        """The store's file `inode` of `digest` holds the right bytes: this process hashed or committed it."""
+        self._checked[digest] = inode
+
+    def _check_stored(self, digest: str, f: BinaryIO) -> StoreCheck | None:
+        """The pass over stored `digest` (the file `f` is open on), started if none runs."""
+        check = self._checks.get(digest)
+        if check is None:
+            if self._nursery is None:
+                return None  # not running: nothing is served either
+            check = self._checks[digest] = StoreCheck(digest)
+            # A file description of its own: the pass reads beside the clients' sendfile, never moving their offset.
+            self._nursery.start_soon(self._run_check, check, open(f"/proc/self/fd/{f.fileno()}", "rb"))
+        return check
+
+    async def _run_check(self, check: StoreCheck, f: BinaryIO) -> None:
+        try:
+            with f:
+                inode = os.fstat(f.fileno()).st_ino
+                hasher, buf = hashlib.sha256(), memoryview(bytearray(CHECK_READ))
+                while await trio.to_thread.run_sync(_hash_some, f, hasher, buf):
+                    pass  # a thread hop per CHECK_READ: node shutdown never waits for a whole blob's hash
+            got = "sha256:" + hasher.hexdigest()
+            check.ok = got == check.digest
+            if check.ok:
+                self.checked(check.digest, inode)
+            else:
+                self.metrics.digest_mismatches.labels(source="store").inc()
+                removed = self.store.remove_damaged(check.digest, inode)
+                log.error("stored %s is damaged (its bytes hash to %s)%s; its clients' responses are cut short, "
+                          "the next request fetches it again", check.digest, got, ": removed" if removed else "")
+        except OSError as e:  # an unreadable file is no blob to vouch for either
+            log.error("cannot check stored %s: %s", check.digest, e)
+        finally:
+            del self._checks[check.digest]
+            check.done.set()
 
     def _join(self, repo: Repo, digest: str) -> Download:
         # No await between the lookup and the insert: this is what makes downloads single-flight.

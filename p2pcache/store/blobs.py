@@ -274,6 +274,22 @@ class BlobStore:
             self._publish()
         return known or existed
 
+    def remove_damaged(self, digest: str, inode: int) -> bool:
+        """Remove a complete blob whose bytes were found not to match its digest, pinned or not (its readers keep
+        their open files; their responses are cut short before the last byte). Only the file `inode` that was
+        checked: never a good copy installed since. True if it was removed."""
+        hex_ = digest_hex(digest)
+        with self._lock:
+            try:
+                if os.stat(self._blob_path(hex_)).st_ino != inode:
+                    return False
+            except FileNotFoundError:
+                return False
+            self._index.remove(hex_)
+            removed = self._unlink_blob(hex_)
+            self._publish()
+        return removed
+
     def _unlink_blob(self, hex_: str) -> bool:
         """Remove a blob file and its manifest sidecar (caller holds the lock)."""
         self._last_mtime_touch.pop(hex_, None)

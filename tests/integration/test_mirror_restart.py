@@ -54,3 +54,41 @@ def test_restart_resumes_download(make_registry, make_node):
         assert refetched < layer.size - 4 * 1024 * 1024, f"fetched {refetched} bytes again after the restart"
         files = node.store_files(layer.digest)
         assert files and "sha256:" + sha256_file(files[0]) == layer.digest
+
+
+def test_a_stored_blob_damaged_while_the_node_was_down_never_reaches_a_client_whole(make_registry, make_node):
+    """A blob stored by an earlier run is hashed on its first serve after a start: one flipped byte (bit rot, a
+    hand edit) cuts the response before its last byte, removes the file, and the next request fetches it again.
+    Before, the node sent the damaged blob whole, to every client, for as long as it kept it."""
+    reg = make_registry()
+    layer = im.random_layer(8 * 1024 * 1024)
+    good = im.random_layer(1024 * 1024)
+    im.push(reg.url, "library/rot", "1", im.make_image([layer, good]))
+    node = make_node({"docker.io": reg.url})
+    for blob in (layer, good):
+        got = fetch_blob(node.url, f"/v2/library/rot/blobs/{blob.digest}")
+        assert got.complete and "sha256:" + got.sha256 == blob.digest
+    [stored] = node.store_files(layer.digest)
+    node.stop()
+    with open(stored, "r+b") as f:
+        f.seek(5 * 1024 * 1024)
+        byte = f.read(1)
+        f.seek(5 * 1024 * 1024)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+    node.start()
+    mark = reg.log_mark()
+    path = f"/v2/library/rot/blobs/{layer.digest}"
+    first = fetch_blob(node.url, path)
+    assert not first.complete and f"received {layer.size - 1} bytes" in (first.error or ""), first  # all but the last
+    assert node.metric("p2pcache_digest_mismatches_total", source="store") == 1
+    assert node.store_files(layer.digest) == []
+    again = fetch_blob(node.url, path)
+    assert again.complete and "sha256:" + again.sha256 == layer.digest, again
+    assert reg.count("GET", path, since=mark) == 1  # fetched once more, from upstream
+    # The undamaged blob is checked once, then served as before (and never fetched again).
+    for _ in range(2):
+        got = fetch_blob(node.url, f"/v2/library/rot/blobs/{good.digest}")
+        assert got.complete and "sha256:" + got.sha256 == good.digest
+    assert reg.count("GET", f"/v2/library/rot/blobs/{good.digest}", since=mark) == 0
+    assert node.metric("p2pcache_digest_mismatches_total", source="store") == 1
