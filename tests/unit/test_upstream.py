@@ -658,7 +658,12 @@ async def test_many_bodies_without_content_length_at_once_do_not_exhaust_the_con
             self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(b), b))
             self.wfile.flush()
 
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        # 64 connections at once: socketserver's backlog of 5 dropped SYNs under load, and the connects' retries
+        # (1 s, 3 s, 7 s...) left two downloads unfinished at the 20 s mark (CI, a loaded machine).
+        request_queue_size = 128
+
+    srv = Server(("127.0.0.1", 0), Handler)
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     up = Upstream(Settings(upstreams={"docker.io": f"http://127.0.0.1:{srv.server_address[1]}"},
