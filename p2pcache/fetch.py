@@ -121,8 +121,10 @@ MAX_IDLE_RESUMES = 3
 MAX_RESUMES = 20
 # Reads when re-hashing a resumed prefix from disk.
 REHASH_READ = 4 << 20
-# Reads of the pass that checks a stored blob the node has not checked since it started (StoreCheck).
-CHECK_READ = 16 << 20
+# Reads of the pass that checks a stored blob the node has not checked since it started (StoreCheck), and how
+# many passes hash at once (the others wait their turn): CHECK_PASSES x CHECK_READ bytes of buffers at most.
+CHECK_READ = 4 << 20
+CHECK_PASSES = 4
 
 # Errors of the connection to upstream after the response started: worth a resume with Range.
 _TRANSIENT: tuple[type[BaseException], ...] = (
@@ -911,6 +913,7 @@ class Fetcher:
         # over those it has not checked yet (StoreCheck), one per digest.
         self._checked: dict[str, int] = {}
         self._checks: dict[str, StoreCheck] = {}
+        self._check_slots = trio.CapacityLimiter(CHECK_PASSES)
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -936,11 +939,15 @@ class Fetcher:
             f = self.store.open(digest)
             if f is not None:
                 stack.callback(f.close)
-                self.metrics.cache_hits.labels(kind="blob").inc()
                 st = os.fstat(f.fileno())
                 check = None if self._checked.get(digest) == st.st_ino else self._check_stored(digest, f)
-                yield BlobHandle(st.st_size, f, check=check)
-                return
+                if check is not None and st.st_size == 0:
+                    await check.done.wait()  # an empty body is complete with its headers (as below)
+                if check is None or not check.done.is_set() or check.ok:
+                    self.metrics.cache_hits.labels(kind="blob").inc()
+                    yield BlobHandle(st.st_size, f, check=check)
+                    return
+                # Found damaged (and removed) before a byte went out: fetched again, as if it was never stored.
             download = self._join(repo, digest)
             # A blob already verified here (its commit still landing) is a hit: nothing more is fetched for it.
             counter = self.metrics.cache_hits if download.verified else self.metrics.cache_misses
@@ -963,10 +970,19 @@ class Fetcher:
         Clients may finish reading a blob a moment before its commit lands (see `Download.finish`); a caller that
         needs the blob on disk, not just its bytes, waits for the download to end. FetchFailed if it is not stored.
         """
-        async with self.open_blob(repo, digest):
-            download = self._downloads.get(digest)
-            if download is not None:
-                await download.done.wait()
+        for attempt in range(2):
+            async with self.open_blob(repo, digest) as handle:
+                stored_unchecked = handle._check is not None
+                try:
+                    await handle.readable(max(0, handle.size - 1))  # the stored copy's check, if it has one
+                except FetchFailed:
+                    if attempt or not stored_unchecked:
+                        raise
+                    continue  # the stored copy was damaged and is gone: fetch it
+                download = self._downloads.get(digest)
+                if download is not None:
+                    await download.done.wait()
+            break
         size = self.store.stat(digest)
         if size is None:
             raise FetchFailed(f"{digest} could not be stored")
@@ -990,24 +1006,32 @@ class Fetcher:
         """The store's file `inode` of `digest` holds the right bytes: this process hashed or committed it."""
         self._checked[digest] = inode
 
-    def _check_stored(self, digest: str, f: BinaryIO) -> StoreCheck | None:
+    def _check_stored(self, digest: str, f: BinaryIO) -> StoreCheck:
         """The pass over stored `digest` (the file `f` is open on), started if none runs."""
         check = self._checks.get(digest)
         if check is None:
             if self._nursery is None:
-                return None  # not running: nothing is served either
+                raise OciError("UNAVAILABLE", "node is not running")
+            try:
+                # A file description of its own: the pass reads beside the clients' sendfile, never moving their
+                # offset. Opened before the check is registered: a failed open (no descriptor left) must not
+                # leave a check that never ends, and every later request waiting on it (found in review).
+                own = open(f"/proc/self/fd/{f.fileno()}", "rb")
+            except OSError as e:
+                log.warning("cannot check stored %s now: %s", digest, e)
+                raise OciError("UNAVAILABLE", "the node cannot open the blob now; try again") from None
             check = self._checks[digest] = StoreCheck(digest)
-            # A file description of its own: the pass reads beside the clients' sendfile, never moving their offset.
-            self._nursery.start_soon(self._run_check, check, open(f"/proc/self/fd/{f.fileno()}", "rb"))
+            self._nursery.start_soon(self._run_check, check, own)
         return check
 
     async def _run_check(self, check: StoreCheck, f: BinaryIO) -> None:
         try:
             with f:
                 inode = os.fstat(f.fileno()).st_ino
-                hasher, buf = hashlib.sha256(), memoryview(bytearray(CHECK_READ))
-                while await trio.to_thread.run_sync(_hash_some, f, hasher, buf):
-                    pass  # a thread hop per CHECK_READ: node shutdown never waits for a whole blob's hash
+                async with self._check_slots:  # bounded memory: a buffer per pass (60 at once took 965 MB)
+                    hasher, buf = hashlib.sha256(), memoryview(bytearray(CHECK_READ))
+                    while await trio.to_thread.run_sync(_hash_some, f, hasher, buf):
+                        pass  # a thread hop per CHECK_READ: node shutdown never waits for a whole blob's hash
             got = "sha256:" + hasher.hexdigest()
             check.ok = got == check.digest
             if check.ok:

@@ -279,7 +279,7 @@ class Upstream:
                 raise UpstreamProtocolError(f"tag list of {repo.name} is larger than {MAX_TAGS_BYTES >> 20} MiB")
             try:
                 tags = json.loads(body).get("tags") or []
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 raise UpstreamProtocolError(f"tag list of {repo.name} is not a JSON object") from None
             if not isinstance(tags, list):
                 raise UpstreamProtocolError(f"tag list of {repo.name} has no list of tags")
@@ -444,7 +444,7 @@ class Upstream:
         headers: dict[str, str] = {}
         code = await self._error_code(resp)
         await resp.aclose()
-        what = f"{kind} {path.split('/', 1)[-1]}"
+        what = f"{kind} {path.split('?', 1)[0].split('/', 1)[-1]}"
         if status == 404:
             code = {"manifest": "MANIFEST_UNKNOWN", "blob": "BLOB_UNKNOWN"}.get(kind, "NAME_UNKNOWN")
             raise OciError(code, f"{what} not found upstream")
@@ -799,7 +799,7 @@ def _next_page(link: str) -> tuple[int | None, str] | None:
         if not last or TAG_RE.fullmatch(last) is None:
             return None
         n = q.get("n")
-        return (int(n) if n is not None and n.isascii() and n.isdigit() else None), last
+        return (int(n) if n is not None and n.isascii() and n.isdigit() and len(n) <= 9 else None), last
     return None
 
 

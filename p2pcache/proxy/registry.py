@@ -172,22 +172,27 @@ class Registry:
         n_text, last = req.query.get("n"), req.query.get("last")
         n = None
         if n_text is not None:
-            if not (n_text.isascii() and n_text.isdigit()) or not 1 <= int(n_text) <= MAX_TAGS_PAGE:
+            digits = n_text.isascii() and n_text.isdigit() and len(n_text) <= 6  # int() of 5,000 digits raises
+            if not digits or not 1 <= int(n_text) <= MAX_TAGS_PAGE:
                 raise OciError("PAGINATION_NUMBER_INVALID", f"n must be a number from 1 to {MAX_TAGS_PAGE}")
             n = int(n_text)
         if last is not None:
             check_tag(last)
         tags, following = await self.resolver.upstream.list_tags(repo, n, last)
-        # Pages in lexical order, as the distribution spec has them, also from an upstream that ignores `n` and
-        # `last` and lists in any order (docker-registry 2.8 does): the node cuts the page itself then.
-        tags = sorted(t for t in tags if last is None or t > last)
-        if n is not None and len(tags) > n:
-            tags, following = tags[:n], (n, tags[n - 1])
+        if following is None:
+            # One page holding the whole list (after `last`, if the upstream honoured it): from an upstream that
+            # ignores `n` and `last` and lists in any order (docker-registry 2.8 does), the node cuts the page
+            # itself, in lexical order as the distribution spec has it. An upstream that pages is passed through
+            # page by page as it ordered them: re-sorting its pages lost tags where it did not sort (found in review).
+            tags = sorted(t for t in tags if last is None or t > last)
+            if n is not None and len(tags) > n:
+                tags, following = tags[:n], (n, tags[n - 1])
         headers = [("content-type", "application/json")]
         if following is not None:
-            # The upstream's link names its own path; the client pages on through ours (its name, its ?ns=).
-            query = {"n": following[0] if following[0] is not None else n, "last": following[1],
-                     "ns": req.query.get("ns")}
+            # The upstream's link names its own path; the client pages on through ours (its name, its ?ns=), with
+            # its own page size, or the upstream's if that is one the node would take from a client.
+            up_n = following[0] if following[0] is not None and 1 <= following[0] <= MAX_TAGS_PAGE else None
+            query = {"n": n if n is not None else up_n, "last": following[1], "ns": req.query.get("ns")}
             q = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
             headers.append(("link", f'</v2/{name}/tags/list?{q}>; rel="next"'))
         return Response(200, headers, json.dumps({"name": name, "tags": tags}).encode())

@@ -11,7 +11,8 @@ Rules (what this module must never do):
   `blobs/` only by `rename` of a fully written, fsynced file whose SHA-256 matched, on the same filesystem.
 - Never build a path from an unvalidated digest: every public method first checks `sha256:<64 lowercase hex>`
   and raises `OciError("DIGEST_INVALID")` otherwise, so nothing can escape the store directory.
-- Never evict a pinned blob or a partial download being written.
+- Never evict a pinned blob or a partial download being written (a blob found damaged goes, pinned or not:
+  `remove_damaged`; its readers keep their open files).
 
 Partials untouched for a week (PARTIAL_MAX_AGE) are removed at start-up: abandoned downloads.
 

@@ -816,6 +816,7 @@ async def test_tag_list_pages_and_their_links() -> None:
 
 @pytest.mark.parametrize("body,problem", [
     (b"not json", "not a JSON object"), (b"[1, 2]", "not a JSON object"), (b'{"tags": "x"}', "no list of tags"),
+    (b'{"tags": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", "not a JSON object"),  # a RecursionError, uncaught
 ])
 async def test_a_broken_tag_list_is_a_protocol_error(body: bytes, problem: str) -> None:
     with pytest.raises(UpstreamProtocolError, match=problem):
@@ -825,3 +826,9 @@ async def test_a_broken_tag_list_is_a_protocol_error(body: bytes, problem: str) 
 async def test_tags_that_are_no_tags_are_left_out() -> None:
     body = b'{"tags": ["ok", "../etc", "", 7, null, "' + b"x" * 200 + b'"]}'
     assert await _paginating([], body=body).list_tags(REPO) == (["ok"], None)
+
+
+async def test_a_link_with_a_page_size_of_thousands_of_digits_is_no_next_page() -> None:
+    from p2pcache.oci.upstream import _next_page
+
+    assert _next_page(f'</v2/x/tags/list?n={"9" * 4400}&last=b>; rel="next"') == (None, "b")
