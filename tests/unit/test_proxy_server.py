@@ -287,3 +287,68 @@ async def test_expect_100_continue(server):
         while not reply.endswith(b"hello world"):
             reply += await s.receive_some(1000)
     assert reply.startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.fixture
+def thread_sends(monkeypatch):
+    """Big bodies' threads from 1 MiB (8 MiB in the node), and a count of the stretches sent by a thread."""
+    from p2pcache.proxy import server as server_module
+
+    monkeypatch.setattr(server_module, "THREAD_SEND_MIN", 1 << 20)
+    calls: list[int] = []
+    original = server_module._Conn._sendfile_in_thread
+
+    async def counted(self, sock, in_fd, offset, count, threads):  # type: ignore[no-untyped-def]
+        calls.append(count)
+        return await original(self, sock, in_fd, offset, count, threads)
+
+    monkeypatch.setattr(server_module._Conn, "_sendfile_in_thread", counted)
+    return calls
+
+
+async def test_concurrent_big_bodies_are_sent_by_threads_intact(server, thread_sends):
+    """One big body is sent from the loop; the others at the same time by worker threads (both cores)."""
+    app, port = server
+    big = os.urandom(6 << 20)
+    app.handles["/big"] = FakeHandle(big)
+    got: list[bytes] = []
+
+    async def one() -> None:
+        got.append((await (await Client.connect(port)).request("GET", "/big"))[2])
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(one)
+    assert got == [big] * 4
+    assert thread_sends, "no body went through a thread"
+    await eventually(lambda: sorted(app.sent) == [(len(big), True)] * 4)
+
+
+async def test_a_client_that_stops_reading_a_thread_send_is_dropped_and_shutdown_waits_for_no_one(thread_sends):
+    """The thread's socket is blocking with a short send timeout: a client that stops reading is dropped after
+    `client_send_timeout`, as on the loop, and cancelling the server ends its threads within a poll step."""
+    app = App()
+    big = os.urandom(32 << 20)  # more than the socket buffers hold
+    app.handles["/big"] = FakeHandle(big)
+    for timeout, cancel_after in ((0.5, None), (30.0, 0.5)):
+        settings = Settings(client_header_timeout=5, client_send_timeout=timeout)
+        app.sent.clear()
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                _, port = await nursery.start(serve_http, "127.0.0.1:0", app, settings)
+                stalled = []
+                for _ in range(2):  # the first is sent from the loop, the second by a thread
+                    s = await trio.open_tcp_stream("127.0.0.1", port)
+                    await s.send_all(b"GET /big HTTP/1.1\r\nhost: t\r\n\r\n")
+                    stalled.append(s)
+                    await trio.sleep(0.1)
+                if cancel_after is None:
+                    await eventually(lambda: len(app.sent) == 2, timeout=3)
+                    assert all(not ok and n < len(big) for n, ok in app.sent)
+                    status, _, body = await (await Client.connect(port)).request("GET", "/hello")
+                    assert status == 200
+                else:
+                    await trio.sleep(cancel_after)
+                nursery.cancel_scope.cancel()
+        assert thread_sends
