@@ -152,10 +152,12 @@ class ThreadSocket:
 
 
 async def run_cancellable(fn: Callable[[], T], cancel: threading.Event,
-                          limiter: trio.CapacityLimiter | None = None) -> T:
+                          limiter: trio.CapacityLimiter | None = None,
+                          on_cancel: Callable[[], None] | None = None) -> T:
     """`fn()` in a worker thread that watches `cancel`: the flag is set if this call is cancelled (not when `fn`
-    returns: others may share the flag), and `fn` must then return soon (within a poll step). The thread is
-    waited for, never abandoned."""
+    returns: others may share the flag), and `fn` must then return soon (within a poll step). `on_cancel`, if
+    given, is called then too (on the loop): to wake a thread blocked in a call that no flag reaches. The thread
+    is waited for, never abandoned."""
     returned = False
 
     async def set_cancel_when_cancelled() -> None:
@@ -164,6 +166,8 @@ async def run_cancellable(fn: Callable[[], T], cancel: threading.Event,
         finally:
             if not returned:
                 cancel.set()
+                if on_cancel is not None:
+                    on_cancel()
 
     async with trio.open_nursery() as watch:
         watch.start_soon(set_cancel_when_cancelled)

@@ -295,9 +295,7 @@ class _Conn:
                 raise _BodyAborted(f"readable() returned {readable} at offset {offset}")
             big = self.big_sends
             if big is not None and big.thread_for(readable - offset):
-                n = await self._sendfile_in_thread(sock, in_fd, offset, readable - offset, big.threads)
-                offset += n
-                self.body_sent += n
+                offset += await self._sendfile_in_thread(sock, in_fd, offset, readable - offset, big.threads)
                 continue
             counted = big is not None and readable - offset >= THREAD_SEND_MIN
             if counted:
@@ -335,14 +333,20 @@ class _Conn:
 
     async def _sendfile_in_thread(self, sock: Any, in_fd: int, offset: int, count: int,
                                   threads: trio.CapacityLimiter) -> int:
-        """Bytes [offset, offset+count) of `in_fd` by a blocking sendfile in a worker thread; returns the count.
+        """Bytes [offset, offset+count) of `in_fd` by a blocking sendfile in a worker thread; returns how many
+        went out (counted in body_sent, also when it raises).
 
         The socket is blocking meanwhile (nothing else on the loop uses it: this connection's one task waits
-        here), with a send timeout of SEND_POLL so the thread sees cancellation and a client that stopped reading
-        (`client_send_timeout` without progress: _ClientGone), and non-blocking again before this returns."""
+        here), with a send timeout of SEND_POLL, so that a client that stopped reading is noticed
+        (`client_send_timeout` without progress: _ClientGone), and non-blocking again before this returns. A
+        client that keeps reading, however slowly, keeps one sendfile call going until its stretch is sent: a
+        cancellation (node shutdown) shuts the socket's sending side, which ends the call at once (found in
+        review: a slow reader held a stopping node for as long as it took to read its body)."""
         out_fd = sock.fileno()
         timeout = self.settings.client_send_timeout
         cancel = threading.Event()
+
+        progress = [0]  # what the thread sent so far: read on the loop also when this call is cancelled
 
         def send() -> tuple[int, BaseException | None]:
             sent, last = 0, time.monotonic()
@@ -360,16 +364,22 @@ class _Conn:
                 if n == 0:
                     return sent, _BodyAborted(f"blob file ended at {offset + sent}, expected {offset + count}")
                 sent += n
+                progress[0] = sent
                 last = time.monotonic()
             return sent, None
 
         os.set_blocking(out_fd, True)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(SEND_POLL))
+        def stop_sending() -> None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+
         try:
-            sent, problem = await run_cancellable(send, cancel, threads)
+            sent, problem = await run_cancellable(send, cancel, threads, on_cancel=stop_sending)
         finally:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
             os.set_blocking(out_fd, False)
+            self.body_sent += progress[0]  # also when cut short: an aborted body's bytes count in logs and metrics
         if problem is not None:
             raise problem
         return sent

@@ -5,6 +5,7 @@ Real sockets on 127.0.0.1 port 0, h11 as the client so every byte on the wire is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -352,3 +353,37 @@ async def test_a_client_that_stops_reading_a_thread_send_is_dropped_and_shutdown
                     await trio.sleep(cancel_after)
                 nursery.cancel_scope.cancel()
         assert thread_sends
+
+
+async def test_a_slow_reader_of_a_thread_send_does_not_hold_shutdown_and_its_bytes_count(thread_sends):
+    """A client that keeps reading, slowly, kept the thread's one sendfile call going until its body was sent:
+    a stopping node waited for it (found in review: 37 s). And the bytes a thread sent before a body was cut
+    short were not counted (its log and metrics said 0)."""
+    app = App()
+    big = os.urandom(32 << 20)
+    app.handles["/big"] = FakeHandle(big)
+    settings = Settings(client_header_timeout=5, client_send_timeout=30)
+
+    async def slow_reader(port: int) -> None:
+        s = await trio.open_tcp_stream("127.0.0.1", port)
+        await s.send_all(b"GET /big HTTP/1.1\r\nhost: t\r\n\r\n")
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while await s.receive_some(64 << 10):
+                await trio.sleep(0.02)  # ~3 MB/s: the 32 MiB body would take 10 s
+
+    with trio.fail_after(8):
+        async with trio.open_nursery() as readers:  # outside the server's scope: they read on while it stops
+            async with trio.open_nursery() as server:
+                _, port = await server.start(serve_http, "127.0.0.1:0", app, settings)
+                for _ in range(2):  # the first is sent from the loop, the second by a thread
+                    readers.start_soon(slow_reader, port)
+                    await trio.sleep(0.1)
+                await trio.sleep(0.5)
+                server.cancel_scope.cancel()
+                stopping = trio.current_time()
+            stopped_after = trio.current_time() - stopping
+            readers.cancel_scope.cancel()
+    assert thread_sends
+    assert stopped_after < 1.5, f"the server took {stopped_after:.1f} s to stop"
+    await eventually(lambda: len(app.sent) == 2)
+    assert all(not ok and 0 < n < len(big) for n, ok in app.sent), app.sent
