@@ -13,7 +13,9 @@ is held to, so a slow or hostile client can only ever cost its own connection:
 
 Blob bodies (`Response.stream`) take the fast path: headers through h11, then the bytes straight from the
 blob's file to the non-blocking socket with `os.sendfile`, waiting on `trio.lowlevel.wait_writable` when the
-socket is full and on `BlobHandle.readable()` while the blob is still downloading. h11 still accounts for the
+socket is full and on `BlobHandle.readable()` while the blob is still downloading. While another big body is
+being sent, a big stretch goes by a blocking sendfile in a worker thread instead (`_sendfile_in_thread`), so
+several clients use more than the loop's one core. h11 still accounts for the
 body: we pass it a `_SendfileRange` (an object whose `len()` is the byte count) through
 `send_with_data_passthrough`, which hands the same object back instead of bytes, so h11 checks Content-Length
 and keep-alive exactly as for a bytes body.
@@ -62,8 +64,8 @@ LINGER_BYTES = 1 << 20  # and how much of what it still sends is read and droppe
 # While one big body is being sent, a readable stretch of at least THREAD_SEND_MIN bytes of another is sent by
 # one blocking sendfile in a worker thread (one of SEND_THREADS; when all are busy, from the loop). Why: the loop
 # is one thread, so four clients of a warm 1 GiB blob got 2.35 GB/s together from it (docker-registry: 3.66 on
-# both cores); with the threads, 4.4-4.5 GB/s. One body alone stays on the loop: 6.2-6.8 GB/s there in its fast
-# runs against 5.2-5.6 from a thread (bench/README.md).
+# both cores); with the threads, 3.8-4.3 GB/s (256 MiB: 4.2-5.3). One body alone stays on the loop: 6.2-6.8 GB/s
+# there in its fast runs against 5.2-5.6 from a thread (bench/README.md).
 THREAD_SEND_MIN = 8 << 20
 SEND_THREADS = 16
 # How long a blocking sendfile waits for room in the socket before it looks at its cancel flag again.
@@ -345,7 +347,6 @@ class _Conn:
         out_fd = sock.fileno()
         timeout = self.settings.client_send_timeout
         cancel = threading.Event()
-
         progress = [0]  # what the thread sent so far: read on the loop also when this call is cancelled
 
         def send() -> tuple[int, BaseException | None]:
@@ -368,12 +369,12 @@ class _Conn:
                 last = time.monotonic()
             return sent, None
 
-        os.set_blocking(out_fd, True)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(SEND_POLL))
         def stop_sending() -> None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)
 
+        os.set_blocking(out_fd, True)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(SEND_POLL))
         try:
             sent, problem = await run_cancellable(send, cancel, threads, on_cancel=stop_sending)
         finally:
