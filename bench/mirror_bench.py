@@ -19,11 +19,13 @@ It never listens beyond 127.0.0.1, works in a scratch directory, and stops only 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +42,7 @@ from _common import (  # noqa: E402
     RssSampler,
     UpstreamUse,
     cpu_seconds,
+    curl_argv,
     curl_get,
     curl_many,
     curl_sha256,
@@ -50,6 +53,7 @@ from _common import (  # noqa: E402
     make_blob,
     make_tls_cert,
     median,
+    parse_curl,
     parse_size,
     proc_status_kib,
     push_blob,
@@ -111,6 +115,10 @@ class Results:
     cold_reg_cpu: list[PullCpu] = field(default_factory=list)
     cold_node_cpu: list[PullCpu] = field(default_factory=list)
     cold_store: list[float] = field(default_factory=list)  # a new file of the blob's size written, bytes/s
+    # warm runs with the server's threads on core 0 and curl on core 0 ("same") or core 1 ("other")
+    placed: dict[str, list[float]] = field(default_factory=dict)  # "reg same", "reg other", "node same", ...
+    restart_first: list[float] = field(default_factory=list)  # the node's first warm serve after a restart
+    restart_next: list[float] = field(default_factory=list)  # ... and the one after it
     rss: list[RssResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -134,12 +142,14 @@ class Bench:
     def blob_path(self, digest: str) -> str:
         return f"/v2/{self.repo}/blobs/{digest}"
 
-    def start_node(self) -> tuple[Proc, Path]:
+    def start_node(self, data: Path | None = None) -> tuple[Proc, Path]:
+        """A node on a fresh store, or on `data` as a stopped node left it (a restart)."""
         assert self.origin is not None
         self._n += 1
         name = f"node{self._n}"
-        data = self.workdir / name
-        shutil.rmtree(data, ignore_errors=True)
+        if data is None:
+            data = self.workdir / name
+            shutil.rmtree(data, ignore_errors=True)
         port, admin = free_port(), free_port()
         cmd = self.args.node_cmd.format(
             python=shlex.quote(sys.executable), listen=f"127.0.0.1:{port}", admin=f"127.0.0.1:{admin}",
@@ -180,6 +190,27 @@ class Bench:
                              None if o0 is None or o1 is None else o1 - o0,
                              c1.children_user + c1.children_system - c0.children_user - c0.children_system,
                              threads)
+
+    def placed_runs(self, key: str, pid: int, url: str, blob: Blob) -> None:
+        """Warm runs with every thread of `pid` on core 0 and curl on core 0, then on core 1: which core the
+        kernel gives curl decides a warm run here (bench/README.md, Results). Nothing with one core."""
+        if (os.cpu_count() or 1) < 2 or shutil.which("taskset") is None:
+            return
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        every = os.sched_getaffinity(pid)
+        try:
+            for tid in tids:
+                os.sched_setaffinity(tid, {0})
+            for core, where in ((0, "same"), (1, "other")):
+                for _ in range(2):
+                    out = subprocess.run(["taskset", "-c", str(core), *curl_argv(url)], capture_output=True,
+                                         text=True, check=False)
+                    speed = self.check(parse_curl(out.stdout), blob, f"{key} warm on core {core}")
+                    self.results.placed.setdefault(f"{key} {where}", []).append(speed)
+        finally:
+            for tid in tids:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(tid, every)
 
     def check(self, pull: Pull, blob: Blob, what: str) -> float:
         if not pull.ok(blob.size):
@@ -253,6 +284,20 @@ class Bench:
                     continue
                 self.results.warm_node.append(n)
                 self.log(f"warm run {i + 1}: registry {fmt_rate(r)}, node {fmt_rate(n)}")
+            assert self.origin is not None
+            self.placed_runs("reg", self.origin.pid, origin_url, blob)
+            if node is not None:
+                self.placed_runs("node", node.pid, node_url, blob)
+                # A restart: the stored blob is hashed on its first serve (fetch.StoreCheck), then trusted.
+                node.stop()
+                node, data = self.start_node(data)
+                node_url = node.url + self.blob_path(blob.digest)
+                self.results.restart_first.append(self.check(curl_get(node_url), blob, "node after a restart"))
+                self.results.restart_next.append(self.check(curl_get(node_url), blob, "node after a restart"))
+                placed = ", ".join(f"{k} {' '.join(fmt_rate(v) for v in vs)}" for k, vs in self.results.placed.items())
+                self.log(f"warm, curl on the server's core (same) or another (other): {placed}; after a restart: "
+                         f"first {fmt_rate(self.results.restart_first[-1])}, next "
+                         f"{fmt_rate(self.results.restart_next[-1])}")
         finally:
             if node is not None:
                 self.drop(node, data)
@@ -427,6 +472,15 @@ def report(args: argparse.Namespace, res: Results) -> str:
     wr, wn = median(res.warm_reg), median(res.warm_node)
     cr, cn = median(res.cold_reg), median(res.cold_node)
     rows.append(("warm: served from its disk/store", fmt_rate(wr), fmt_rate(wn), ratio(wn, wr), "≥ 1.00×"))
+    pl = {k: median(v) for k, v in res.placed.items()}
+    for where, label in (("same", "curl on the server's core"), ("other", "curl on another core")):
+        if f"reg {where}" in pl or f"node {where}" in pl:
+            rows.append((f"  warm, {label}", fmt_rate(pl.get(f"reg {where}")), fmt_rate(pl.get(f"node {where}")),
+                         ratio(pl.get(f"node {where}"), pl.get(f"reg {where}")), ""))
+    if res.restart_first:
+        rows.append(("  warm after a restart: first serve / next", "",
+                     f"{fmt_rate(median(res.restart_first))} / {fmt_rate(median(res.restart_next))}", "",
+                     "(first: hashed)"))
     rows.append(("cold: pull-through, fresh store", fmt_rate(cr), fmt_rate(cn), ratio(cn, cr), "≥ 1.00×"))
     rows.append(("cold: time to first byte", ms(median(res.cold_reg_ttfb)), ms(median(res.cold_node_ttfb)),
                  "", "low"))
