@@ -274,9 +274,9 @@ def parse_curl(text: str) -> Pull:
     return Pull(int(code), int(float(size)), float(total), float(speed), float(ttfb))
 
 
-def curl_get(url: str) -> Pull:
-    """One download to /dev/null with curl; timing is curl's own."""
-    out = subprocess.run(curl_argv(url), capture_output=True, text=True, check=False)
+def curl_get(url: str, prefix: Sequence[str] = ()) -> Pull:
+    """One download to /dev/null with curl (run under `prefix`, e.g. taskset); timing is curl's own."""
+    out = subprocess.run([*prefix, *curl_argv(url)], capture_output=True, text=True, check=False)
     return parse_curl(out.stdout)
 
 

@@ -25,7 +25,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,6 @@ from _common import (  # noqa: E402
     RssSampler,
     UpstreamUse,
     cpu_seconds,
-    curl_argv,
     curl_get,
     curl_many,
     curl_sha256,
@@ -53,7 +51,6 @@ from _common import (  # noqa: E402
     make_blob,
     make_tls_cert,
     median,
-    parse_curl,
     parse_size,
     proc_status_kib,
     push_blob,
@@ -196,21 +193,22 @@ class Bench:
         kernel gives curl decides a warm run here (bench/README.md, Results). Nothing with one core."""
         if (os.cpu_count() or 1) < 2 or shutil.which("taskset") is None:
             return
-        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
         every = os.sched_getaffinity(pid)
         try:
-            for tid in tids:
-                os.sched_setaffinity(tid, {0})
+            self.pin(pid, {0})
             for core, where in ((0, "same"), (1, "other")):
                 for _ in range(2):
-                    out = subprocess.run(["taskset", "-c", str(core), *curl_argv(url)], capture_output=True,
-                                         text=True, check=False)
-                    speed = self.check(parse_curl(out.stdout), blob, f"{key} warm on core {core}")
+                    pull = curl_get(url, prefix=["taskset", "-c", str(core)])
+                    speed = self.check(pull, blob, f"{key} warm on core {core}")
                     self.results.placed.setdefault(f"{key} {where}", []).append(speed)
         finally:
-            for tid in tids:
-                with contextlib.suppress(OSError):
-                    os.sched_setaffinity(tid, every)
+            self.pin(pid, every)  # every thread it has now: it may have started some while pinned (found in review)
+
+    @staticmethod
+    def pin(pid: int, cores: set[int]) -> None:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                os.sched_setaffinity(int(tid), cores)
 
     def check(self, pull: Pull, blob: Blob, what: str) -> float:
         if not pull.ok(blob.size):

@@ -1013,9 +1013,9 @@ class Fetcher:
             if self._nursery is None:
                 raise OciError("UNAVAILABLE", "node is not running")
             try:
-                # A file description of its own: the pass reads beside the clients' sendfile, never moving their
-                # offset. Opened before the check is registered: a failed open (no descriptor left) must not
-                # leave a check that never ends, and every later request waiting on it (found in review).
+                # A file of its own: the pass outlives the request whose file it was found through (that file is
+                # closed with its response). Opened before the check is registered: a failed open (no descriptor
+                # left) must not leave a check that never ends, and every later request waiting on it (review).
                 own = open(f"/proc/self/fd/{f.fileno()}", "rb")
             except OSError as e:
                 log.warning("cannot check stored %s now: %s", digest, e)

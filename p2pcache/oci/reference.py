@@ -86,6 +86,18 @@ def check_tag(tag: str) -> str:
     return tag
 
 
+def page_size(text: str | None, most: int) -> int | None:
+    """A tag list's `n` (distribution spec) when `text` is a whole number from 1 to `most` (leading zeros allowed),
+    else None. Digits of any length are safe here: `int()` of thousands of digits raises."""
+    if text is None or not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0")
+    if not digits or len(digits) > len(str(most)):
+        return None
+    n = int(digits)
+    return n if n <= most else None
+
+
 def parse_digest(text: str) -> str:
     """Return `text` if it is "sha256:" + 64 lowercase hex digits, else raise OciError("DIGEST_INVALID")."""
     if not isinstance(text, str) or _DIGEST_RE.fullmatch(text) is None:

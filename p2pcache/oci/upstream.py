@@ -56,7 +56,7 @@ from p2pcache.oci.auth import (
 )
 from p2pcache.oci.errors import STATUS_OF_CODE, OciError, UpstreamUnavailable
 from p2pcache.oci.rawbody import SocketBody, detach_body
-from p2pcache.oci.reference import TAG_RE, Repo, check_name, check_tag, is_digest, parse_digest
+from p2pcache.oci.reference import TAG_RE, Repo, check_name, check_tag, is_digest, page_size, parse_digest
 
 log = logging.getLogger(__name__)
 
@@ -798,8 +798,7 @@ def _next_page(link: str) -> tuple[int | None, str] | None:
         last = q.get("last")
         if not last or TAG_RE.fullmatch(last) is None:
             return None
-        n = q.get("n")
-        return (int(n) if n is not None and n.isascii() and n.isdigit() and len(n) <= 9 else None), last
+        return page_size(q.get("n"), 10**9), last
     return None
 
 

@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from p2pcache.config import Settings
 from p2pcache.metrics import Metrics
 from p2pcache.oci.errors import OciError, UpstreamUnavailable
-from p2pcache.oci.reference import Repo, check_tag, is_digest, parse_digest, resolve_repo
+from p2pcache.oci.reference import Repo, check_tag, is_digest, page_size, parse_digest, resolve_repo
 from p2pcache.proxy.conditional import if_range_allows, match_fails, none_match
 from p2pcache.proxy.ranges import RangeNotSatisfiable, content_range, parse_range
 from p2pcache.proxy.server import BlobBody, Request, Response, oci_error_response
@@ -170,20 +170,19 @@ class Registry:
     async def _tags(self, req: Request, name: str) -> Response:
         repo = resolve_repo(name, req.query.get("ns"), self.settings.default_ns)
         n_text, last = req.query.get("n"), req.query.get("last")
-        n = None
-        if n_text is not None:
-            digits = n_text.isascii() and n_text.isdigit() and len(n_text) <= 6  # int() of 5,000 digits raises
-            if not digits or not 1 <= int(n_text) <= MAX_TAGS_PAGE:
-                raise OciError("PAGINATION_NUMBER_INVALID", f"n must be a number from 1 to {MAX_TAGS_PAGE}")
-            n = int(n_text)
+        n = page_size(n_text, MAX_TAGS_PAGE)
+        if n_text is not None and n is None:
+            raise OciError("PAGINATION_NUMBER_INVALID", f"n must be a number from 1 to {MAX_TAGS_PAGE}")
         if last is not None:
             check_tag(last)
         tags, following = await self.resolver.upstream.list_tags(repo, n, last)
-        if following is None:
-            # One page holding the whole list (after `last`, if the upstream honoured it): from an upstream that
-            # ignores `n` and `last` and lists in any order (docker-registry 2.8 does), the node cuts the page
-            # itself, in lexical order as the distribution spec has it. An upstream that pages is passed through
-            # page by page as it ordered them: re-sorting its pages lost tags where it did not sort (found in review).
+        ignored = (n is not None and len(tags) > n) or (last is not None and last in tags)
+        if following is None and (ignored or (n is None and last is None)):
+            # The whole list, from an upstream asked for all of it or one that ignores `n` and `last` and lists in
+            # any order (docker-registry 2.8 does): the node cuts the page itself, in lexical order as the
+            # distribution spec has it. An upstream that pages is passed through page by page as it ordered
+            # them, its last page (no Link) included: re-sorting its pages, or dropping what sorts before `last`,
+            # lost tags where it did not sort (found in review, twice).
             tags = sorted(t for t in tags if last is None or t > last)
             if n is not None and len(tags) > n:
                 tags, following = tags[:n], (n, tags[n - 1])

@@ -64,12 +64,14 @@ LINGER_BYTES = 1 << 20  # and how much of what it still sends is read and droppe
 # While one big body is being sent, a readable stretch of at least THREAD_SEND_MIN bytes of another is sent by
 # one blocking sendfile in a worker thread (one of SEND_THREADS; when all are busy, from the loop). Why: the loop
 # is one thread, so four clients of a warm 1 GiB blob got 2.35 GB/s together from it (docker-registry: 3.66 on
-# both cores); with the threads, 3.8-4.3 GB/s (256 MiB: 4.2-5.3). One body alone stays on the loop: 6.2-6.8 GB/s
+# both cores); with the threads, 3.7-4.3 GB/s (256 MiB: 4.2-5.3). One body alone stays on the loop: 6.2-6.8 GB/s
 # there in its fast runs against 5.2-5.6 from a thread (bench/README.md).
 THREAD_SEND_MIN = 8 << 20
 SEND_THREADS = 16
 # How long a blocking sendfile waits for room in the socket before it looks at its cancel flag again.
 SEND_POLL = 0.25
+# A send failing with one of these means the client went away (not a fault of ours).
+_GONE_ERRNOS = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)
 
 
 class BlobSource(Protocol):
@@ -323,7 +325,7 @@ class _Conn:
                     raise _ClientGone("client stopped reading") from None
                 continue
             except OSError as e:
-                if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN):
+                if e.errno in _GONE_ERRNOS:
                     raise _ClientGone from e
                 raise _BodyAborted(f"sendfile failed: {e!r}") from e
             if n == 0:
@@ -359,7 +361,7 @@ class _Conn:
                         return sent, _ClientGone("client stopped reading")
                     continue
                 except OSError as e:
-                    if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN):
+                    if e.errno in _GONE_ERRNOS:
                         return sent, _ClientGone(str(e))
                     return sent, _BodyAborted(f"sendfile failed: {e!r}")
                 if n == 0:

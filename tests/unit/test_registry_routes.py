@@ -85,7 +85,7 @@ class FakeFetcher:
 class PagingUpstream:
     """An upstream that pages its tag list in an order of its own (not lexical), honouring n and last."""
 
-    ORDER = ["z1", "y2", "b3", "a4", "c5", "x6"]
+    ORDER = ["z1", "y2", "b3", "a4", "c5", "a0"]  # the last page holds a tag that sorts before its `last`
 
     async def list_tags(self, repo, n=None, last=None):
         rest = self.ORDER[self.ORDER.index(last) + 1:] if last else self.ORDER
@@ -475,5 +475,7 @@ async def test_an_upstream_that_pages_in_its_own_order_loses_no_tag(node):
 
 async def test_a_page_size_of_thousands_of_digits_is_a_400(node):
     client, *_ = node
-    r = await client.get("/v2/app/tags/list", params={"n": "0" * 4400 + "1"})
+    r = await client.get("/v2/app/tags/list", params={"n": "9" * 4400})
     assert r.status_code == 400 and error_code(r) == "PAGINATION_NUMBER_INVALID"
+    r = await client.get("/v2/app/tags/list", params={"n": "0" * 4400 + "1"})  # leading zeros: still n=1
+    assert r.status_code == 200 and len(r.json()["tags"]) == 1

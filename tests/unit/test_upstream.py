@@ -828,7 +828,7 @@ async def test_tags_that_are_no_tags_are_left_out() -> None:
     assert await _paginating([], body=body).list_tags(REPO) == (["ok"], None)
 
 
-async def test_a_link_with_a_page_size_of_thousands_of_digits_is_no_next_page() -> None:
+async def test_a_link_with_a_page_size_of_thousands_of_digits_keeps_its_last_but_not_its_n() -> None:
     from p2pcache.oci.upstream import _next_page
 
     assert _next_page(f'</v2/x/tags/list?n={"9" * 4400}&last=b>; rel="next"') == (None, "b")
