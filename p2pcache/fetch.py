@@ -1002,6 +1002,36 @@ class Fetcher:
         except UpstreamUnavailable as e:
             raise _client_error(e) from e
 
+    async def verify_stored(self) -> dict[str, Any]:
+        """Hash every stored blob this process has not hashed or committed (the admin's verify), CHECK_PASSES at
+        a time; a damaged one is removed as on a first serve. Returns counts and the damaged digests."""
+        out: dict[str, Any] = {"checked": 0, "already": 0, "damaged": []}
+        open_files = trio.CapacityLimiter(CHECK_PASSES)  # a descriptor per blob being checked, not per blob
+
+        async def one(digest: str) -> None:
+            async with open_files:
+                try:
+                    # Not store.open: a verify is no use of the blob, and must not reorder what LRU evicts next.
+                    f = open(self.store.path(digest), "rb")
+                except FileNotFoundError:
+                    return  # evicted or deleted since the list was taken
+                with f:
+                    if self._checked.get(digest) == os.fstat(f.fileno()).st_ino:
+                        out["already"] += 1
+                        return
+                    check = self._check_stored(digest, f)
+                    await check.done.wait()
+                if check.ok:
+                    out["checked"] += 1
+                else:
+                    out["damaged"].append(digest)
+
+        async with trio.open_nursery() as nursery:
+            for digest in self.store.digests():
+                nursery.start_soon(one, digest)
+        out["damaged"].sort()
+        return out
+
     def checked(self, digest: str, inode: int) -> None:
         """The store's file `inode` of `digest` holds the right bytes: this process hashed or committed it."""
         self._checked[digest] = inode

@@ -7,6 +7,9 @@
   Best effort: pinned blobs are skipped and reported, absent ones counted, and what another stored manifest
   refers to is kept ("shared"), as `docker rmi` keeps a layer another image uses;
 - `GET /admin/status`: store bytes, blob count, downloads in flight, version;
+- `POST /admin/verify`: hash every stored blob the node has not checked since it started (a scrub after a disk
+  scare); damaged ones are removed, as on their first serve. Answers when done: `{"checked": N, "already": N,
+  "damaged": [digests], "seconds": S}`;
 - `POST /admin/preheat` `{"image": "docker.io/library/x:1", "platforms": ["linux/amd64"]}`: resolve the image
   and fetch its config and every layer into the store (all platforms of an index unless `platforms` is given);
   answers when done with a JSON summary (200, or 502 when something could not be fetched).
@@ -151,11 +154,13 @@ class Admin:
             return _json(200, self.status())
         if path == "/admin/preheat" and m == "POST":
             return await self.preheat(req.body)
+        if path == "/admin/verify" and m == "POST":
+            return await self.verify()
         if path.startswith("/admin/blobs/") and m == "DELETE":
             return self.delete_blob(path[len("/admin/blobs/"):])
         if path.startswith("/admin/images/") and m == "DELETE":
             return await self.delete_image(path[len("/admin/images/"):])
-        known = ("/admin/status", "/admin/preheat", "/healthz", "/metrics")
+        known = ("/admin/status", "/admin/preheat", "/admin/verify", "/healthz", "/metrics")
         if path in known or path.startswith(("/admin/blobs/", "/admin/images/")):
             raise OciError("UNSUPPORTED", f"{m} is not supported on {path}")
         raise OciError("NAME_UNKNOWN", "not found", status=404)
@@ -174,6 +179,17 @@ class Admin:
             "downloads": sorted(downloads),
             "swarm": self.fetcher.swarm is not None,
         }
+
+    # --- verify ------------------------------------------------------------------------------------------
+
+    async def verify(self) -> Response:
+        started = time.monotonic()
+        summary = await self.fetcher.verify_stored()
+        summary["seconds"] = round(time.monotonic() - started, 2)
+        if summary["damaged"]:
+            log.warning("admin: verify removed %d damaged blob(s): %s", len(summary["damaged"]),
+                        ", ".join(summary["damaged"]))
+        return _json(200, summary)
 
     # --- deletions ---------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx
 import pytest
 
 from .harness import images as im
@@ -92,3 +93,29 @@ def test_a_stored_blob_damaged_while_the_node_was_down_never_reaches_a_client_wh
         assert got.complete and "sha256:" + got.sha256 == good.digest
     assert reg.count("GET", f"/v2/library/rot/blobs/{good.digest}", since=mark) == 0
     assert node.metric("p2pcache_digest_mismatches_total", source="store") == 1
+
+
+def test_admin_verify_hashes_what_this_run_has_not_checked_and_removes_the_damaged(make_registry, make_node):
+    """`POST /admin/verify`, a scrub: after a restart every stored blob is hashed once (damaged ones removed,
+    without waiting for a client to ask for them); what the node fetched itself since it started is not."""
+    reg = make_registry()
+    layers = [im.random_layer(2 * 1024 * 1024) for _ in range(3)]
+    im.push(reg.url, "library/scrub", "1", im.make_image(layers))
+    node = make_node({"docker.io": reg.url})
+    for blob in layers[:2]:
+        assert fetch_blob(node.url, f"/v2/library/scrub/blobs/{blob.digest}").complete
+    [rotten] = node.store_files(layers[0].digest)
+    node.stop()
+    with open(rotten, "r+b") as f:
+        f.write(b"\0\0\0\0")
+    node.start()
+    assert fetch_blob(node.url, f"/v2/library/scrub/blobs/{layers[2].digest}").complete  # this run's own
+    node.store_files()  # its commit has landed
+    r = httpx.post(node.admin_url + "/admin/verify", timeout=60)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert (doc["checked"], doc["already"], doc["damaged"]) == (1, 1, [layers[0].digest]), doc
+    assert node.store_files(layers[0].digest) == []
+    assert node.metric("p2pcache_digest_mismatches_total", source="store") == 1
+    doc = httpx.post(node.admin_url + "/admin/verify", timeout=60).json()
+    assert (doc["checked"], doc["already"], doc["damaged"]) == (0, 2, []), doc
