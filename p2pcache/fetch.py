@@ -446,6 +446,9 @@ class Download:
             raise self._mismatch
         self.verified = True
         self._wake()
+        # Before the commit, not after: the store lists the blob from the moment its commit (in a thread) indexes
+        # it, and an admin verify that listed it then hashed it again (found in review). Rename keeps the inode.
+        self.fetcher.checked(self.digest, os.fstat(partial.file.fileno()).st_ino)
         try:
             # commit fsyncs the blob (seconds for a large one on a slow disk): keep the loop serving meanwhile.
             await trio.to_thread.run_sync(self.fetcher.store.commit, partial, got)
@@ -463,7 +466,6 @@ class Download:
             raise FetchFailed(f"{self.digest} was verified but cannot be stored "
                               f"(its clients still get every byte): {e}") from e
         self.committed = True
-        self.fetcher.checked(self.digest, os.fstat(partial.file.fileno()).st_ino)  # rename keeps the inode
         self._wake()
 
     # ---- internals ----
@@ -846,6 +848,7 @@ class StoreCheck:
         self.digest = digest
         self.done = trio.Event()
         self.ok = False
+        self.unreadable = False  # the pass could not read the file (not ok, and not shown damaged either)
 
 
 class BlobHandle:
@@ -1004,8 +1007,9 @@ class Fetcher:
 
     async def verify_stored(self) -> dict[str, Any]:
         """Hash every stored blob this process has not hashed or committed (the admin's verify), CHECK_PASSES at
-        a time; a damaged one is removed as on a first serve. Returns counts and the damaged digests."""
-        out: dict[str, Any] = {"checked": 0, "already": 0, "damaged": []}
+        a time; a damaged one is removed as on a first serve. Returns counts, the damaged digests, and those it
+        could not read now (no permission, no descriptor left: kept, and reported)."""
+        out: dict[str, Any] = {"checked": 0, "already": 0, "damaged": [], "unreadable": []}
         open_files = trio.CapacityLimiter(CHECK_PASSES)  # a descriptor per blob being checked, not per blob
 
         async def one(digest: str) -> None:
@@ -1015,21 +1019,30 @@ class Fetcher:
                     f = open(self.store.path(digest), "rb")
                 except FileNotFoundError:
                     return  # evicted or deleted since the list was taken
+                except OSError as e:  # one file this node cannot open must not end the whole scrub (review)
+                    log.warning("verify: cannot open stored %s: %s", digest, e)
+                    out["unreadable"].append(digest)
+                    return
                 with f:
                     if self._checked.get(digest) == os.fstat(f.fileno()).st_ino:
                         out["already"] += 1
                         return
-                    check = self._check_stored(digest, f)
+                    try:
+                        check = self._check_stored(digest, f)
+                    except OciError:  # no descriptor for the pass's own file: logged there
+                        out["unreadable"].append(digest)
+                        return
                     await check.done.wait()
                 if check.ok:
                     out["checked"] += 1
                 else:
-                    out["damaged"].append(digest)
+                    out["unreadable" if check.unreadable else "damaged"].append(digest)
 
         async with trio.open_nursery() as nursery:
             for digest in self.store.digests():
                 nursery.start_soon(one, digest)
         out["damaged"].sort()
+        out["unreadable"].sort()
         return out
 
     def checked(self, digest: str, inode: int) -> None:
@@ -1072,6 +1085,7 @@ class Fetcher:
                 log.error("stored %s is damaged (its bytes hash to %s)%s; its clients' responses are cut short, "
                           "the next request fetches it again", check.digest, got, ": removed" if removed else "")
         except OSError as e:  # an unreadable file is no blob to vouch for either
+            check.unreadable = True
             log.error("cannot check stored %s: %s", check.digest, e)
         finally:
             del self._checks[check.digest]

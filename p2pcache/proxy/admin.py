@@ -9,7 +9,7 @@
 - `GET /admin/status`: store bytes, blob count, downloads in flight, version;
 - `POST /admin/verify`: hash every stored blob the node has not checked since it started (a scrub after a disk
   scare); damaged ones are removed, as on their first serve. Answers when done: `{"checked": N, "already": N,
-  "damaged": [digests], "seconds": S}`;
+  "damaged": [digests], "unreadable": [digests it could not open now, kept], "seconds": S}`;
 - `POST /admin/preheat` `{"image": "docker.io/library/x:1", "platforms": ["linux/amd64"]}`: resolve the image
   and fetch its config and every layer into the store (all platforms of an index unless `platforms` is given);
   answers when done with a JSON summary (200, or 502 when something could not be fetched).

@@ -966,3 +966,46 @@ async def test_unchecked_stored_blobs_are_hashed_a_few_at_a_time(settings: Setti
                 nursery.start_soon(one, i)
     assert [got[i] for i in range(len(blobs))] == blobs
     assert 1 < most[0] <= fetch_module.CHECK_PASSES
+
+
+async def test_verify_reports_a_file_it_cannot_open_and_checks_the_others(settings: Settings, monkeypatch) -> None:
+    """One stored file the node could not open (permissions, no descriptor left) ended the whole verify with a
+    500 (found in review): it is reported as unreadable and kept, the others are hashed."""
+    import builtins
+
+    import p2pcache.fetch as fetch_module
+
+    a, b = blob(2 * PIECE, seed=1), blob(2 * PIECE, seed=2)
+    da, path_a = await stored_by_an_earlier_run(settings, a)
+    db, _ = await stored_by_an_earlier_run(settings, b)
+    real_open = builtins.open
+
+    def guarded(file, *args, **kw):  # type: ignore[no-untyped-def]
+        if str(file) == str(path_a):
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kw)
+
+    monkeypatch.setattr(fetch_module, "open", guarded, raising=False)
+    async with running(settings, FakeUpstream({}), BlobStore(settings.data)) as fetcher:
+        out = await fetcher.verify_stored()
+        assert (out["checked"], out["already"], out["damaged"], out["unreadable"]) == (1, 0, [], [da])
+        assert fetcher.store.stat(da) is not None and fetcher.store.stat(db) is not None
+
+
+async def test_a_download_is_known_checked_before_its_commit_lists_it(settings: Settings, monkeypatch) -> None:
+    """The store lists a blob once its commit (a worker thread) indexed it; the fetcher learned it had checked
+    it only after the commit returned, and a verify in between hashed it again (found in review)."""
+    data = blob(3 * PIECE)
+    d = digest_of(data)
+    seen: list[bool] = []
+    async with running(settings, FakeUpstream({d: data})) as fetcher:
+        commit = fetcher.store.commit
+
+        def watched(partial, sha):  # type: ignore[no-untyped-def]
+            seen.append(d in fetcher._checked)
+            return commit(partial, sha)
+
+        monkeypatch.setattr(fetcher.store, "commit", watched)
+        assert await fetcher.store_blob(REPO, d) == len(data)
+        assert seen == [True]
+        assert (await fetcher.verify_stored())["already"] == 1
