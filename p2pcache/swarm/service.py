@@ -787,7 +787,8 @@ class SwarmService:
         f = self.store.open(digest)
         if f is None:
             return None
-        size = os.fstat(f.fileno()).st_size
+        st = os.fstat(f.fileno())
+        size, inode = st.st_size, st.st_ino
         piece_size = self._piece_size_of(digest, size)
 
         def work() -> tuple[list[bytes], str]:
@@ -807,9 +808,12 @@ class SwarmService:
         if got != digest:
             log.error("stored blob %s is corrupt (hashes to %s): deleting it", digest, got)
             self.metrics.digest_mismatches.labels(source="store").inc()
-            self.store.delete(digest)
+            # As the fetcher's check does (fetch.StoreCheck): gone also while a client reads it (store.delete
+            # refuses a pinned blob, and the damaged file stayed to be served whole).
+            self.store.remove_damaged(digest, inode)
             self._spawn(self._withdraw, digest)
             return None
+        self.fetcher.checked(digest, inode)  # this whole-digest pass counts for its clients too: not hashed twice
         self._meta_cache[digest] = (size, piece_size, hashes)
         return size, piece_size, list(hashes)
 
