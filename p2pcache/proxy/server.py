@@ -196,7 +196,7 @@ class _Conn:
     def __init__(self, stream: trio.SocketStream, handler: Handler, settings: Settings, max_body: int,
                  before_body: BeforeBody | None = None, big_sends: _BigSends | None = None) -> None:
         self.stream = stream
-        self.big_sends = big_sends
+        self.big_sends = big_sends if big_sends is not None else _BigSends()  # else one of its own
         self.handler = handler
         self.before_body = before_body
         self.settings = settings
@@ -298,17 +298,15 @@ class _Conn:
             if readable <= offset:
                 raise _BodyAborted(f"readable() returned {readable} at offset {offset}")
             big = self.big_sends
-            if big is not None and big.thread_for(readable - offset):
+            if big.thread_for(readable - offset):
                 offset += await self._sendfile_in_thread(sock, in_fd, offset, readable - offset, big.threads)
                 continue
-            counted = big is not None and readable - offset >= THREAD_SEND_MIN
-            if counted:
-                big.on_loop += 1  # type: ignore[union-attr]
+            counted = int(readable - offset >= THREAD_SEND_MIN)
+            big.on_loop += counted
             try:
                 await self._sendfile_on_loop(sock, in_fd, offset, readable)
             finally:
-                if counted:
-                    big.on_loop -= 1  # type: ignore[union-attr]
+                big.on_loop -= counted
             offset = readable
 
     async def _sendfile_on_loop(self, sock: Any, in_fd: int, offset: int, readable: int) -> None:
