@@ -431,5 +431,10 @@ def test_the_lowest_limits_slow_the_swarm_but_break_nothing(cluster_of, reg):
         t.join(120)
     assert all(results[i] == layer.data for i in range(5)), [f"{r!r:.120}" for r in results.values()]
     assert c.upstream_blob_gets(layer.digest) == 1
-    logs = [n.log_text() for n in c.nodes]
-    assert not any("stalled" in t or "timed out" in t or "not alive" in t for t in logs)
+    lines = [line for n in c.nodes for line in n.log_text().splitlines()]
+    assert not [x for x in lines if "timed out" in x or "not alive" in x]
+    # The defect dropped peers as stalled 43 times in one pull. One 5 s stall can still come of a CPU-starved
+    # machine, with the code of before this test too (2 runs in 5 with two busy loops beside it; once in seven
+    # clean CI runs on 2026-11-29): that is the stall timeout doing its job, not the throttle holding a peer.
+    stalls = [x for x in lines if "stalled" in x]
+    assert len(stalls) <= 1, stalls[:10]
