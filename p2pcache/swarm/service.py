@@ -913,7 +913,7 @@ class SwarmService:
         """After a fill, in the service's nursery (the client's bytes do not wait for it): tell the owners we hold
         the whole blob, then release the claim, in that order so nobody claims a blob the cluster already has.
         Once the fetcher checked the whole digest: if it failed, withdraw, forget the hashes and ban whoever gave
-        us the piece list (the fetcher refetches from upstream)."""
+        us the piece list (the fetcher refetches from upstream); if it passed but the commit failed, withdraw."""
         if fill.complete:
             with trio.move_on_after(RPC_META_TIMEOUT):
                 await self._announce(download.digest, True, download.n_pieces)
@@ -932,6 +932,13 @@ class SwarmService:
                 self.metrics.peer_bans.inc()
                 for c in list(self.conns.get(meta_source, ())):
                     c.close()
+            await self._withdraw(download.digest)
+            return
+        # Verified, but the commit can still fail (a full disk): the blob is then nowhere here, and peers sent to
+        # us for it were refused until the next renewal round noticed (up to ANNOUNCE_EVERY).
+        await download.done.wait()
+        if not download.committed and self.store.stat(download.digest, touch=False) is None:
+            log.warning("swarm: %s was verified but not stored: withdrawn", download.digest[:19])
             await self._withdraw(download.digest)
 
     def have_piece(self, digest: str, index: int) -> None:

@@ -169,3 +169,37 @@ async def test_the_digests_a_peer_wants_news_of_are_bounded(tmp_path) -> None:
     svc.have_piece(digests[0], 0)  # forgotten: no "have"
     assert len(conn._control) == 1
     sock.close()
+
+
+class _FillDone:
+    complete = True
+    release_claim = False
+    meta_source = None
+
+
+class _VerifiedDownload:
+    """A download whose bytes passed the digest check and whose commit then failed (or landed)."""
+
+    def __init__(self, digest: str, committed: bool) -> None:
+        self.digest, self.size, self.n_pieces, self.committed = digest, 10, 1, committed
+        self.done = trio.Event()
+        self.done.set()
+
+    async def readable(self, offset: int) -> int:
+        return self.size
+
+
+@pytest.mark.parametrize("committed", [False, True])
+async def test_a_verified_blob_whose_commit_failed_is_withdrawn_at_once(tmp_path, committed: bool) -> None:
+    """It stayed announced complete (peers sent here for it, and refused) until the next renewal round, 10 s."""
+    svc, node = service(tmp_path)
+    digest = "sha256:" + "cd" * 32
+    withdrawn: list[str] = []
+
+    async def withdraw(d: str) -> None:
+        withdrawn.append(d)
+
+    svc._withdraw = withdraw  # type: ignore[method-assign]
+    svc._announced[digest] = True
+    await svc._after_fill(_VerifiedDownload(digest, committed), _FillDone())  # type: ignore[arg-type]
+    assert withdrawn == ([] if committed else [digest])
