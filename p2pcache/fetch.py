@@ -125,6 +125,9 @@ REHASH_READ = 4 << 20
 # many passes hash at once (the others wait their turn): CHECK_PASSES x CHECK_READ bytes of buffers at most.
 CHECK_READ = 4 << 20
 CHECK_PASSES = 4
+# The record of checked blobs is swept of blobs the store no longer holds when it reaches this many entries
+# (and then twice what the sweep left).
+CHECKED_SWEEP_MIN = 1024
 
 # Errors of the connection to upstream after the response started: worth a resume with Range.
 _TRANSIENT: tuple[type[BaseException], ...] = (
@@ -915,6 +918,7 @@ class Fetcher:
         # Stored blobs this process hashed or committed (digest -> inode of the file it checked), and the passes
         # over those it has not checked yet (StoreCheck), one per digest.
         self._checked: dict[str, int] = {}
+        self._checked_sweep_at = CHECKED_SWEEP_MIN
         self._checks: dict[str, StoreCheck] = {}
         self._check_slots = trio.CapacityLimiter(CHECK_PASSES)
         self._nursery: trio.Nursery | None = None
@@ -1046,8 +1050,17 @@ class Fetcher:
         return out
 
     def checked(self, digest: str, inode: int) -> None:
-        """The store's file `inode` of `digest` holds the right bytes: this process hashed or committed it."""
+        """The store's file `inode` of `digest` holds the right bytes: this process hashed or committed it.
+
+        Entries of blobs the store no longer holds (evicted, deleted) are dropped once the record has doubled
+        since the last sweep: a long-lived node that cycles through many blobs keeps one entry per blob it holds,
+        not one per blob it ever held."""
         self._checked[digest] = inode
+        if len(self._checked) >= self._checked_sweep_at:
+            for d in [d for d in self._checked
+                      if d not in self._downloads and self.store.stat(d, touch=False) is None]:
+                del self._checked[d]
+            self._checked_sweep_at = max(CHECKED_SWEEP_MIN, 2 * len(self._checked))
 
     def _check_stored(self, digest: str, f: BinaryIO) -> StoreCheck:
         """The pass over stored `digest` (the file `f` is open on), started if none runs."""

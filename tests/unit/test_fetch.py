@@ -1009,3 +1009,22 @@ async def test_a_download_is_known_checked_before_its_commit_lists_it(settings: 
         assert await fetcher.store_blob(REPO, d) == len(data)
         assert seen == [True]
         assert (await fetcher.verify_stored())["already"] == 1
+
+
+async def test_the_record_of_checked_blobs_forgets_blobs_the_store_no_longer_holds(settings: Settings,
+                                                                                   monkeypatch) -> None:
+    """One entry per blob the process ever committed or checked, for as long as it ran (a slow leak)."""
+    import p2pcache.fetch as fetch_module
+
+    monkeypatch.setattr(fetch_module, "CHECKED_SWEEP_MIN", 4, raising=False)
+    blobs = [blob(PIECE // 2, seed=i) for i in range(12)]
+    async with running(settings, FakeUpstream({digest_of(b): b for b in blobs})) as fetcher:
+        for b in blobs:
+            d = digest_of(b)
+            assert await fetcher.store_blob(REPO, d) == len(b)
+            assert d in fetcher._checked
+            if b is not blobs[-1]:
+                fetcher.store.delete(d)
+        assert len(fetcher._checked) < 6
+        kept = digest_of(blobs[-1])
+        assert (await fetcher.verify_stored())["already"] == 1 and kept in fetcher._checked
