@@ -90,6 +90,11 @@ class PeerGone(Exception):
 _CLOSED = (*_CLOSED, PeerGone)
 
 
+class CallTimedOut(PeerGone):
+    """An RPC got no answer in time while nothing else moved on its connection: the peer is silent (stopped,
+    overloaded, or cut off by a link that drops everything), not merely slow behind a piece."""
+
+
 class WrongAnswer(PeerGone):
     """The peer answered a call with a message of another kind, or about another digest: that call failed, as a
     timeout would have (the connection stays: its other traffic is judged on its own)."""
@@ -571,7 +576,7 @@ class PeerConnection:
             self._arm()
             self._calls.pop(rid, None)
         if not w.event.is_set():
-            raise PeerGone(f"{kind} to {self.peer.node} timed out")
+            raise CallTimedOut(f"{kind} to {self.peer.node} timed out")
         if w.error is not None:
             raise w.error
         assert w.value is not None

@@ -68,6 +68,7 @@ from p2pcache.swarm.peer import (
     MAX_REQUESTS_IN,
     RECV_CHUNK,
     SEND_CHUNK,
+    CallTimedOut,
     PeerConnection,
     PeerGone,
     PieceRejected,
@@ -627,7 +628,14 @@ class SwarmService:
         if kind in ("withdraw", "publish", "renew"):
             conn.send(kind, **fields)
             return None
-        return (await conn.call(kind, **fields)).fields
+        try:
+            return (await conn.call(kind, **fields)).fields
+        except CallTimedOut:
+            # A silent owner, as a failed dial is: suspect until it is heard from again, so the calls after this
+            # one go to the next owners instead of each waiting RPC_TIMEOUT on it (a pull's announce and claim
+            # each waited 3 s on it, one after the other, until the membership's own timeout caught up).
+            self.membership.unreachable(owner, trio.current_time())
+            raise
 
     async def _owner_conns(self, digest: str) -> list[str]:
         if self.settings.tracker and self._tracker_node is None and self.settings.tracker in (

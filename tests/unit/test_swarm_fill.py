@@ -203,3 +203,35 @@ async def test_a_verified_blob_whose_commit_failed_is_withdrawn_at_once(tmp_path
     svc._announced[digest] = True
     await svc._after_fill(_VerifiedDownload(digest, committed), _FillDone())  # type: ignore[arg-type]
     assert withdrawn == ([] if committed else [digest])
+
+
+async def test_an_owner_that_lets_a_call_time_out_is_not_asked_again_until_heard_from(tmp_path) -> None:
+    """Each tracker call of a pull (announce, claim) waited RPC_TIMEOUT (3 s) on a silent owner, one after the
+    other, until the membership's own timeout marked it suspect. Now the first timeout does."""
+    from p2pcache.swarm.peer import CallTimedOut
+
+    settings = Settings(data=tmp_path / "data", peer_listen="127.0.0.1:0")
+    node = build_node(settings)
+    svc = SwarmService(settings, node.store, node.fetcher, node.upstream, node.metrics)
+    calls: list[str] = []
+
+    class Silent:
+        async def call(self, kind, **fields):
+            calls.append(kind)
+            raise CallTimedOut(f"{kind} to B timed out")
+
+    async def connect_node(owner: str) -> Silent:
+        return Silent()
+
+    svc.connect_node = connect_node  # type: ignore[method-assign,assignment]
+    svc.membership.heard("B", "127.0.0.1:9", None, trio.current_time())
+    digest = "sha256:" + "ef" * 32
+    assert "B" in svc._owners(digest)  # two owners of two members: both
+    await svc._announce(digest, False)
+    assert await svc._claim(digest) is not None  # granted by ourselves, the owner that answers
+    await svc._announce(digest, True, 1)
+    assert calls == ["announce"]
+    assert "B" not in svc._owners(digest)
+    svc.membership.heard("B", "127.0.0.1:9", None, trio.current_time())  # it speaks again: asked again
+    await svc._announce(digest, True, 1)
+    assert calls == ["announce", "announce"]
