@@ -334,6 +334,18 @@ class DownloadScheduler:
         if later:
             self._busy_wake = min(later)
 
+    def _next_busy_wake(self, now: float) -> None:
+        """A back-off ended and the fill after it left room for more sources: wake again when the next
+        refusing peer's back-off ends. Only the earliest was kept, so with two peers refusing at once the later
+        one was not asked again while the other kept delivering (3 nodes: a node read a whole layer from one of
+        its two holders, the other idle, 8.9 s with a 20 MB/s registry, 13.5 s with a 40 MB/s one). Same-zone
+        peers only, where zones are known: a far peer is taken when a fill finds no near one, not woken for
+        (waking for every back-off took two-zones from 1.54x to 2.08x the bound, see _rearm_busy)."""
+        later = [st.busy_until for p, st in self.peers.items()
+                 if st.busy_until > now and p not in self._active and (st.same_zone or self.zone is None)]
+        if later:
+            self._busy_wake = min(later)
+
     def _fill(self, peer: Peer, now: float, out: list) -> None:
         st = self.peers.get(peer)
         if st is None or self.done or self.failed:
@@ -717,11 +729,14 @@ class DownloadScheduler:
             else:  # nobody else has it: cancelling would only restart the same transfer
                 self._seq += 1
                 heapq.heappush(dl, (now + cfg.timeout_min, self._seq, peer, i, sent))
-        if self._busy_wake is not None and now >= self._busy_wake:
+        woke = self._busy_wake is not None and now >= self._busy_wake
+        if woke:
             self._busy_wake = None
             refill = True
         if refill:
             self._fill_all(now, out)
+        if woke and len(self._active) < self.max_sources:
+            self._next_busy_wake(now)
         self._rearm_busy(now)
         if now >= self._next_claim:
             if self.claim == "held" and not self.done:

@@ -110,6 +110,39 @@ def test_the_last_delivery_in_flight_arms_the_wake_up_for_a_backing_off_peer():
     assert {p for p, _ in reqs(s.tick(1.035))} == {"b"}
 
 
+def test_a_second_refusing_peer_is_asked_again_while_the_first_delivers():
+    """Two holders said "busy" at once; the first one's back-off ended, it was asked and kept delivering, and
+    nothing woke the node for the second's: it stayed idle for the rest of the layer (simulations/
+    monotonicity.py: 3 nodes, one read a whole layer from one of its two holders, 8.9 s behind a 20 MB/s
+    registry and 13.5 s behind a 40 MB/s one)."""
+    s = sched(64, busy_backoff=0.02)
+    s.start(0)
+    s.claim_denied("x", 0)
+    out = s.peer_added("a", "z1", range(64), 0) + s.peer_added("b", "z1", range(64), 0)
+    for p, i in reqs(out):
+        s.piece_refused(p, i, 1.0 if p == "a" else 1.01)  # a busy until 1.02, b until 1.03
+    assert s.next_deadline() == pytest.approx(1.02)
+    asked = reqs(s.tick(1.02))
+    assert {p for p, _ in asked} == {"a"}
+    assert s.next_deadline() == pytest.approx(1.03)  # b's back-off: there is room for another source
+    t = 1.025
+    for p, i in asked:  # a delivers, and is asked for more
+        s.piece_received(p, i, True, MiB, t)
+    assert {p for p, _ in reqs(s.tick(1.03))} == {"b"}
+
+
+def test_a_refusing_peer_of_another_zone_is_not_woken_for():
+    """... but a far peer's back-off is no reason to wake: it is taken when a fill finds no near one."""
+    s = sched(64, busy_backoff=0.02)
+    s.start(0)
+    s.claim_denied("x", 0)
+    out = s.peer_added("a", "z1", range(64), 0) + s.peer_added("far", "z2", range(64), 0)
+    for p, i in reqs(out):
+        s.piece_refused(p, i, 1.0 if p == "a" else 1.01)
+    assert {p for p, _ in reqs(s.tick(1.02))} == {"a"}
+    assert s.next_deadline() != pytest.approx(1.03)
+
+
 def test_denied_node_downloads_from_peers_rarest_first_and_finishes():
     s = sched(4, pipeline=2)
     s.start(0)
