@@ -91,8 +91,8 @@ _CLOSED = (*_CLOSED, PeerGone)
 
 
 class CallTimedOut(PeerGone):
-    """An RPC got no answer in time while nothing else moved on its connection: the peer is silent (stopped,
-    overloaded, or cut off by a link that drops everything), not merely slow behind a piece."""
+    """An RPC got no answer within RPC_TIMEOUT with nothing else moving on its connection (or within RPC_BUSY_MAX
+    behind pieces): the peer is silent (stopped, overloaded, or cut off by a link that drops everything)."""
 
 
 class WrongAnswer(PeerGone):
