@@ -944,8 +944,13 @@ class SwarmService:
             return
         # Verified, but the commit can still fail (a full disk): the blob is then nowhere here, and peers sent to
         # us for it were refused until the next renewal round noticed (up to ANNOUNCE_EVERY).
+        # Not when another download of the digest began meanwhile (this task may have waited seconds on a silent
+        # owner above): its fill announced it, and its commit may still land; withdrawing then told the cluster
+        # a stored blob was gone, for good (found in review).
         await download.done.wait()
-        if not download.committed and self.store.stat(download.digest, touch=False) is None:
+        current = self.fetcher.downloads().get(download.digest)
+        if (not download.committed and download.digest not in self._fills and current in (None, download)
+                and self.store.stat(download.digest, touch=False) is None):
             log.warning("swarm: %s was verified but not stored: withdrawn", download.digest[:19])
             await self._withdraw(download.digest)
 

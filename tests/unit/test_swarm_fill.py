@@ -235,3 +235,38 @@ async def test_an_owner_that_lets_a_call_time_out_is_not_asked_again_until_heard
     svc.membership.heard("B", "127.0.0.1:9", None, trio.current_time())  # it speaks again: asked again
     await svc._announce(digest, True, 1)
     assert calls == ["announce", "announce"]
+
+
+async def test_a_failed_commit_does_not_withdraw_a_download_of_the_digest_begun_since(tmp_path) -> None:
+    """The first download's bookkeeping waited on a silent owner while a second download of the same digest
+    filled and announced it complete; the first then withdrew it, and the second's stored blob was never
+    announced again (found in review)."""
+    svc, node = service(tmp_path)
+    data = b"x" * 1000
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    slow_owner = trio.Event()
+    sent: list[str] = []
+
+    async def announce(d, complete, pieces=0):
+        sent.append("announce")
+        if complete and not slow_owner.is_set():
+            await slow_owner.wait()
+        return [], None
+
+    async def withdraw(d: str) -> None:
+        svc._announced.pop(d, None)
+        sent.append("withdraw")
+
+    svc._announce = announce  # type: ignore[method-assign]
+    svc._withdraw = withdraw  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(svc._after_fill, _VerifiedDownload(digest, committed=False), _FillDone())
+        await trio.sleep(0.01)  # in its complete announce
+        node.fetcher._downloads[digest] = object()  # the second download, its commit in flight
+        svc._announced[digest] = True
+        slow_owner.set()
+    assert "withdraw" not in sent
+    node.store.put_bytes(digest, data)  # the second one's commit lands
+    del node.fetcher._downloads[digest]
+    assert renewal_round(svc._announced, lambda d: node.store.stat(d, touch=False) is not None, set(),
+                         set()) == ([(digest, True)], [])
