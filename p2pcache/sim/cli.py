@@ -21,7 +21,7 @@ from p2pcache.sim.scenario import ScenarioError, load_scenario
 
 __all__ = ["run_simulate", "run_point"]
 
-LONG_RUN_TRANSFERS = 500_000  # ~3-10 minutes of one core (bench/sim_speed.py: 0.75 ms a transfer at 1,000 nodes)
+LONG_RUN_TRANSFERS = 500_000  # ~2-10 minutes of one core (bench/sim_speed.py: 0.21 ms a transfer at 1,000 nodes)
 
 
 def _fail(msg: str) -> int:
@@ -81,8 +81,9 @@ def run_simulate(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty()
     if transfers >= LONG_RUN_TRANSFERS:
         # Say so up front: the engine's cost is per piece transfer, and grows with the node count (measured with
-        # bench/sim_speed.py: ~0.4 ms a transfer at 200 nodes, 0.75 ms at 1,000, 1.2 ms at 10,000).
-        lo, hi = transfers * 400e-6 / 60, transfers * 1200e-6 / 60
+        # bench/sim_speed.py on a quiet core: 0.15 ms a transfer at 300 nodes, 0.21 ms at 1,000, 0.48 ms at
+        # 10,000; with the machine's other core busy, up to 1.2 ms at 10,000).
+        lo, hi = transfers * 200e-6 / 60, transfers * 1200e-6 / 60
         what = "the sweep's largest point" if sweep else "the p2p run"
         print(f"p2pcache: simulate: {transfers:,} piece transfers (nodes x pieces): expect roughly {lo:.0f}-{hi:.0f} "
               f"min of one core for {what}; a bigger piece size (p2p.piece_size) or fewer nodes runs faster",
