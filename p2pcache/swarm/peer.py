@@ -91,8 +91,9 @@ _CLOSED = (*_CLOSED, PeerGone)
 
 
 class CallTimedOut(PeerGone):
-    """An RPC got no answer within RPC_TIMEOUT with nothing else moving on its connection (or within RPC_BUSY_MAX
-    behind pieces): the peer is silent (stopped, overloaded, or cut off by a link that drops everything)."""
+    """An RPC got no answer within RPC_TIMEOUT with nothing else moving on its connection: the peer is silent
+    (stopped, overloaded, or cut off by a link that drops everything). A call that ran out of RPC_BUSY_MAX while
+    pieces moved raises a plain PeerGone: that peer is slow, and alive."""
 
 
 class WrongAnswer(PeerGone):
@@ -576,6 +577,8 @@ class PeerConnection:
             self._arm()
             self._calls.pop(rid, None)
         if not w.event.is_set():
+            if self._sending or self.dec.mid_frame():  # RPC_BUSY_MAX behind pieces: slow, not silent
+                raise PeerGone(f"{kind} to {self.peer.node} timed out behind pieces")
             raise CallTimedOut(f"{kind} to {self.peer.node} timed out")
         if w.error is not None:
             raise w.error

@@ -270,3 +270,45 @@ async def test_a_failed_commit_does_not_withdraw_a_download_of_the_digest_begun_
     del node.fetcher._downloads[digest]
     assert renewal_round(svc._announced, lambda d: node.store.stat(d, touch=False) is not None, set(),
                          set()) == ([(digest, True)], [])
+
+
+async def test_an_owner_slow_behind_a_piece_is_not_taken_for_silent(tmp_path, monkeypatch) -> None:
+    """A call that ran out of RPC_BUSY_MAX while a piece from the owner was still arriving marked the owner
+    suspect, and nothing on that connection revived it (found in review)."""
+    from p2pcache.discovery.membership import State
+    from p2pcache.swarm import peer as peer_mod
+    from p2pcache.swarm.peer import CallTimedOut, PeerGone
+    from tests.unit.test_peer_throttle import DIGEST, _pair
+
+    monkeypatch.setattr(peer_mod, "RPC_BUSY_MAX", 1.0)  # 30 s in the node
+
+    async def slow_limit(n: int) -> None:
+        await trio.sleep(0.6)  # our own download limit: the piece takes ~5 s, past the call's 3 s
+
+    settings = Settings(data=tmp_path / "data", peer_listen="127.0.0.1:0")
+    node = build_node(settings)
+    svc = SwarmService(settings, node.store, node.fetcher, node.upstream, node.metrics)
+    async with trio.open_nursery() as nursery:
+        cli = await _pair(tmp_path, nursery, throttle_rx=slow_limit, recv_chunk=32 << 10)
+        svc.membership.heard("srv", "a:1", None, trio.current_time())
+
+        async def connect_node(owner: str):  # type: ignore[no-untyped-def]
+            return cli
+
+        svc.connect_node = connect_node  # type: ignore[method-assign]
+        got: list[int] = []
+
+        async def piece() -> None:
+            got.append(len((await cli.request_piece(DIGEST, 0)).payload))
+
+        nursery.start_soon(piece)
+        while not cli.dec.mid_frame():
+            await trio.sleep(0.01)
+        with pytest.raises(PeerGone) as e:
+            await svc._tracker_call("srv", "claim", digest="sha256:" + "ab" * 32, release=False)
+        assert not isinstance(e.value, CallTimedOut)
+        assert svc.membership.get("srv").state is State.ALIVE  # type: ignore[union-attr]
+        with trio.fail_after(10):
+            while not got:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
