@@ -117,7 +117,9 @@ def test_a_member_that_never_answers_does_not_hold_back_the_end_of_a_pull(one_no
     data, tail = pull_beside(one_node, member, "library/silent", layer.digest, linger=4)
     assert "sha256:" + hashlib.sha256(data).hexdigest() == layer.digest
     assert tail < 2.0, f"{tail:.1f} s from the first byte to the last"
-    # the bookkeeping still happens (at the silent owner too): the blob is complete, then the claim released
+    # It was asked (its first tracker calls timed out: the claim held the pull's start for 3 s), and then taken
+    # for silent, as a failed dial would have it: the complete announce and the claim release went only to the
+    # owner that answers, instead of waiting 3 s more each on this one.
     said = [(m.kind, m.fields.get("complete"), m.fields.get("release")) for m in member.seen]
-    assert ("announce", True, None) in said and ("claim", None, True) in said
-    assert said.index(("announce", True, None)) < said.index(("claim", None, True))
+    assert ("announce", False, None) in said or ("claim", None, False) in said, said
+    assert ("announce", True, None) not in said and ("claim", None, True) not in said, said
