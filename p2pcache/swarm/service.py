@@ -261,8 +261,8 @@ class SwarmService:
             moved = self.membership.joined != joined
             if now - last_announce >= ANNOUNCE_EVERY or moved:
                 last_announce, joined = now, self.membership.joined
-                renew, gone = renewal_round(self._announced, lambda d: self.store.stat(d, touch=False) is not None,
-                                            set(self._fills), set(self.fetcher.downloads()))
+                renew, gone = renewal_round(self._announced, self._holds, set(self._fills),
+                                            set(self.fetcher.downloads()))
                 for digest in gone:
                     self._spawn(self._withdraw, digest)  # evicted or deleted since: stop sending peers here
                 if renew:
@@ -943,16 +943,22 @@ class SwarmService:
             await self._withdraw(download.digest)
             return
         # Verified, but the commit can still fail (a full disk): the blob is then nowhere here, and peers sent to
-        # us for it were refused until the next renewal round noticed (up to ANNOUNCE_EVERY).
-        # Not when another download of the digest began meanwhile (this task may have waited seconds on a silent
-        # owner above): its fill announced it, and its commit may still land; withdrawing then told the cluster
-        # a stored blob was gone, for good (found in review).
+        # us for it were refused until the next renewal round noticed (up to ANNOUNCE_EVERY). So the round's own
+        # rule runs for this digest as soon as the download has ended (and left the fetcher's list): it also
+        # spares a download of the digest begun meanwhile, whose commit may still land (withdrawing that told the
+        # cluster a stored blob was gone, for good: found in review).
         await download.done.wait()
-        current = self.fetcher.downloads().get(download.digest)
-        if (not download.committed and download.digest not in self._fills and current in (None, download)
-                and self.store.stat(download.digest, touch=False) is None):
-            log.warning("swarm: %s was verified but not stored: withdrawn", download.digest[:19])
-            await self._withdraw(download.digest)
+        digest = download.digest
+        if digest in self._announced:
+            _, gone = renewal_round({digest: self._announced[digest]}, self._holds, set(self._fills),
+                                    set(self.fetcher.downloads()))
+            if gone:
+                log.warning("swarm: %s was verified but not stored: withdrawn", digest[:19])
+                await self._withdraw(digest)
+
+    def _holds(self, digest: str) -> bool:
+        """Whether the store holds `digest` whole (not an access: no LRU touch)."""
+        return self.store.stat(digest, touch=False) is not None
 
     def have_piece(self, digest: str, index: int) -> None:
         """A piece of `digest` was verified and written here: tell the peers that asked to know."""

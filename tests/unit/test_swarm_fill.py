@@ -193,7 +193,10 @@ class _VerifiedDownload:
 async def test_a_verified_blob_whose_commit_failed_is_withdrawn_at_once(tmp_path, committed: bool) -> None:
     """It stayed announced complete (peers sent here for it, and refused) until the next renewal round, 10 s."""
     svc, node = service(tmp_path)
-    digest = "sha256:" + "cd" * 32
+    data = b"y" * 10
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    if committed:
+        node.store.put_bytes(digest, data)
     withdrawn: list[str] = []
 
     async def withdraw(d: str) -> None:
