@@ -404,7 +404,7 @@ def parse_scenario(doc: dict) -> Scenario:
                 conv = _positive(parse_rate)
             elif k == "ewma_alpha":
                 conv = _at_most(1.0, _positive(float))  # a weight: above 1 the average runs away
-            elif k in {"zone_bonus", "timeout_factor"}:
+            elif k in {"zone_bonus", "timeout_factor", "busy_backoff_pieces"}:
                 conv = _positive(float)
             elif k in {"claim_stagger", "claim_stagger_max"}:
                 conv = _nonneg(parse_duration)  # 0: no wait before a first claim request

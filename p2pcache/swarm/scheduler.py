@@ -168,11 +168,17 @@ class SchedulerConfig:
     timeout_min: float = 10.0  # no request is given up before this (a transfer shares its uploader's link)
     timeout_factor: float = 4.0  # ... nor before 4x the time the peer's measured rate says it needs
     assumed_rate: float = 4e6  # bytes/s assumed of a peer not measured yet (a congested 1 Gbit/s uploader)
-    # a peer that refused a request (all its upload slots busy) is not asked again for about two piece transfer
-    # times at the rate we see from peers, within these bounds: polling busy peers faster gained nothing in the
-    # simulator and cost a third more messages (a 0.1 s cap helped the tight cases a little and took two-zones
-    # from 1.54x to 2.16x the bound). Before any rate is measured: busy_backoff (see piece_refused).
+    # A peer that refused a request (all its upload slots busy) is not asked again for `busy_backoff_pieces`
+    # piece transfer times at the rate we see from peers, within these bounds; before any rate is measured,
+    # busy_backoff (see piece_refused). Two piece times at first; one since 2026-11-29: an uploader's four slots
+    # turn over about every quarter of a piece time, and in a saturated swarm the claim holder (the one source
+    # of each new piece) had 12-18 of its ~23 peers backing off from it at once while a slot sat free, sending
+    # first copies 92 % of the time, so every node fell a little further behind the stream (simulator, 1 Gbit/s
+    # everywhere, 1 GiB: 300 nodes 1.213x -> 1.185x the bound over 6 seeds, 1,000 nodes 1.25x -> 1.21x; two-zones
+    # over 12 seeds mean 1.73x -> 1.71x; ~12 % more messages). Half a piece time gained 0.003x more for 11 % more
+    # messages again. (A 0.1 s cap, tried before the first-copies rule, took two-zones 1.54x -> 2.16x at seed 7.)
     busy_backoff: float = 0.02
+    busy_backoff_pieces: float = 1.0
     busy_backoff_max: float = 0.5
     silence_timeout: float = 30.0  # a peer asked but silent this long is snubbed
     snub_seconds: float = 60.0
@@ -576,7 +582,8 @@ class DownloadScheduler:
             # nodes 1.36x -> 1.31x); retry soon instead, until a transfer says how long a piece takes.
             wait = self.cfg.busy_backoff
         else:
-            wait = min(self.cfg.busy_backoff_max, max(self.cfg.busy_backoff, 2 * self.piece_len(index) / rate))
+            wait = min(self.cfg.busy_backoff_max,
+                       max(self.cfg.busy_backoff, self.cfg.busy_backoff_pieces * self.piece_len(index) / rate))
         st.busy_until = now + wait
         if self._busy_wake is None or st.busy_until < self._busy_wake:
             self._busy_wake = st.busy_until

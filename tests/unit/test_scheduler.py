@@ -421,7 +421,7 @@ def test_a_smaller_share_takes_no_new_source_and_a_larger_one_is_used_at_once():
     assert len(s._active) == 1  # ...but as pieces come in, only one source is asked again
 
 
-def test_a_busy_peer_is_asked_again_soon_until_a_rate_is_measured_then_after_two_piece_times():
+def test_a_busy_peer_is_asked_again_soon_until_a_rate_is_measured_then_after_one_piece_time():
     s = sched(16, busy_backoff=0.02, busy_backoff_max=0.5, few_peers=0)
     s.start(0)
     s.claim_denied("holder", 0)
@@ -431,9 +431,12 @@ def test_a_busy_peer_is_asked_again_soon_until_a_rate_is_measured_then_after_two
     assert s.peers["holder"].busy_until == 0.02  # nothing measured: not half a second at the assumed 4 MB/s
     assert s.next_deadline() == 0.02
     [(_, j)] = reqs(s.tick(0.02))
-    [(_, k)] = reqs(s.piece_received("holder", j, True, MiB, 0.52))  # 1 MiB in 0.5 s: 2 MB/s
-    s.piece_refused("holder", k, 0.6)
-    assert s.peers["holder"].busy_until == 0.6 + 0.5  # two piece times (1 s), capped at busy_backoff_max
+    [(_, k)] = reqs(s.piece_received("holder", j, True, MiB, 0.27))  # 1 MiB in 0.25 s
+    s.piece_refused("holder", k, 0.3)
+    # one piece time at that rate (two made the claim holder's peers back off while its slots turned over)
+    assert s.peers["holder"].busy_until == pytest.approx(0.3 + 0.25)
+    assert reqs(s.tick(0.54)) == []
+    assert [p for p, _ in reqs(s.tick(0.55))] == ["holder"]
 
 
 def test_upload_counts_are_kept_for_the_most_recently_served_blobs_only(monkeypatch):

@@ -242,6 +242,7 @@ def test_claim_wait_spreads_an_images_claims_over_as_many_nodes_as_layers():
     ({"upstream": {"bandwidth": "1 Gbit/s", "burst": 5}}, "upstream.burst"),
     ({"upstream": {"bandwidth": "1 Gbit/s", "requests_per_second": 1, "burst": 0.5}}, "upstream.burst"),
     ({"p2p": {"ewma_alpha": 5}}, "p2p.ewma_alpha"),
+    ({"p2p": {"busy_backoff_pieces": "1 s"}}, "p2p.busy_backoff_pieces"),  # a count of piece times, not a time
     ({"p2p": {"piece_size": "100000"}}, "multiple of 64"),  # a layout no node would take (config.py refuses it)
     # found in review: the second group silently got 2 nodes; zone-link keys with one zone did nothing
     ({"cluster": {"nodes": 10, "upload": "1 Gbit/s", "download": "1 Gbit/s",
@@ -255,6 +256,13 @@ def test_values_that_ran_silently_wrong_are_refused(patch, needle):
     doc.update(patch)
     with pytest.raises(ScenarioError, match=needle):
         parse_scenario(doc)
+
+
+def test_the_busy_back_off_in_piece_times_is_a_scenario_key():
+    doc = {"cluster": {"nodes": 2, "upload": "1 Gbit/s", "download": "1 Gbit/s"},
+           "upstream": {"bandwidth": "1 Gbit/s"}, "image": [{"name": "a", "layers": ["10 MB"]}],
+           "p2p": {"busy_backoff_pieces": 0.5}}
+    assert parse_scenario(doc).sched.busy_backoff_pieces == 0.5
 
 
 def test_every_zone_runs_every_image_whatever_the_image_list():

@@ -141,8 +141,10 @@ def test_a_faster_registry_never_makes_it_slower_when_uploads_are_the_bottleneck
     # one node's deep pipelines held every upload slot of a fast uploader: 7.05 s -> 8.24 s with twice the registry
     (3, ("10 MB", "80 MB", "50 MB"), {"up": 50, "down": 25, "upstream": 20}, "upstream", 6),
     # two holders said "busy" at once and only the first one's back-off woke the node (the scheduler's
-    # _next_busy_wake): 8.56 s -> 9.67 s with twice the registry
-    (3, ("50 MB", "10 MB", "50 MB"), {"up": 10, "down": 25, "upstream": 10}, "upstream", 6),
+    # _next_busy_wake): 8.56 s -> 9.67 s with twice the registry. 20 seeds: runs are bimodal here (8.0-8.7 s or
+    # 9.8-10.7 s, as a layer's claim falls), so the mean of 6 moved by 9 % with the one-piece-time busy back-off
+    # (11.14, 8.55, 9.33 s) where 20 seeds give 11.14, 9.13, 9.05 s (two piece times: 11.14, 9.12, 9.22 s)
+    (3, ("50 MB", "10 MB", "50 MB"), {"up": 10, "down": 25, "upstream": 10}, "upstream", 20),
 ])
 def test_more_bandwidth_never_makes_a_heterogeneous_cluster_slower(nodes, layers, links, key, seeds):
     def mean_max(mult):
