@@ -9,11 +9,13 @@ What it prints:
   (c) unthrottled peer-to-peer throughput on loopback: the wire alone (two PeerConnections in one process, pieces
       sent with sendfile and received into their buffers, 4 requests in flight, each piece hashed in a worker
       thread as a node does), and node to node (a node pulls a blob that only one other node holds: receive +
-      SHA-256 + write, end to end).
+      SHA-256 + write, end to end); with `--recycled-pages`, node to node again right after a file of the
+      blob's size was written and deleted (the puller stores into pages just freed: what storing costs aside).
 
     .venv/bin/python bench/swarm_bench.py                         # 8 nodes, 200 MB image (the small variant)
     .venv/bin/python bench/swarm_bench.py --image-mb 500          # the issue's 500 MB
     .venv/bin/python bench/swarm_bench.py --nodes 4 --image-mb 64 --skip-baseline   # a quick check
+    .venv/bin/python bench/swarm_bench.py --p2p-only --recycled-pages                 # (c) alone, both ways
 
 Everything listens on 127.0.0.1 only, works in a scratch directory (deleted at the end unless `--keep`) and stops
 only the processes it started.
@@ -257,12 +259,14 @@ def total_cpu_seconds(pids: list[int]) -> float:
     return sum(cpu_seconds(pid) or 0.0 for pid in pids)
 
 
-def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
+def p2p_figures(reg, work: Path, mb: float, repeat: int, say, recycled: bool = False) -> None:
     """(c): the bare socket pump, the wire alone and node to node, each `repeat` times in turns (so a change in
-    the machine's load hits all three alike); medians printed with the spread."""
+    the machine's load hits all three alike); medians printed with the spread. `recycled`: each turn pulls a
+    second blob node to node right after a file of its size was written and deleted, so the puller's store
+    writes go into pages just freed (`_common.recycle_pages`), and prints that figure too."""
     import statistics
 
-    from _common import cpu_seconds, fresh_writes
+    from _common import cpu_seconds, fresh_writes, recycle_pages
 
     from p2pcache.swarm.metainfo import piece_size_for
     from tests.integration.swarm_harness import Cluster, fetch_blob, push_random_image
@@ -270,6 +274,8 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
     total = int(mb * MB)
     piece = piece_size_for(total)
     blobs = [push_random_image(reg, "library/p2p", str(k), [total]).layers[0] for k in range(repeat)]
+    again = [push_random_image(reg, "library/p2p", f"r{k}", [total]).layers[0]
+             for k in range(repeat if recycled else 0)]
     pair = Cluster(work / "pair", reg, 2, extra_args=["--log-level", "info"])  # B's log says when pieces were done
     pair.start()
     pump: list[float] = []
@@ -277,17 +283,18 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
     store_cpu: list[float] = []  # CPU-s per GB of those writes
     wire: list[float] = []
     nodes: list[float] = []
+    nodes_recycled: list[float] = []
     pieces: list[float] = []
     cpu: list[tuple[float, float, float, float]] = []  # per pull: seconds, CPU-s of A, B and curl
     try:
         pair.wait_members(timeout=30)
         a, b = pair.nodes
-        for big in blobs:  # A holds every blob before the timed runs
+        for big in blobs + again:  # A holds every blob before the timed runs
             assert hashlib.sha256(fetch_blob(a, "library/p2p", big.digest, timeout=600)).hexdigest() == \
                 big.digest.split(":")[1]
-        for big in blobs:
-            pump.append(socket_pump(total))
-            wire.append(wire_throughput(total, piece=piece, inflight=4))  # a node's pipeline with 1 peer
+
+        def pull(big) -> tuple[float, tuple[float, float, float, float] | None]:
+            """B pulls `big` through its registry API with curl: (bytes/s, CPU figures or None)."""
             mark = reg.log_mark()
             a0, b0, c0 = cpu_seconds(a.proc.pid), cpu_seconds(b.proc.pid), os.times()
             t0 = time.monotonic()
@@ -298,15 +305,26 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
                                  timeout=600).stdout.split()
             dt = time.monotonic() - t0
             a1, b1, c1 = cpu_seconds(a.proc.pid), cpu_seconds(b.proc.pid), os.times()
-            if None not in (a0, a1, b0, b1):
-                cpu.append((dt, a1 - a0, b1 - b0,  # type: ignore[operator]
-                            c1.children_user + c1.children_system - c0.children_user - c0.children_system))
             assert out == ["200", str(big.size)], out
             assert pair.upstream_blob_gets(big.digest, mark) == 0, "B went upstream"
-            nodes.append(big.size / dt)
+            if None in (a0, a1, b0, b1):
+                return big.size / dt, None
+            return big.size / dt, (dt, a1 - a0, b1 - b0,  # type: ignore[operator]
+                                   c1.children_user + c1.children_system - c0.children_user - c0.children_system)
+
+        for k, big in enumerate(blobs):
+            pump.append(socket_pump(total))
+            wire.append(wire_throughput(total, piece=piece, inflight=4))  # a node's pipeline with 1 peer
+            rate, figs = pull(big)
+            nodes.append(rate)
+            if figs is not None:
+                cpu.append(figs)
             m = re.search(re.escape(big.digest[:19]) + r": pieces done after ([0-9.]+)s", b.log_text())
             if m:
                 pieces.append(big.size / float(m.group(1)))
+            if recycled:
+                recycle_pages(work, total)
+                nodes_recycled.append(pull(again[k])[0])
         for rate, cpu_s in fresh_writes(work, total, len(blobs)):  # after every pull (see _common.fresh_writes)
             store.append(rate)
             store_cpu.append(cpu_s / (total / 1e9))
@@ -327,6 +345,10 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say) -> None:
             "every piece was received, hashed and written (B's log)")
     say(f"p2p nodes: {fig(nodes)}  {total / MB:.0f} MB blob held by one node, pulled by another through its "
         "registry API (receive + SHA-256 chain check + write + digest proof + serve to curl; commit's fsync after)")
+    if nodes_recycled:
+        say(f"p2p nodes, pages recycled: {fig(nodes_recycled)}  the same, each pull right after a {total / MB:.0f} MB "
+            "file was written and deleted (B stores into pages just freed, as a node whose memory is full of cache "
+            "does; not a fresh VM's figure)")
     if cpu:
         dt, ca, cb, cc = (statistics.median(x[i] for x in cpu) for i in range(4))
         say(f"p2p nodes CPU: {dt:.2f} s a pull; CPU-s: holder {ca:.2f}, puller {cb:.2f} "
@@ -357,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-p2p", action="store_true", help="skip the unthrottled peer-to-peer figures")
     p.add_argument("--p2p-only", action="store_true", help="only the unthrottled peer-to-peer figures")
     p.add_argument("--repeat", type=int, default=3, help="runs of each peer-to-peer figure (the median is printed)")
+    p.add_argument("--recycled-pages", action="store_true",
+                   help="also pull node to node into page-cache pages just freed (see _common.recycle_pages)")
     args = p.parse_args(argv)
 
     from p2pcache.units import parse_rate
@@ -381,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             f"limits {args.rate} (nodes up/down, upstream), load avg {os.getloadavg()[0]:.1f} on "
             f"{os.cpu_count()} cores")
         if args.p2p_only:
-            p2p_figures(reg, work, args.p2p_mb, args.repeat, say)
+            p2p_figures(reg, work, args.p2p_mb, args.repeat, say, recycled=args.recycled_pages)
             return 0
         image = push_random_image(reg, "library/bench", "1", [size] * args.layers)
         F = sum(b.size for b in image.blobs) + len(image.manifest.data)
@@ -440,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # (c) unthrottled peer-to-peer
         if not args.skip_p2p:
-            p2p_figures(reg, work, args.p2p_mb, args.repeat, say)
+            p2p_figures(reg, work, args.p2p_mb, args.repeat, say, recycled=args.recycled_pages)
     finally:
         for pr in procs:
             pr.terminate()
