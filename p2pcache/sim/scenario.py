@@ -248,6 +248,13 @@ def _int(x):
     return int(x)
 
 
+def _float(x):
+    # float(True) is 1.0: a boolean where a number belongs ran as 1 (found in review)
+    if isinstance(x, bool) or not isinstance(x, int | float | str):
+        raise ValueError(f"not a number: {x!r}")
+    return float(x)
+
+
 def _bool(x):
     if not isinstance(x, bool):
         raise ValueError(f"not true/false: {x!r}")
@@ -313,8 +320,8 @@ def parse_scenario(doc: dict) -> Scenario:
         raise _err("upstream", "missing")
     s.upstream_bandwidth = _get(u, "upstream", "bandwidth", _positive(parse_rate), required=True)
     s.upstream_latency = _get(u, "upstream", "latency", _nonneg(parse_duration), 0.02)
-    s.upstream_rps = _get(u, "upstream", "requests_per_second", _positive(float))
-    s.upstream_burst = _get(u, "upstream", "burst", _positive(float))
+    s.upstream_rps = _get(u, "upstream", "requests_per_second", _positive(_float))
+    s.upstream_burst = _get(u, "upstream", "burst", _positive(_float))
     if s.upstream_burst is not None and s.upstream_rps is None:
         raise _err("upstream.burst", "only means something with requests_per_second")
     if s.upstream_burst is not None and s.upstream_burst < 1:
@@ -362,7 +369,7 @@ def parse_scenario(doc: dict) -> Scenario:
         raise _err("rollout.start", f"use all, waves or poisson, got {s.start!r}")
     s.waves = _get(r, "rollout", "waves", _positive(_int), 1)
     s.interval = _get(r, "rollout", "interval", _at_most(MAX_SECONDS, _nonneg(parse_duration)), 30.0)
-    s.rate = _get(r, "rollout", "rate", _positive(float), 10.0)
+    s.rate = _get(r, "rollout", "rate", _positive(_float), 10.0)
     if s.rate < 1 / MAX_SECONDS:
         raise _err("rollout.rate", f"at least one arrival in {MAX_SECONDS:g} s, got {s.rate}")
     s.jitter = _get(r, "rollout", "jitter", _at_most(MAX_SECONDS, _nonneg(parse_duration)), 0.0)
@@ -403,9 +410,9 @@ def parse_scenario(doc: dict) -> Scenario:
             if k in {"assumed_rate"}:
                 conv = _positive(parse_rate)
             elif k == "ewma_alpha":
-                conv = _at_most(1.0, _positive(float))  # a weight: above 1 the average runs away
+                conv = _at_most(1.0, _positive(_float))  # a weight: above 1 the average runs away
             elif k in {"zone_bonus", "timeout_factor", "busy_backoff_pieces"}:
-                conv = _positive(float)
+                conv = _positive(_float)
             elif k in {"claim_stagger", "claim_stagger_max"}:
                 conv = _nonneg(parse_duration)  # 0: no wait before a first claim request
             setattr(cfg, k, _get(p, "p2p", k, conv))

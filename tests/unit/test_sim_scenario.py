@@ -243,6 +243,9 @@ def test_claim_wait_spreads_an_images_claims_over_as_many_nodes_as_layers():
     ({"upstream": {"bandwidth": "1 Gbit/s", "requests_per_second": 1, "burst": 0.5}}, "upstream.burst"),
     ({"p2p": {"ewma_alpha": 5}}, "p2p.ewma_alpha"),
     ({"p2p": {"busy_backoff_pieces": "1 s"}}, "p2p.busy_backoff_pieces"),  # a count of piece times, not a time
+    ({"p2p": {"busy_backoff_pieces": True}}, "p2p.busy_backoff_pieces"),  # float(True) ran as 1 (found in review)
+    ({"p2p": {"zone_bonus": True}}, "p2p.zone_bonus"),
+    ({"rollout": {"start": "poisson", "rate": True}}, "rollout.rate"),
     ({"p2p": {"piece_size": "100000"}}, "multiple of 64"),  # a layout no node would take (config.py refuses it)
     # found in review: the second group silently got 2 nodes; zone-link keys with one zone did nothing
     ({"cluster": {"nodes": 10, "upload": "1 Gbit/s", "download": "1 Gbit/s",
