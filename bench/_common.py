@@ -416,22 +416,6 @@ def fresh_writes(directory: Path, size: int, count: int, chunk: int = 2 * MiB) -
     return out
 
 
-def recycle_pages(directory: Path, size: int, chunk: int = 2 * MiB) -> None:
-    """Write a file of `size` bytes in `directory` and delete it: the next `size` bytes anything writes go into
-    pages the guest has just freed, not pages new to this VM (see fresh_writes). What a node whose memory is
-    full of page cache gets from reclaim: pages that are already backed. For a figure beside the fresh one,
-    never instead of it."""
-    buf = os.urandom(chunk)
-    path = directory / f"recycle-{os.getpid()}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for off in range(0, size, chunk):
-            os.pwrite(fd, buf[: min(chunk, size - off)], off)
-    finally:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-
-
 def reset_peak_rss(pid: int) -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0, needs permission on the process)."""
     try:

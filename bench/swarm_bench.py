@@ -263,10 +263,10 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say, recycled: bool = F
     """(c): the bare socket pump, the wire alone and node to node, each `repeat` times in turns (so a change in
     the machine's load hits all three alike); medians printed with the spread. `recycled`: each turn pulls a
     second blob node to node right after a file of its size was written and deleted, so the puller's store
-    writes go into pages just freed (`_common.recycle_pages`), and prints that figure too."""
+    writes go into pages just freed (see `_common.fresh_writes`), and prints that figure too."""
     import statistics
 
-    from _common import cpu_seconds, fresh_writes, recycle_pages
+    from _common import cpu_seconds, fresh_writes
 
     from p2pcache.swarm.metainfo import piece_size_for
     from tests.integration.swarm_harness import Cluster, fetch_blob, push_random_image
@@ -323,7 +323,7 @@ def p2p_figures(reg, work: Path, mb: float, repeat: int, say, recycled: bool = F
             if m:
                 pieces.append(big.size / float(m.group(1)))
             if recycled:
-                recycle_pages(work, total)
+                fresh_writes(work, total, 1)  # a file of the blob's size written and deleted: B reuses its pages
                 nodes_recycled.append(pull(again[k])[0])
         for rate, cpu_s in fresh_writes(work, total, len(blobs)):  # after every pull (see _common.fresh_writes)
             store.append(rate)
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--p2p-only", action="store_true", help="only the unthrottled peer-to-peer figures")
     p.add_argument("--repeat", type=int, default=3, help="runs of each peer-to-peer figure (the median is printed)")
     p.add_argument("--recycled-pages", action="store_true",
-                   help="also pull node to node into page-cache pages just freed (see _common.recycle_pages)")
+                   help="also pull node to node into page-cache pages just freed (see _common.fresh_writes)")
     args = p.parse_args(argv)
 
     from p2pcache.units import parse_rate
