@@ -153,9 +153,15 @@ def _tune(sock: trio.socket.SocketType) -> None:
 
 
 async def open_peer_socket(addr: str) -> trio.socket.SocketType:
-    """Connect to HOST:PORT within CONNECT_TIMEOUT (raises OSError or trio.TooSlowError)."""
-    host, port = parse_hostport(addr)
-    infos = await trio.socket.getaddrinfo(host, port, type=pysocket.SOCK_STREAM)
+    """Connect to HOST:PORT within CONNECT_TIMEOUT (raises OSError or trio.TooSlowError).
+
+    An address that cannot be dialled at all is an OSError too (EINVAL), not the ValueError of its parser or
+    of the IDNA codec: callers treat it as an unreachable peer. Letting it through failed whole downloads."""
+    try:
+        host, port = parse_hostport(addr)
+        infos = await trio.socket.getaddrinfo(host, port, type=pysocket.SOCK_STREAM)
+    except ValueError as e:  # also UnicodeError: a DNS label over 63 characters
+        raise OSError(errno.EINVAL, f"bad peer address {addr[:80]!r}: {e}") from None
     if not infos:
         raise OSError(errno.EHOSTUNREACH, f"cannot resolve {host}")
     family, type_, proto, _, sockaddr = infos[0]

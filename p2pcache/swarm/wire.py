@@ -24,6 +24,7 @@ repeats; matching answers to questions is the driver's business, not this module
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 import struct
 from collections.abc import Callable, Iterator
@@ -86,6 +87,30 @@ def _num(v: Any) -> float:
     return float(v)
 
 
+# A peer address as nodes advertise it: HOST:PORT, HOST a DNS name, an IPv4 address or a bracketed IPv6 one.
+# Checked where it arrives because whoever hears of a member or holder dials it later: an address that could not
+# be parsed ("no-port-here", port 99999, a 70-character DNS label) failed every download that tried it, 503s for
+# every pull after one forged gossip entry (found in review).
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                       r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+
+
+def _addr(v: Any) -> str:
+    if not isinstance(v, str) or len(v) > 256:
+        raise ProtocolError("expected a peer address")
+    host, sep, port = v.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) <= 65535:
+        raise ProtocolError(f"a peer address is HOST:PORT, got {v[:80]!r}")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ProtocolError(f"bad IPv6 address in {v[:80]!r}") from None
+    elif not _HOSTNAME.match(host):
+        raise ProtocolError(f"bad host in peer address {v[:80]!r}")
+    return v
+
+
 def _digest(v: Any) -> str:
     if not isinstance(v, str) or not _DIGEST.match(v):
         raise ProtocolError("expected a sha256 digest")
@@ -125,7 +150,7 @@ def _members(v: Any) -> list[list[Any]]:
     for m in v:
         if not isinstance(m, list) or len(m) != 4:
             raise ProtocolError("a member is [node, addr, zone, heartbeat]")
-        _str(128)(m[0]), _str(256)(m[1]), _opt(_str(128))(m[2]), _nat(m[3])
+        _str(128)(m[0]), _addr(m[1]), _opt(_str(128))(m[2]), _nat(m[3])
     return v
 
 
@@ -136,7 +161,7 @@ def _holders(v: Any) -> list[list[Any]]:
     for h in v:
         if not isinstance(h, list) or len(h) != 4:
             raise ProtocolError("a holder is [node, addr, zone, complete]")
-        _str(128)(h[0]), _str(256)(h[1]), _opt(_str(128))(h[2]), _type(bool)(h[3])
+        _str(128)(h[0]), _addr(h[1]), _opt(_str(128))(h[2]), _type(bool)(h[3])
     return v
 
 
@@ -153,7 +178,7 @@ def _renewals(v: Any) -> list[list[Any]]:
 
 _ID = _nat
 _NODE = _str(128)
-_ADDR = _str(256)
+_ADDR = _addr
 _ZONE = _opt(_str(128))
 _NAME = _str(512)
 

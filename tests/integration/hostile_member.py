@@ -10,16 +10,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import msgpack
 import trio
 
 from p2pcache.swarm.handshake import Handshake, PeerInfo
 from p2pcache.swarm.peer import handshake, open_peer_socket
-from p2pcache.swarm.wire import NEED_DATA, FrameDecoder, Message, encode
+from p2pcache.swarm.wire import FRAME_HEAD, NEED_DATA, FrameDecoder, Message, encode
 
 from .harness.util import free_port, proc_mib, wait_until
 
-# What the member sends back for a frame from the node: whole frames (`wire.encode`).
+# What the member sends back for a frame from the node: whole frames (`wire.encode`, or `raw_frame`).
 OnFrame = Callable[[Message], list[bytes]]
+
+
+def raw_frame(kind: str, **fields: object) -> bytes:
+    """A frame without a payload, not validated: what `wire.encode` refuses to send (fields out of the schema)."""
+    header = msgpack.packb({"t": kind, **fields}, use_bin_type=True)
+    return FRAME_HEAD.pack(len(header), 0) + header
 
 
 class HostileMember:
@@ -62,7 +69,10 @@ class HostileMember:
 
     async def _gossip(self) -> None:
         while True:
-            await self.send(encode("gossip", members=[[self.node_id, self.addr, None, int(time.time() * 10)]]))
+            try:
+                await self.send(encode("gossip", members=[[self.node_id, self.addr, None, int(time.time() * 10)]]))
+            except OSError:
+                return  # the node closed the connection (a frame it refused): _read ends the member
             await trio.sleep(0.5)
 
     async def _read(self, dec: FrameDecoder) -> None:

@@ -14,7 +14,7 @@ import trio
 
 from p2pcache.swarm.wire import encode
 
-from .hostile_member import HostileMember, rss_mib, wait_member
+from .hostile_member import HostileMember, raw_frame, rss_mib, wait_member
 from .swarm_harness import MANIFEST_ACCEPT, Cluster, push_random_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -123,3 +123,60 @@ def test_a_member_that_never_answers_does_not_hold_back_the_end_of_a_pull(one_no
     said = [(m.kind, m.fields.get("complete"), m.fields.get("release")) for m in member.seen]
     assert ("announce", False, None) in said or ("claim", None, False) in said, said
     assert ("announce", True, None) not in said and ("claim", None, True) not in said, said
+
+
+BAD_ADDRS = ["no-port-here", "127.0.0.1:99999", "a" * 70 + ".example:80"]
+
+
+@pytest.mark.parametrize("where", ["gossip", "holders", "claim-answer"])
+def test_a_member_naming_addresses_nobody_can_dial_fails_no_pull(one_node, reg, where):
+    """A member gossiped members, or as an owner answered with holders or a claim holder, at addresses that do
+    not parse (no port, port 99999, a 70-character DNS label): the node stored them and dialling them raised a
+    ValueError past every handler, so every pull through it failed (503, or a 200 cut off after its headers;
+    found in review). Now such a frame is refused where it arrives (the member's connection is closed, as for
+    any malformed frame) and a dial of an undiallable address is an unreachable peer."""
+    layers = push_random_image(reg, f"library/addr-{where}", "1", [400_000] * 3).layers
+    ghost = "ghost0000000001"
+
+    def on_frame(msg):
+        if where == "holders" and msg.kind == "announce":
+            return [raw_frame("holders", id=msg["id"], digest=msg["digest"],
+                              holders=[[ghost, addr, None, True] for addr in BAD_ADDRS], claim=None)]
+        if where == "claim-answer":
+            # an owner that knows no holder and no layout, and says a node it names holds the claim
+            if msg.kind == "claim":
+                return [raw_frame("claim-answer", id=msg["id"], digest=msg["digest"], granted=False, holder=ghost,
+                                  addr=BAD_ADDRS[0], complete=True, ttl=5.0)]
+            if msg.kind == "announce":
+                return [encode("holders", id=msg["id"], digest=msg["digest"], holders=[], claim=None)]
+            if msg.kind == "metainfo-req":
+                return [encode("metainfo", id=msg["id"], digest=msg["digest"], size=None, piece_size=None,
+                               hashes=[])]
+        return []
+
+    member = HostileMember(one_node.peer_addr, SECRET, on_frame)
+    got: dict[str, tuple[int, str]] = {}
+
+    def fetch_all() -> None:
+        with httpx.Client(timeout=60) as c:
+            for la in layers:
+                r = c.get(f"{one_node.url}/v2/library/addr-{where}/blobs/{la.digest}")
+                got[la.digest] = (r.status_code, "sha256:" + hashlib.sha256(r.content).hexdigest())
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(member.run)
+            await trio.to_thread.run_sync(wait_member, one_node)
+            if where == "gossip":
+                await member.send(raw_frame("gossip", members=[[f"forged{i:010d}", addr, None, 1]
+                                                               for i, addr in enumerate(BAD_ADDRS)]))
+                await trio.sleep(0.5)
+            await trio.to_thread.run_sync(fetch_all)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert got == {la.digest: (200, la.digest) for la in layers}
+    log = one_node.log_text()
+    assert "ValueError" not in log and "UnicodeError" not in log and "Traceback" not in log, log[-3000:]
+    assert where in member.kinds() or where == "gossip" or (where == "holders" and "announce" in member.kinds()) \
+        or (where == "claim-answer" and "claim" in member.kinds()), member.kinds()

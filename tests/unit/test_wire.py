@@ -100,6 +100,31 @@ def test_malformed_frames_are_protocol_errors(data):
         decode_all(data)
 
 
+BAD_ADDRS = ["no-port-here", "127.0.0.1:99999", "127.0.0.1:0", "a" * 70 + ".example:80", "[not-v6]:80",
+             "host name:80", "2001:db8::7", ":80", "x:+80", "x:٣"]
+GOOD_ADDRS = ["127.0.0.1:5002", "node-3.p2pcache.default.svc.cluster.local:5002", "[::1]:5002",
+              "[fd00::a:1]:65535", "my_host:1"]
+
+
+@pytest.mark.parametrize("addr", BAD_ADDRS)
+def test_a_peer_address_that_cannot_be_dialled_is_refused_where_it_arrives(addr):
+    for kind, fields in [
+        ("gossip", {"members": [["n1", addr, None, 1]]}),
+        ("holders", {"id": 1, "digest": D, "holders": [["n1", addr, None, True]], "claim": None}),
+        ("claim-answer", {"id": 1, "digest": D, "granted": False, "holder": "n1", "addr": addr, "complete": True,
+                          "ttl": 1.0}),
+        ("hello", {"v": 3, "node": "n1", "addr": addr, "zone": None, "nonce": b"x" * 16}),
+    ]:
+        with pytest.raises(ProtocolError):
+            decode_all(frame({"t": kind, **fields}))
+
+
+@pytest.mark.parametrize("addr", GOOD_ADDRS)
+def test_peer_addresses_nodes_advertise_pass(addr):
+    [msg] = decode_all(encode("gossip", members=[["n1", addr, None, 1]]))
+    assert msg["members"][0][1] == addr
+
+
 def test_renew_carries_many_digests_in_one_frame():
     entries = [["sha256:" + f"{i:064x}", i, i % 2 == 0] for i in range(MAX_RENEW)]
     [msg] = decode_all(encode("renew", entries=entries))
