@@ -232,6 +232,14 @@ class _Conn:
                 if head_size > self.settings.max_header_bytes:
                     err = OciError("UNKNOWN", "request header fields too large", status=431)
                     return oci_error_response(err)
+                names = {k for k, _ in event.headers}
+                if b"transfer-encoding" in names and b"content-length" in names:
+                    # h11 frames such a body by Transfer-Encoding; a proxy in front that frames it by
+                    # Content-Length would take the rest for a second request of its own (request smuggling).
+                    # RFC 9112 6.1: reject, and close the connection (found in review: it was answered and kept).
+                    err = OciError("UNKNOWN", "bad HTTP request: both Content-Length and Transfer-Encoding",
+                                   status=400)
+                    return oci_error_response(err)
                 req = _make_request(event)
                 if isinstance(req, Response):
                     return req

@@ -208,6 +208,17 @@ async def test_garbage_is_400(server):
     assert raw.startswith(b"HTTP/1.1 400 ")
 
 
+async def test_content_length_and_chunked_together_is_400_and_closed(server):
+    """Answered and kept open, the bytes a Content-Length-framing proxy in front counts as this body ran as a
+    second request of their own (request smuggling; found in review). RFC 9112 6.1: reject and close."""
+    _, port = server
+    body = b"0\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+    raw = await raw_exchange(port, b"GET /hello HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                                   b"Transfer-Encoding: chunked\r\n\r\n" % len(body) + body)
+    assert raw.startswith(b"HTTP/1.1 400 ") and raw.count(b"HTTP/1.1 ") == 1, raw[:300]
+    assert b"connection: close" in raw.lower()
+
+
 async def test_target_decoded_once(server):
     _, port = server
     c = await Client.connect(port)
