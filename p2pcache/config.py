@@ -154,8 +154,10 @@ def _coerce(key: str, value: Any) -> Any:
                 raise ValueError("must not be empty (an empty path is the current directory)")
             return Path(value).expanduser()
         if key in _LIST_KEYS:
-            items = value if isinstance(value, list) else _text(value).split(",")
-            return [s.strip() for s in map(_text, items) if s.strip()]
+            # a TOML list, a comma-separated string, or repeated flags each of which may hold a comma list
+            items = [part for item in (value if isinstance(value, list) else [value])
+                     for part in _text(item).split(",")]
+            return [s.strip() for s in items if s.strip()]
         if key in _INT_KEYS:
             try:
                 n = int(value) if not isinstance(value, (float, bool)) else None
@@ -214,6 +216,12 @@ def _parse_upstreams(value: Any) -> dict[str, str]:
             pairs.append((ns.strip(), url.strip()))
     out: dict[str, str] = {}
     for ns, url in pairs:
+        try:
+            check_ns(str(ns))
+        except OciError as e:  # "Docker.IO" or "bad ns" would never match a request's namespace
+            raise ValueError(f"{ns!r}: {e.message}") from None
+        if str(ns) in out:  # the last one silently won
+            raise ValueError(f"namespace {ns} is given twice ({out[str(ns)]} and {url})")
         # (with or without a scheme: the scheme's own error below would echo the URL, password and all)
         rest = str(url).partition("://")[2] or str(url).lstrip("/")
         authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
@@ -244,8 +252,16 @@ def parse_hostport(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT, got {text!r}")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"{host} in {text!r} is no IPv6 address") from None
+        host = host[1:-1]
+    elif ":" in host or "[" in host or "]" in host:
+        # '2001:db8::7' read as host '2001:db8:' and port 7
+        raise ValueError(f"expected HOST:PORT with an IPv6 address in brackets ([2001:db8::7]:5002), got {text!r}")
+    return host or "0.0.0.0", int(port)
 
 
 def load_settings(
@@ -265,12 +281,16 @@ def load_settings(
             raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+        spelled: dict[str, str] = {}
         for k, v in doc.items():
             key = k.replace("-", "_")
             if key == "upstream":
                 key = "upstreams"
             if key not in known:
                 raise ConfigError(f"config: unknown setting {k!r} in {path}")
+            if key in spelled:  # "upstream" and "upstreams", or "max-disk" and "max_disk": one would be lost
+                raise ConfigError(f"config: {spelled[key]!r} and {k!r} in {path} are the same setting; give one")
+            spelled[key] = k
             merged[key] = v
     for k, v in env.items():
         key = _env_key(k)
@@ -291,9 +311,12 @@ def load_settings(
     addrs = [("join", a) for a in values.get("join") or []]
     if values.get("tracker"):
         addrs.append(("tracker", values["tracker"]))
+    if values.get("advertise"):
+        addrs.append(("advertise", values["advertise"]))
     for key, addr in addrs:
         try:
-            parse_hostport(addr)
+            if parse_hostport(addr)[1] == 0:  # an address other nodes dial: port 0 is "any" only for a listener
+                raise ValueError(f"{addr!r} has port 0, which no one can dial")
         except ValueError as e:
             raise ConfigError(f"{key}: {e}") from None
     if values.get("default_ns") is not None:
@@ -389,7 +412,8 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
     a("--log-level", dest="log_level", help="debug, info, warning or error")
     a("--log-format", dest="log_format", help="text or json")
     a("--peer-listen", dest="peer_listen", help="where to serve pieces to peers, e.g. 0.0.0.0:5002")
-    a("--join", help="peer addresses of cluster members, comma-separated")
+    a("--join", action="append",
+      help="peer addresses of cluster members, comma-separated or repeated")
     a("--join-dns", dest="join_dns", help="DNS name whose A/AAAA records are cluster members")
     a("--advertise", help="peer address other nodes should use for this one")
     a("--zone", help="this node's zone; same-zone peers are preferred")

@@ -214,13 +214,17 @@ class SwarmService:
     # life
     # =========================================================================================================
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        sock = trio.socket.socket()
+        # the address family of the host given: an IPv6 --peer-listen ([::]:5002) failed with "address family
+        # not supported" from an IPv4 socket (found in review)
+        family = trio.socket.AF_INET6 if ":" in self.listen_host else trio.socket.AF_INET
+        sock = trio.socket.socket(family)
         sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
         await sock.bind((self.listen_host, self.listen_port))
         sock.listen(128)
         self.bound_port = sock.getsockname()[1]
         if self.listen_port == 0 and self.settings.advertise is None:
-            self.addr = f"{self.listen_host}:{self.bound_port}"
+            host = f"[{self.listen_host}]" if family == trio.socket.AF_INET6 else self.listen_host
+            self.addr = f"{host}:{self.bound_port}"
             self.me = PeerInfo(self.node_id, self.addr, self.zone)
             self.membership.me.addr = self.addr
         log.info("swarm: node %s listening for peers on %s (advertised as %s)", self.node_id,

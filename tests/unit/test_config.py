@@ -229,3 +229,58 @@ def test_an_empty_system_ca_store_falls_back_to_certifi(tmp_path, monkeypatch) -
     bundle = tmp_path / "bundle.pem"
     bundle.write_text("")
     assert not config._system_store_present(ssl.DefaultVerifyPaths(str(bundle), None, "", "", "", ""))
+
+
+def test_addresses_other_nodes_dial_are_checked_at_start_up() -> None:
+    """An unbracketed IPv6 address was read as a host and a port ('2001:db8::7' -> '2001:db8:' and 7), and port 0
+    was taken for --advertise, --join and --tracker, where peers would dial it (found in review)."""
+    base = {"peer_listen": "10.0.0.5:5002"}
+    for key, addr in [("join", "2001:db8::7"), ("tracker", "fd00::1"), ("advertise", "10.0.0.1:0"),
+                      ("join", "10.0.0.1:0"), ("tracker", "[nope]:5002")]:
+        with pytest.raises(ConfigError, match=key):
+            load_settings({**base, key: addr}, env={})
+    s = load_settings({**base, "join": "[2001:db8::7]:5002", "tracker": "[fd00::1]:5002"}, env={})
+    assert s.join == ["[2001:db8::7]:5002"] and parse_hostport("[2001:db8::7]:5002") == ("2001:db8::7", 5002)
+
+
+def test_repeated_join_flags_add_up_and_a_namespace_given_twice_is_an_error(tmp_path: Path) -> None:
+    """`--join a --join b` kept only b; `--upstream docker.io=A --upstream docker.io=B` kept only B, and a
+    namespace no request can name ("Docker.IO") was taken (found in review)."""
+    from p2pcache.cli import build_parser
+
+    args = build_parser().parse_args(["node", "--peer-listen", "10.0.0.5:5002", "--join", "10.0.0.1:5002",
+                                      "--join", "10.0.0.2:5002,10.0.0.3:5002"])
+    assert load_settings({"peer_listen": args.peer_listen, "join": args.join}, env={}).join == [
+        "10.0.0.1:5002", "10.0.0.2:5002", "10.0.0.3:5002"]
+    with pytest.raises(ConfigError, match="docker.io is given twice"):
+        load_settings({"upstreams": ["docker.io=http://a.example", "docker.io=http://b.example"]}, env={})
+    for ns in ("Docker.IO", "bad ns"):
+        with pytest.raises(ConfigError, match="upstream"):
+            load_settings({"upstreams": [f"{ns}=http://a.example"]}, env={})
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('upstream = ["docker.io=http://a.example"]\nupstreams = ["ghcr.io=http://b.example"]\n')
+    with pytest.raises(ConfigError, match="same setting"):
+        load_settings({}, env={}, config_file=cfg)
+
+
+async def test_an_ipv6_peer_listener_starts(tmp_path: Path) -> None:
+    """`--peer-listen [::1]:0` failed: the swarm's socket was always IPv4 (found in review)."""
+    import socket
+
+    import trio
+
+    from p2pcache.swarm.service import SwarmService
+
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    from p2pcache.node import build_node
+
+    s = load_settings({"peer_listen": "[::1]:0", "data": str(tmp_path / "d")}, env={})
+    node = build_node(s)
+    svc = SwarmService(s, node.store, node.fetcher, node.upstream, node.metrics)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(svc.run)
+        assert svc.addr.startswith("[::1]:") and svc.bound_port > 0
+        nursery.cancel_scope.cancel()
