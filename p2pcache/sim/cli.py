@@ -12,6 +12,8 @@ import json
 import multiprocessing
 import os
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +77,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             return _fail(f"--plot {args.plot}: use one of the file types {', '.join(sorted(kinds))} (e.g. out.png)")
     # Where the results go is checked before the run, not after minutes of it.
     for flag, out in (("--json", args.json_out), ("--plot", args.plot)):
-        problem = _unwritable(out) if out else None
+        problem = _unwritable(out) if out is not None else None
         if problem:
             return _fail(f"{flag} {out}: {problem}")
     progress = sys.stderr.isatty()
@@ -96,11 +98,11 @@ def run_simulate(args: argparse.Namespace) -> int:
         base = simulate(sc, p2p=False, progress=progress, label="baseline ") if sc.p2p else None
         s = summary(sc, r, base, source=args.scenario)
         print(table(s))
-        if args.json_out:
-            with open(args.json_out, "w") as f:
-                json.dump(s, f, indent=1)
-        if args.plot:
-            plot(args.plot, sc, r, base, title=args.scenario)
+        for flag, out, write in (("--json", args.json_out, lambda path: _dump_json(path, s)),
+                                 ("--plot", args.plot, lambda path: plot(path, sc, r, base, title=args.scenario))):
+            problem = _write_results(flag, out, write) if out else None
+            if problem:
+                return _fail(problem)
         return 0
     jobs = [(args.scenario, p, args.seed, False) for p in points]
     procs = min(len(jobs), os.cpu_count() or 1)
@@ -121,24 +123,54 @@ def run_simulate(args: argparse.Namespace) -> int:
             cells.append(str(row["unfinished"]))
             print("  ".join(f"{c:>12}" for c in cells), flush=True)
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"sweep": rows}, f, indent=1)
+        problem = _write_results("--json", args.json_out, lambda path: _dump_json(path, {"sweep": rows}))
+        if problem:
+            return _fail(problem)
     if args.plot:
         print("p2pcache: simulate: --plot is ignored with --sweep", file=sys.stderr)
     return 0
 
 
 def _unwritable(path: str) -> str | None:
-    """Why a results file cannot be written at `path`, or None."""
+    """Why a results file cannot be written at `path`, or None. Tried, not judged from permission bits: root
+    passes every `os.access` check, and /sys or a read-only mount refuse the write itself (found in review: the
+    run went through and ended in a traceback)."""
+    if not path:
+        return "an empty file name"
     p = Path(path)
     if p.is_dir():
         return "is a directory"
     parent = p.parent
     if not parent.is_dir():
         return f"no directory {parent}"
-    if not os.access(parent, os.W_OK):
-        return f"directory {parent} is not writable"
+    if p.exists():
+        try:
+            with open(p, "r+b"):
+                pass
+        except OSError as e:
+            return e.strerror or str(e)
+        return None
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".p2pcache-probe-"):
+            pass
+    except OSError as e:
+        return f"cannot create a file in {parent}: {e.strerror or e}"
     return None
+
+
+def _write_results(flag: str, path: str, write: Callable[[str], None]) -> str | None:
+    """Write one results file; the error to print instead of a traceback (the probe before the run can be
+    outrun: a disk that fills up meanwhile)."""
+    try:
+        write(path)
+    except OSError as e:
+        return f"{flag} {path}: {e.strerror or e}"
+    return None
+
+
+def _dump_json(path: str, doc: object) -> None:
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
 
 
 class _Serial:

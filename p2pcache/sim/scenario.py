@@ -262,7 +262,7 @@ def _bool(x):
 
 
 def _fraction(x):
-    v = float(x)
+    v = _float(x)  # `kill = true` ran as 1.0 and killed every node (found in review)
     if not 0 <= v <= 1:
         raise ValueError(f"must be between 0 and 1, got {x!r}")
     return v
@@ -383,6 +383,9 @@ def parse_scenario(doc: dict) -> Scenario:
     if "between" in ch:
         b = ch["between"]
         try:
+            if not isinstance(b, list) or len(b) != 2:
+                # a string was taken apart: between = "12" meant 1 s to 2 s (found in review)
+                raise ValueError(f"a list of two, got {b!r}")
             lo, hi = (parse_duration(x) for x in b)
             if hi < lo:
                 raise ValueError("end before start")

@@ -136,7 +136,15 @@ def test_cli_refuses_results_it_could_not_write_before_running(tmp_path):
                          (["--sweep", "cluster.nodes=2,3", "--json", str(tmp_path / "no" / "o.json")], "no directory")]:
         r = run(str(p), *args)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # found in review: each of these ran the whole simulation and then ended in a traceback (or wrote nothing)
+    for args, needle in [(["--json", "/proc/out.json"], "cannot create a file in /proc"),
+                         (["--json", ""], "an empty file name"),
+                         (["--sweep", "cluster.nodes=2,3", "--json", "/proc/o.json"], "cannot create")]:
+        r = run(str(p), *args)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
     pytest.importorskip("matplotlib")
+    r = run(str(p), "--plot", "/proc/out.png")
+    assert r.returncode == 2 and "cannot create" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = run(str(p), "--plot", str(tmp_path / "out.xyz"))
     assert r.returncode == 2 and "file types" in r.stderr and "Traceback" not in r.stderr, r.stderr
     p.write_bytes(b"\xff\xfe" + SMALL.encode())
@@ -246,6 +254,9 @@ def test_claim_wait_spreads_an_images_claims_over_as_many_nodes_as_layers():
     ({"p2p": {"busy_backoff_pieces": True}}, "p2p.busy_backoff_pieces"),  # float(True) ran as 1 (found in review)
     ({"p2p": {"zone_bonus": True}}, "p2p.zone_bonus"),
     ({"rollout": {"start": "poisson", "rate": True}}, "rollout.rate"),
+    ({"churn": {"kill": True}}, "churn.kill"),  # ran as 1.0: every node killed (found in review)
+    ({"churn": {"kill": 0.5, "between": "12"}}, "churn.between"),  # ran as [1 s, 2 s] (found in review)
+    ({"churn": {"kill": 0.5, "between": ["1 s"]}}, "churn.between"),
     ({"p2p": {"piece_size": "100000"}}, "multiple of 64"),  # a layout no node would take (config.py refuses it)
     # found in review: the second group silently got 2 nodes; zone-link keys with one zone did nothing
     ({"cluster": {"nodes": 10, "upload": "1 Gbit/s", "download": "1 Gbit/s",
