@@ -89,6 +89,11 @@ class Registry:
         self.fetcher = fetcher
         self.resolver = resolver
         self.metrics = metrics
+        # Namespaces whose upstream was seen ignoring a tag list's `n` or `last` (docker-registry 2.8 ignores
+        # both): from then on the node cuts every page of theirs itself. Seen only where the answer shows it (more
+        # than n tags, or `last` among them); a `last` no longer in the list (a tag deleted between two pages)
+        # shows nothing, and the whole list went back as the page, tags before `last` included (found in review).
+        self._ignores_paging: set[str] = set()
 
     async def __call__(self, req: Request) -> Response:
         started = time.monotonic()
@@ -177,6 +182,9 @@ class Registry:
             check_tag(last)
         tags, following = await self.resolver.upstream.list_tags(repo, n, last)
         ignored = (n is not None and len(tags) > n) or (last is not None and last in tags)
+        if ignored and following is None:
+            self._ignores_paging.add(repo.ns)
+        ignored = ignored or repo.ns in self._ignores_paging
         if following is None and (ignored or (n is None and last is None)):
             # The whole list, from an upstream asked for all of it or one that ignores `n` and `last` and lists in
             # any order (docker-registry 2.8 does): the node cuts the page itself, in lexical order as the

@@ -473,6 +473,27 @@ async def test_an_upstream_that_pages_in_its_own_order_loses_no_tag(node):
     assert seen == PagingUpstream.ORDER
 
 
+class IgnoringUpstream:
+    """docker-registry 2.8: every tag in an order of its own, whatever `n` and `last` say, and no Link."""
+
+    async def list_tags(self, repo, n=None, last=None):
+        return ["b", "c", "a", "1"], None
+
+
+async def test_pages_of_an_upstream_seen_ignoring_paging_are_cut_even_past_a_deleted_tag(node):
+    """Paging on from a `last` that is no longer in the list (deleted between two pages) returned the whole
+    list, tags before `last` included, since nothing in that answer showed `last` was ignored (found in review).
+    The first page showed it (more than n tags): the node cuts this upstream's pages itself from then on."""
+    client, _, resolver, _ = node
+    resolver.upstream = IgnoringUpstream()
+    r = await client.get("/v2/app/tags/list", params={"n": "2"})
+    assert r.json()["tags"] == ["1", "a"] and "last=a" in r.headers["link"]
+    r = await client.get("/v2/app/tags/list", params={"n": "5", "last": "bb"})
+    assert r.json()["tags"] == ["c"] and "link" not in r.headers
+    r = await client.get("/v2/app/tags/list", params={"last": "a0"})
+    assert r.json()["tags"] == ["b", "c"]
+
+
 async def test_a_page_size_of_thousands_of_digits_is_a_400(node):
     client, *_ = node
     r = await client.get("/v2/app/tags/list", params={"n": "9" * 4400})
