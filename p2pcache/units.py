@@ -68,7 +68,10 @@ def parse_rate(text: str | int | float) -> float:
     u = _unit(unit)
     if u is None or not u[1] or not u[2]:
         raise ValueError(f"unknown rate unit in {text!r} (use MB/s, MiB/s, Mbit/s, Gbit/s)")
-    return value * u[0] / (8 if u[1] == "bit" else 1)
+    rate = value * u[0] / (8 if u[1] == "bit" else 1)
+    if rate == math.inf:  # "1e300 GB/s": a limit of inf was no limit at all, and a scenario said "must be positive"
+        raise ValueError(f"{text!r} is too large a rate")
+    return rate
 
 
 def parse_duration(text: str | int | float) -> float:
@@ -77,7 +80,10 @@ def parse_duration(text: str | int | float) -> float:
     unit = unit.lower()  # "30S" and "1H" as before: only a rate's B and b differ by case
     if unit not in _TIME_UNITS:
         raise ValueError(f"unknown time unit in {text!r} (use ms, s, min, h)")
-    return value * _TIME_UNITS[unit]
+    seconds = value * _TIME_UNITS[unit]
+    if seconds == math.inf:
+        raise ValueError(f"{text!r} is too long a time")
+    return seconds
 
 
 def format_size(n: float) -> str:

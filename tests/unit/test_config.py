@@ -284,3 +284,11 @@ async def test_an_ipv6_peer_listener_starts(tmp_path: Path) -> None:
         await nursery.start(svc.run)
         assert svc.addr.startswith("[::1]:") and svc.bound_port > 0
         nursery.cancel_scope.cancel()
+
+
+def test_a_rate_too_large_for_a_float_is_an_error_not_inf() -> None:
+    """'1e300 GB/s' became inf: no limit at all for --upload-limit, and "must be positive" in a scenario."""
+    with pytest.raises(ValueError, match="too large a rate"):
+        parse_rate("1e300 GB/s")
+    with pytest.raises(ConfigError, match="upload-limit"):
+        load_settings({"upload_limit": "1e300 GB/s"}, env={})
