@@ -22,6 +22,8 @@ from typing import Any
 import certifi
 
 from p2pcache.discovery.dns import split_name
+from p2pcache.hostport import WILDCARDS as _WILDCARDS
+from p2pcache.hostport import parse_hostport
 from p2pcache.oci.errors import OciError
 from p2pcache.oci.reference import check_ns
 from p2pcache.swarm.chain import BLOCK
@@ -242,26 +244,6 @@ def _parse_upstreams(value: Any) -> dict[str, str]:
             raise ValueError(f"upstream URL for {ns} is not a valid URL: {url!r}")
         out[str(ns)] = str(url).rstrip("/")
     return out
-
-
-_WILDCARDS = {"0.0.0.0", "::", "*"}
-
-
-def parse_hostport(text: str) -> tuple[str, int]:
-    """'0.0.0.0:5000' -> ('0.0.0.0', 5000); '[::1]:5000' -> ('::1', 5000)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise ValueError(f"{host} in {text!r} is no IPv6 address") from None
-        host = host[1:-1]
-    elif ":" in host or "[" in host or "]" in host:
-        # '2001:db8::7' read as host '2001:db8:' and port 7
-        raise ValueError(f"expected HOST:PORT with an IPv6 address in brackets ([2001:db8::7]:5002), got {text!r}")
-    return host or "0.0.0.0", int(port)
 
 
 def load_settings(

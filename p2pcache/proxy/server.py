@@ -47,7 +47,8 @@ from typing import Any, BinaryIO, Protocol
 import h11
 import trio
 
-from p2pcache.config import Settings, parse_hostport
+from p2pcache.config import Settings
+from p2pcache.hostport import parse_hostport
 from p2pcache.log import Throttled
 from p2pcache.oci.errors import OciError
 from p2pcache.pump import run_cancellable

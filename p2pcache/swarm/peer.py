@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 import trio
 
-from p2pcache.config import parse_hostport
+from p2pcache.hostport import parse_hostport
 from p2pcache.swarm.handshake import Handshake, HandshakeError, PeerInfo
 from p2pcache.swarm.wire import NEED_DATA, FrameDecoder, Message, ProtocolError, encode, encode_head
 

@@ -48,11 +48,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pcache.config import parse_hostport
 from p2pcache.discovery import rendezvous
 from p2pcache.discovery.dns import run_dns_seeds
 from p2pcache.discovery.gossip import GossipDriver
 from p2pcache.discovery.membership import Membership
+from p2pcache.hostport import parse_hostport
 from p2pcache.paced import paced
 from p2pcache.swarm.chain import ChainHasher, piece_hash
 from p2pcache.swarm.handshake import Handshake, HandshakeError, PeerInfo, load_secret

@@ -24,7 +24,6 @@ repeats; matching answers to questions is the driver's business, not this module
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 import struct
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from typing import Any
 
 import msgpack
 
+from p2pcache.hostport import WILDCARDS, parse_hostport
 from p2pcache.swarm.metainfo import MAX_PIECE
 
 PROTOCOL_VERSION = 3  # 2: "renew"; 3: piece hashes are links of a SHA-256 chain (swarm/chain.py)
@@ -98,16 +98,12 @@ _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z
 def _addr(v: Any) -> str:
     if not isinstance(v, str) or len(v) > 256:
         raise ProtocolError("expected a peer address")
-    host, sep, port = v.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) <= 65535:
-        raise ProtocolError(f"a peer address is HOST:PORT, got {v[:80]!r}")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise ProtocolError(f"bad IPv6 address in {v[:80]!r}") from None
-    elif not _HOSTNAME.match(host):
-        raise ProtocolError(f"bad host in peer address {v[:80]!r}")
+    try:
+        host, port = parse_hostport(v)
+    except ValueError as e:
+        raise ProtocolError(f"bad peer address: {e}"[:200]) from None
+    if port == 0 or not v.rpartition(":")[0] or host in WILDCARDS or not (":" in host or _HOSTNAME.match(host)):
+        raise ProtocolError(f"no address to dial: {v[:80]!r}")  # (a host with ':' is an IPv6 address, checked)
     return v
 
 

@@ -101,7 +101,7 @@ def test_malformed_frames_are_protocol_errors(data):
 
 
 BAD_ADDRS = ["no-port-here", "127.0.0.1:99999", "127.0.0.1:0", "a" * 70 + ".example:80", "[not-v6]:80",
-             "host name:80", "2001:db8::7", ":80", "x:+80", "x:٣"]
+             "host name:80", "2001:db8::7", ":80", "x:+80", "x:٣", "0.0.0.0:5002", "[::]:5002"]
 GOOD_ADDRS = ["127.0.0.1:5002", "node-3.p2pcache.default.svc.cluster.local:5002", "[::1]:5002",
               "[fd00::a:1]:65535", "my_host:1"]
 
