@@ -331,7 +331,7 @@ class BlobStore:
                 # that was just served (it stays, as its commit decided, until something else comes), never a
                 # partial, and a failing unlink is logged, not raised out of the `with` that served the blob.
                 try:
-                    self._enforce(0, exclude=hex_ if huge else None, idle_partials=False)
+                    self._enforce(0, exclude=hex_ if huge else None, idle_partials=False, before_pinned=True)
                 except OSError as e:
                     log.warning("store: evicting for the quota failed: %s", e)
 
@@ -429,7 +429,8 @@ class BlobStore:
         out.sort()
         return out
 
-    def _enforce(self, nbytes: int, exclude: str | None, keep: str | None = None, idle_partials: bool = True) -> None:
+    def _enforce(self, nbytes: int, exclude: str | None, keep: str | None = None, idle_partials: bool = True,
+                 before_pinned: bool = False) -> None:
         if self.max_bytes is None:
             return
         with self._lock:
@@ -444,7 +445,7 @@ class BlobStore:
                 for kind in ("data", "state"):
                     _remove(self.partial_dir / f"{hex_}.{kind}")
                 idle_bytes -= n
-            victims = self._index.victims(need + idle_bytes, self.max_bytes, exclude)
+            victims = self._index.victims(need + idle_bytes, self.max_bytes, exclude, before_pinned)
             for hex_ in victims:
                 # A reader with the file open keeps its inode; unlinking under it is safe.
                 self._unlink_blob(hex_)

@@ -72,9 +72,14 @@ class LruIndex:
         """The most recently used blob, if any."""
         return next(reversed(self._sizes), None)
 
-    def victims(self, nbytes: int, max_bytes: int, exclude: str | None = None) -> list[str]:
+    def victims(self, nbytes: int, max_bytes: int, exclude: str | None = None, before_pinned: bool = False
+                ) -> list[str]:
         """Least recently used unpinned blobs whose removal makes `used + nbytes <= max_bytes`, as far as possible.
 
+        `before_pinned`: only blobs used less recently than every pinned one. For catching up with a quota that
+        pins held over, not for making room: the excess is the pinned blob's, and it goes (as the least recently
+        used) when its pin does. Without this, a blob fetched while an older one was being served was evicted
+        the moment its own download ended, and fetched again at the next pull (found in review).
         Does not remove them: the caller unlinks each file, then calls `remove`.
         """
         excess = self.used + nbytes - max_bytes
@@ -82,6 +87,8 @@ class LruIndex:
         if excess <= 0:
             return out
         for hex_, size in self._sizes.items():
+            if hex_ in self._pins and before_pinned:
+                break
             if hex_ in self._pins or hex_ == exclude:
                 continue
             out.append(hex_)

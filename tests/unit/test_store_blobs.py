@@ -203,10 +203,26 @@ def test_pinned_blobs_are_never_evicted(tmp_path: Path) -> None:
         assert store.used_bytes() == 300
         assert store.over_quota()
     # The last pin that kept it over quota gone: the store is back under it at once, with no other call (it
-    # stayed over for good when only cached pulls followed). b's pin went first, a was still pinned: b went.
+    # stayed over for good when only cached pulls followed). b's pin went first while a, the least recently
+    # used, was still pinned: nothing went then (b is newer than a); a went with its own pin.
     assert store.used_bytes() == 200
-    assert store.stat(b, touch=False) is None
-    assert store.stat(a) == 100 and store.stat(c) == 100
+    assert store.stat(a, touch=False) is None
+    assert store.stat(b) == 100 and store.stat(c) == 100
+
+
+def test_a_blob_fetched_while_an_older_one_is_served_is_not_evicted_when_its_download_ends(tmp_path: Path) -> None:
+    """The end of the new blob's download pin brought the store back under its quota at once, and the only
+    blob it could evict then was the new one itself: fetched, thrown away, fetched again at the next pull
+    (found in review). Now the excess waits for the older blob's serve to end, and that blob goes (LRU)."""
+    store = BlobStore(tmp_path, max_bytes=600)
+    a = put(store, blob(400, 1))
+    with store.pin(a):  # a client is being served a
+        with store.pin(digest_of(blob(400, 2))):  # what a download holds while it runs
+            b = put(store, blob(400, 2))
+        assert store.stat(b, touch=False) == 400 and store.stat(a, touch=False) == 400
+        assert store.over_quota()
+    assert store.stat(a, touch=False) is None and store.stat(b, touch=False) == 400
+    assert not store.over_quota()
 
 
 def test_pin_is_refcounted_and_blocks_delete(tmp_path: Path) -> None:
