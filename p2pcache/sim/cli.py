@@ -66,6 +66,9 @@ def run_simulate(args: argparse.Namespace) -> int:
             else sc.piece_transfers()
     except ScenarioError as e:
         return _fail(str(e))
+    unused = sorted({u for p in points for u in load_scenario(args.scenario, p).unused}) if sweep else sc.unused
+    for what in unused:
+        print(f"p2pcache: simulate: ignored: {what}", file=sys.stderr)
     if args.plot:
         try:
             from matplotlib.figure import Figure

@@ -131,6 +131,9 @@ class Scenario:
     peers: int = 20
     claim_ttl: float = 12.0
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # keys given that this scenario does not use (e.g. rollout.waves with start = "all"): said, not refused,
+    # since a sweep over rollout.start keeps one file for every mode
+    unused: list[str] = field(default_factory=list)
     max_time: float = 86400.0
 
     def node_caps(self) -> list[tuple[float, float]]:
@@ -374,6 +377,8 @@ def parse_scenario(doc: dict) -> Scenario:
         raise _err("rollout.rate", f"at least one arrival in {MAX_SECONDS:g} s, got {s.rate}")
     s.jitter = _get(r, "rollout", "jitter", _at_most(MAX_SECONDS, _nonneg(parse_duration)), 0.0)
     s.layer_jitter = _get(r, "rollout", "layer_jitter", _at_most(MAX_SECONDS, _nonneg(parse_duration)), 0.0)
+    ignored = {"all": ("waves", "interval", "rate"), "waves": ("rate",), "poisson": ("waves", "interval", "jitter")}
+    s.unused += [f"rollout.{k} (start = {s.start!r} does not use it)" for k in ignored[s.start] if k in r]
     s.image_choice = _get(r, "rollout", "images", str, "all")
     if s.image_choice not in {"all", "one"}:
         raise _err("rollout.images", f"use all or one, got {s.image_choice!r}")

@@ -332,3 +332,21 @@ def test_with_arrivals_spread_out_the_bound_is_called_a_reference():
         s = summary(sc, simulate(sc), None)
         assert s["bound_is_reference"] is reference
         assert ("not a bound" in table(s)) is reference
+
+
+def test_rollout_keys_the_start_mode_does_not_use_are_named(tmp_path):
+    """`waves = 5` without `start = "waves"` ran everyone at once without a word (found in review)."""
+    doc = {"cluster": {"nodes": 2, "upload": "1 Gbit/s", "download": "1 Gbit/s"},
+           "upstream": {"bandwidth": "1 Gbit/s"}, "image": [{"name": "a", "layers": ["1 MB"]}],
+           "rollout": {"waves": 5, "interval": "30 s"}}
+    assert parse_scenario(doc).unused == ["rollout.waves (start = 'all' does not use it)",
+                                          "rollout.interval (start = 'all' does not use it)"]
+    doc["rollout"] = {"start": "poisson", "jitter": "1 s", "rate": 5}
+    assert parse_scenario(doc).unused == ["rollout.jitter (start = 'poisson' does not use it)"]
+    doc["rollout"] = {"start": "waves", "waves": 2}
+    assert parse_scenario(doc).unused == []
+    p = tmp_path / "s.toml"
+    assert 'start = "all"' in SMALL
+    p.write_text(SMALL.replace('start = "all"', 'start = "all"\nwaves = 3'))
+    r = run(str(p))
+    assert r.returncode == 0 and "ignored: rollout.waves (start = 'all'" in r.stderr, r.stderr
