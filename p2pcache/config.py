@@ -23,7 +23,7 @@ import certifi
 
 from p2pcache.discovery.dns import split_name
 from p2pcache.hostport import WILDCARDS as _WILDCARDS
-from p2pcache.hostport import parse_hostport
+from p2pcache.hostport import dial_problem, parse_hostport
 from p2pcache.oci.errors import OciError
 from p2pcache.oci.reference import check_ns
 from p2pcache.swarm.chain import BLOCK
@@ -293,23 +293,21 @@ def load_settings(
     addrs = [("join", a) for a in values.get("join") or []]
     if values.get("tracker"):
         addrs.append(("tracker", values["tracker"]))
-    if values.get("advertise"):
-        addrs.append(("advertise", values["advertise"]))
+    peer_listen, advertise = values.get("peer_listen"), values.get("advertise")
+    if advertise and parse_hostport(advertise)[0] in _WILDCARDS:
+        raise ConfigError(f"advertise: {advertise} is no address another node can dial; give this node's own "
+                          "(e.g. the pod or host IP)")
+    if advertise:
+        addrs.append(("advertise", advertise))
     for key, addr in addrs:
-        try:
-            if parse_hostport(addr)[1] == 0:  # an address other nodes dial: port 0 is "any" only for a listener
-                raise ValueError(f"{addr!r} has port 0, which no one can dial")
-        except ValueError as e:
-            raise ConfigError(f"{key}: {e}") from None
+        problem = dial_problem(addr)  # what peers would refuse to dial (swarm/wire.py), refused here first
+        if problem is not None:
+            raise ConfigError(f"{key}: {problem}")
     if values.get("default_ns") is not None:
         try:
             check_ns(values["default_ns"])
         except OciError as e:
             raise ConfigError(f"default-ns: {e.message}") from None
-    peer_listen, advertise = values.get("peer_listen"), values.get("advertise")
-    if advertise and parse_hostport(advertise)[0] in _WILDCARDS:
-        raise ConfigError(f"advertise: {advertise} is no address another node can dial; give this node's own "
-                          "(e.g. the pod or host IP)")
     if peer_listen and not advertise:
         host, port = parse_hostport(peer_listen)
         if host in _WILDCARDS:

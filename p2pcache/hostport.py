@@ -8,10 +8,14 @@ listeners; whoever takes an address to dial refuses them itself (config.py, swar
 from __future__ import annotations
 
 import ipaddress
+import re
 
-__all__ = ["WILDCARDS", "parse_hostport"]
+__all__ = ["WILDCARDS", "dial_problem", "parse_hostport"]
 
 WILDCARDS = {"0.0.0.0", "::", "*"}
+# a DNS name (labels of 1-63 letters, digits, '-' and '_', 253 characters at most) or an IPv4 address
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                       r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -28,3 +32,20 @@ def parse_hostport(text: str) -> tuple[str, int]:
     elif ":" in host or "[" in host or "]" in host:
         raise ValueError(f"expected HOST:PORT with an IPv6 address in brackets ([2001:db8::7]:5002), got {text!r}")
     return host or "0.0.0.0", int(port)
+
+
+def dial_problem(text: str) -> str | None:
+    """Why `text` is no address another node can dial (None when it is): what `--advertise`, `--join` and every
+    address a peer names must pass. A peer naming 'no-port-here' or port 99999 once failed every pull that tried
+    it; an --advertise of 'my host:5002' would have failed every handshake."""
+    try:
+        host, port = parse_hostport(text)
+    except ValueError as e:
+        return str(e)
+    if port == 0:
+        return f"{text!r} has port 0, which no one can dial"
+    if not text.rpartition(":")[0] or host in WILDCARDS:
+        return f"{text!r} names every address of its host, not one to dial"
+    if ":" not in host and not _HOSTNAME.match(host):  # (a host with ':' is an IPv6 address, checked above)
+        return f"{host!r} in {text!r} is no DNS name or IP address"
+    return None

@@ -32,7 +32,7 @@ from typing import Any
 
 import msgpack
 
-from p2pcache.hostport import WILDCARDS, parse_hostport
+from p2pcache.hostport import dial_problem
 from p2pcache.swarm.metainfo import MAX_PIECE
 
 PROTOCOL_VERSION = 3  # 2: "renew"; 3: piece hashes are links of a SHA-256 chain (swarm/chain.py)
@@ -87,23 +87,13 @@ def _num(v: Any) -> float:
     return float(v)
 
 
-# A peer address as nodes advertise it: HOST:PORT, HOST a DNS name, an IPv4 address or a bracketed IPv6 one.
-# Checked where it arrives because whoever hears of a member or holder dials it later: an address that could not
-# be parsed ("no-port-here", port 99999, a 70-character DNS label) failed every download that tried it, 503s for
-# every pull after one forged gossip entry (found in review).
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-                       r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
-
-
 def _addr(v: Any) -> str:
+    """A peer address: checked where it arrives, since whoever hears of a member or holder dials it later."""
     if not isinstance(v, str) or len(v) > 256:
         raise ProtocolError("expected a peer address")
-    try:
-        host, port = parse_hostport(v)
-    except ValueError as e:
-        raise ProtocolError(f"bad peer address: {e}"[:200]) from None
-    if port == 0 or not v.rpartition(":")[0] or host in WILDCARDS or not (":" in host or _HOSTNAME.match(host)):
-        raise ProtocolError(f"no address to dial: {v[:80]!r}")  # (a host with ':' is an IPv6 address, checked)
+    problem = dial_problem(v)
+    if problem is not None:
+        raise ProtocolError(f"bad peer address: {problem}"[:200])
     return v
 
 

@@ -292,3 +292,10 @@ def test_a_rate_too_large_for_a_float_is_an_error_not_inf() -> None:
         parse_rate("1e300 GB/s")
     with pytest.raises(ConfigError, match="upload-limit"):
         load_settings({"upload_limit": "1e300 GB/s"}, env={})
+
+
+def test_an_advertised_address_peers_would_refuse_is_refused_at_start_up() -> None:
+    """Peers refuse a hello whose address they could not dial (swarm/wire.py): an --advertise of 'my host:5002'
+    passed the flag check and would have failed every handshake of the node."""
+    with pytest.raises(ConfigError, match="advertise: .*no DNS name"):
+        load_settings({"peer_listen": "10.0.0.5:5002", "advertise": "my host:5002"}, env={})
