@@ -36,6 +36,7 @@ from p2pcache.oci.reference import DOCKER_HUB, DOCKER_HUB_ALIASES
 
 # Token lifetime when the token server does not say (distribution token spec: "defaults to 60 seconds").
 DEFAULT_TOKEN_LIFETIME = 60.0
+MAX_TOKEN_LIFETIME = 365 * 86400.0
 # Use a token only while it has this much life left, so a request does not start with a token that expires
 # on the wire; capped at a fraction of the lifetime so short-lived tokens stay usable.
 TOKEN_EXPIRY_MARGIN = 10.0
@@ -271,8 +272,10 @@ def token_lifetime(response: Mapping[str, Any], wall_now: float) -> float:
     (clock skew) is not given extra life, and one whose life is over comes back as 0.
     """
     lifetime = response.get("expires_in")
-    if isinstance(lifetime, bool) or not isinstance(lifetime, int | float) or lifetime <= 0:
+    if isinstance(lifetime, bool) or not isinstance(lifetime, int | float) or not lifetime > 0:  # (NaN too)
         lifetime = DEFAULT_TOKEN_LIFETIME
+    # a 400-digit integer raised OverflowError in float() (found in review: a 500); a year is plenty
+    lifetime = min(lifetime, MAX_TOKEN_LIFETIME)
     issued = _parse_rfc3339(response.get("issued_at"))
     if issued is None:
         return float(lifetime)

@@ -64,6 +64,7 @@ CHUNK_SIZE = 1 << 20  # what a BlobResponse yields at most per step, and httpcor
 MAX_MANIFEST_BYTES = 4 << 20  # the distribution registry's own limit for a manifest
 MAX_TAGS_BYTES = 4 << 20  # a tag list page: ~100,000 tags of 40 bytes
 MAX_ERROR_BODY = 16 << 10  # we read this much of an error response to learn its OCI code
+MAX_TOKEN_BODY = 1 << 20  # a token server's answer (JWTs of a few KiB; Docker Hub's is ~4 KiB)
 MAX_REDIRECTS = 5
 MAX_BACKOFF = 5.0  # seconds; a retry never waits longer than this
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -470,7 +471,7 @@ class Upstream:
             body = await self._read_capped(resp, MAX_ERROR_BODY)
             doc = json.loads(body or b"")
             code = doc["errors"][0]["code"]
-        except (httpx.TransportError, ValueError, KeyError, IndexError, TypeError):
+        except (httpx.TransportError, ValueError, KeyError, IndexError, TypeError, RecursionError):
             return None
         return code if isinstance(code, str) and code in STATUS_OF_CODE else None
 
@@ -558,7 +559,7 @@ class Upstream:
             if identity:
                 # OAuth2, as docker does with an identity token: trade the refresh token for an access token.
                 form = {**params, "grant_type": "refresh_token", "refresh_token": identity, "client_id": "p2pcache"}
-                resp = await self._send_token_request("POST", realm, data=form)
+                resp, body = await self._send_token_request("POST", realm, data=form)
                 if resp.status_code in (404, 405):
                     resp = None  # a token server without OAuth2: the GET below, which has no password to send
             if resp is None:
@@ -569,7 +570,7 @@ class Upstream:
                 url = realm
                 for key, value in params.items():
                     url = url.copy_add_param(key, value)
-                resp = await self._send_token_request("GET", url, basic=basic)
+                resp, body = await self._send_token_request("GET", url, basic=basic)
             if resp.status_code >= 500:
                 raise _Retry(f"token server answered {resp.status_code}")
             if resp.status_code == 429:
@@ -578,9 +579,11 @@ class Upstream:
             if resp.status_code != 200:
                 who = "the configured credentials" if credentials is not None else "an anonymous token request"
                 raise OciError("UNAUTHORIZED", f"upstream token server refused {who} ({resp.status_code})")
+            if body is None:
+                raise OciError("UNAUTHORIZED", f"upstream token server answered with more than {MAX_TOKEN_BODY} bytes")
             try:
-                doc = resp.json()
-            except ValueError:
+                doc = json.loads(body)
+            except (ValueError, RecursionError):  # RecursionError: "[" * 15000 (found in review: a 500)
                 doc = None
             token = self._tokens.put(registry, scope, doc) if isinstance(doc, dict) else None
             if token is None:
@@ -588,9 +591,10 @@ class Upstream:
             return token
 
     async def _send_token_request(self, method: str, realm: httpx.URL, *, basic: str | None = None,
-                                  data: dict[str, str] | None = None) -> httpx.Response:
+                                  data: dict[str, str] | None = None) -> tuple[httpx.Response, bytes | None]:
         """A token request, following up to MAX_REDIRECTS redirects (a moved token endpoint, http -> https), as
-        Docker's and containers/image's clients do. Returns the final response, read.
+        Docker's and containers/image's clients do. Returns the final response (closed) and its body, or None
+        for a body over MAX_TOKEN_BODY (read no further: a 400 MiB answer once took the node to 935 MB).
 
         The credentials go only where the realm is (`_carries_credentials`): Basic is left off a GET
         redirected to another host. A POST's body holds the refresh token, so it is followed only with 307/308
@@ -605,11 +609,14 @@ class Upstream:
             else:
                 request = self._client.build_request(
                     "GET", target, headers={"Authorization": basic} if basic is not None and trusted else {})
-            resp = await self._client.send(request)
-            self._count_request(method, "token", resp.status_code)
-            location = resp.headers.get("location")
-            if resp.status_code not in REDIRECT_STATUSES or not location:
-                return resp
+            resp = await self._client.send(request, stream=True)
+            try:
+                self._count_request(method, "token", resp.status_code)
+                location = resp.headers.get("location")
+                if resp.status_code not in REDIRECT_STATUSES or not location:
+                    return resp, await self._read_capped(resp, MAX_TOKEN_BODY)
+            finally:
+                await resp.aclose()
             try:
                 following = resp.url.join(location)
             except httpx.InvalidURL:
@@ -805,7 +812,7 @@ def _next_page(link: str) -> tuple[int | None, str] | None:
 def _media_type_of(body: bytes) -> str:
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return ""
     value = doc.get("mediaType") if isinstance(doc, dict) else None
     return value if isinstance(value, str) and _HEADER_VALUE.fullmatch(value) else ""

@@ -20,7 +20,7 @@ from p2pcache.metrics import Metrics
 from p2pcache.oci.auth import Credentials, CredentialStore, TokenCache
 from p2pcache.oci.errors import OciError, UpstreamUnavailable
 from p2pcache.oci.reference import Repo
-from p2pcache.oci.upstream import CHUNK_SIZE, Upstream, UpstreamProtocolError
+from p2pcache.oci.upstream import CHUNK_SIZE, Upstream, UpstreamProtocolError, _media_type_of
 
 REGISTRY = "http://registry.test"
 REPO = Repo("docker.io", "library/alpine")
@@ -100,6 +100,7 @@ class FakeRegistry:
     # "cut" its first 600 kB only, "long" the blob and then more bytes
     unsized: list[str] = field(default_factory=list)
     moved_token_to: str | None = None  # the token server's /moved answers 307 to this URL (plus the query)
+    token_body: bytes | None = None  # the token server answers 200 with these bytes instead of its JSON
     requests: list[httpx.Request] = field(default_factory=list)
     tokens_issued: int = 0
     valid_tokens: set[str] = field(default_factory=set)
@@ -175,6 +176,8 @@ class FakeRegistry:
                 return respond(401)
         assert request.url.params["scope"] == "repository:library/alpine:pull"
         assert request.url.params["service"] == "registry.test"
+        if self.token_body is not None:
+            return respond(200, content=self.token_body)
         self.tokens_issued += 1
         token = f"tok{self.tokens_issued}"
         self.valid_tokens.add(token)
@@ -339,6 +342,43 @@ async def test_a_realm_that_is_no_usable_url_is_unauthorized(realm: str) -> None
     with pytest.raises(OciError) as e:
         await up.get_manifest(REPO, "latest", [OCI_MANIFEST])
     assert e.value.code == "UNAUTHORIZED"
+
+
+DEEP_JSON = b"[" * 15000 + b"]" * 15000
+
+
+@pytest.mark.parametrize("body, needle", [
+    (DEEP_JSON, "without a token"),  # json.loads raised RecursionError: a 500 to the client
+    (b" " * (2 << 20), "more than"),  # read whole: a 400 MiB answer took the node to 935 MB
+])
+async def test_a_token_answer_that_is_no_token_is_unauthorized(body: bytes, needle: str) -> None:
+    """Found in review (a live node against a misbehaving token server)."""
+    up = make(FakeRegistry(auth="bearer", token_body=body))
+    with pytest.raises(OciError, match=needle) as e:
+        await up.get_manifest(REPO, "latest", [OCI_MANIFEST])
+    assert e.value.code == "UNAUTHORIZED"
+    await up.aclose()
+
+
+async def test_a_token_lifetime_too_big_for_a_float_is_capped() -> None:
+    """expires_in of 400 digits raised OverflowError in float(): a 500 (found in review)."""
+    up = make(FakeRegistry(auth="bearer", expires_in=10**400))
+    info, body = await up.get_manifest(REPO, "latest", [OCI_MANIFEST])
+    assert body == MANIFEST
+    await up.aclose()
+
+
+async def test_an_error_body_nested_too_deep_is_just_an_error() -> None:
+    """A 400 whose JSON nests 15,000 deep raised RecursionError past the error-code reader: a 500 for a tag
+    list, a crashed download for a blob (found in review). Now it is an upstream error like any other."""
+    up = Upstream(Settings(upstreams={"docker.io": REGISTRY}, upstream_retries=0),
+                  transport=httpx.MockTransport(lambda request: respond(400, content=DEEP_JSON)),
+                  credentials=CredentialStore({}), retry_backoff=0.001)
+    with pytest.raises(OciError) as e:
+        await up.get_manifest(REPO, "latest", [OCI_MANIFEST])
+    assert e.value.status == 502
+    assert _media_type_of(DEEP_JSON) == ""  # the manifest's own media type, read when a HEAD had none
+    await up.aclose()
 
 
 async def test_token_expiry_fetches_a_new_token() -> None:
