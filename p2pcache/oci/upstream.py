@@ -311,8 +311,9 @@ class Upstream:
         blob is its size. A registry that ignores Range is cut off at `end` by us.
 
         Raises before yielding if the blob cannot be had (OciError / UpstreamUnavailable). While iterating,
-        a broken or stalled body is resumed with a Range request (up to `upstream_retries` times), so callers
-        see either the right bytes in order or UpstreamUnavailable.
+        a broken body is resumed with a Range request (up to `upstream_retries` times), so callers see either the
+        right bytes in order or UpstreamUnavailable; a stalled one (no byte for the read timeout) is not resumed
+        here: that is the caller's call, which resumes already (nested, the two made 16 timeouts of one stall).
         """
         parse_digest(digest)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
@@ -735,6 +736,12 @@ class BlobResponse:
                 chunk = await self._chunks.__anext__()
             except StopAsyncIteration:
                 problem: object = f"body ended at byte {self._pos} of {self.size}"
+            except httpx.TimeoutException as e:
+                # A stall already cost the whole read timeout: no resume here, the caller's (fetch.py) decides.
+                # Resumed at both levels, one silent upstream held a client 16 timeouts, 8.7 minutes (found in
+                # review); now at most the caller's idle resumes plus one, about 2 minutes.
+                await self._close_current()
+                raise UpstreamUnavailable(f"blob {self._digest}: {_describe(e)} at byte {self._pos}") from None
             except httpx.TransportError as e:
                 problem = _describe(e)
             else:

@@ -47,6 +47,7 @@ class Server:
         self.cut: list[int] = []
         self.stall: list[int] = []  # the next answers send this many body bytes, then nothing until cancelled
         self.chunked = False
+        self.ignore_range = False  # answer every request with the whole body (200), Range or not
         self.port = 0
 
     async def start(self, nursery: trio.Nursery, tls: ssl.SSLContext | None = None) -> str:
@@ -78,6 +79,8 @@ class Server:
             rng = next((line.split(b"=", 1)[1].decode() for line in head.split(b"\r\n")
                         if line.lower().startswith(b"range:")), "")
             self.requests.append(rng)
+            if self.ignore_range:
+                rng = ""
             start = int(rng.split("-")[0]) if rng else 0
             body = DATA[start:]
             if rng:
@@ -413,3 +416,23 @@ async def _run_draining(pump, size: int) -> None:
                 pass
         nursery.start_soon(drain)
         assert await pump.run(0, size) is None
+
+
+async def test_an_upstream_that_stalls_at_every_answer_fails_the_download_after_a_few_timeouts(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """It sent part of the body, then nothing, every time, and answered Range requests with the whole body
+    (read past, not pumped): the download's resumes and the upstream client's own each waited out the read
+    timeout, 17 requests and 16 timeouts for one blob, 8.7 minutes at 30 s (found in review). Now a stall is
+    resumed only by the download: its idle budget, then the client's response is aborted."""
+    from p2pcache.fetch import MAX_IDLE_RESUMES
+
+    server = Server()
+    server.ignore_range = True
+    server.stall = [3 * CHUNK_SIZE // 2] * 50
+    fetcher = await cold_fetch(tmp_path, await server.start(nursery), nursery, read_timeout=0.2)
+    with trio.fail_after(20):
+        with pytest.raises(FetchFailed):
+            async with fetcher.open_blob(REPO, DIGEST) as h:
+                while True:
+                    await h.readable(h.size - 1)
+    assert len(server.requests) <= MAX_IDLE_RESUMES + 3, server.requests
