@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -124,12 +125,20 @@ SWARM_ONLY = ("join", "join_dns", "advertise", "zone", "cluster_secret_file", "u
               "tracker")
 
 
-async def _stop_on_signals(cancel_scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("received %s, shutting down", signal.Signals(signum).name)
-            cancel_scope.cancel()
-            return
+async def _stop_on_signals(signals: AsyncIterator[int], stop: trio.CancelScope) -> None:
+    """The first SIGTERM/SIGINT stops the node; later ones while it shuts down are read and dropped. Why: a
+    signal receiver that closes re-raises what it has not read with the default action, and the node died of a
+    second SIGTERM sent 50 ms after the first (found in review: exit -15 instead of 0)."""
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if stop.cancel_called:
+            log.info("received %s again: already shutting down", name)
+            continue
+        log.info("received %s, shutting down", name)
+        stop.cancel()
+        # and from now on the kernel drops them: the process may take longer to exit than the node to stop
+        for other in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(other, signal.SIG_IGN)
 
 
 async def _listen(nursery: trio.Nursery, what: str, listen: str, handler: Any, settings: Settings,
@@ -147,14 +156,27 @@ def _reason(e: OSError) -> str:
 async def run_node(settings: Settings, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
                    handle_signals: bool = True) -> None:
     """Run a node until cancelled (or SIGTERM/SIGINT). `task_status.started(node)` once both ports listen."""
+    if not (handle_signals and threading.current_thread() is threading.main_thread()):
+        await _run_node(settings, task_status=task_status)
+        return
+    # The receiver stays open until the node has shut down, its reader in a nursery of its own: signals that
+    # come while the node stops are dropped by it, not re-raised when the receiver closes (see _stop_on_signals).
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as outer:
+            stop = trio.CancelScope()
+            outer.start_soon(_stop_on_signals, signals, stop)
+            with stop:
+                await _run_node(settings, task_status=task_status)
+            outer.cancel_scope.cancel()
+
+
+async def _run_node(settings: Settings, *, task_status: trio.TaskStatus[Node]) -> None:
     from p2pcache.proxy.admin import Admin
     from p2pcache.proxy.registry import Registry
 
     node = build_node(settings)
     try:
         async with trio.open_nursery() as nursery:
-            if handle_signals and threading.current_thread() is threading.main_thread():
-                nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
             await nursery.start(node.fetcher.run)
 
             # ---- swarm plug-in point (issue 3) -------------------------------------------------------------
@@ -242,6 +264,8 @@ def run_node_blocking(settings: Settings) -> int:
         log.info("open-files limit raised from %d to %d", *raised)
     try:
         trio.run(run_node, settings)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # stopped: a late signal must not turn exit 0 into death
+            signal.signal(sig, signal.SIG_IGN)
     except KeyboardInterrupt:  # a second Ctrl-C before the signal receiver was installed
         return 130
     except BaseException as e:  # noqa: BLE001 - sorted below: user-fixable problems get one line, bugs a trace

@@ -119,3 +119,19 @@ def test_admin_verify_hashes_what_this_run_has_not_checked_and_removes_the_damag
     assert node.metric("p2pcache_digest_mismatches_total", source="store") == 1
     doc = httpx.post(node.admin_url + "/admin/verify", timeout=60).json()
     assert (doc["checked"], doc["already"], doc["damaged"]) == (0, 2, []), doc
+
+
+def test_a_second_sigterm_while_the_node_stops_is_no_death_by_signal(make_registry, make_node):
+    """The signal receiver closed after the first SIGTERM and re-raised the second with the default action: the
+    node died of it (exit -15) instead of finishing its shutdown (found in review)."""
+    import signal
+
+    reg = make_registry()
+    node = make_node({"docker.io": reg.url})
+    assert httpx.get(f"{node.url}/v2/", timeout=10).status_code == 200
+    proc = node.proc
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    node.proc = None
