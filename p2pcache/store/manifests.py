@@ -213,6 +213,11 @@ class TagCache:
             return
         self._disk[key] = {k: TagEntry(**asdict(v)) for k, v in entries.items()}
 
+    def digests(self) -> set[str]:
+        """Every manifest digest some cached tag (any repository, any Accept variant) points to."""
+        with self._lock:
+            return {e.digest for entries in self._mem.values() for e in entries.values()}
+
     def forget(self, repo: Repo, tag: str | None = None) -> int:
         """Drop one tag (every Accept variant) or, with tag None, every tag of `repo`. Returns tags dropped."""
         with self._lock:

@@ -162,3 +162,25 @@ def test_a_download_that_filled_the_disk_does_not_keep_it_full(tmp_path, make_re
         assert got.complete and "sha256:" + got.sha256 == layer.digest, got
     partial = Path(f"/proc/{node.proc.pid}/root") / str(node.data).lstrip("/") / "partial"
     assert not list(partial.iterdir()), list(partial.iterdir())
+
+
+def test_rmi_of_one_tag_keeps_what_another_cached_tag_names(make_registry, make_node):
+    """a:1 and a:2 are the same image: an rmi of a:1 deleted its manifest, config and layer, and a:2 no longer
+    pulled with the upstream down (503 "tag not cached"; found in review). Like `docker rmi` of one of two tags:
+    the tag goes, the image stays (reported shared)."""
+    reg = make_registry()
+    image = im.make_image([im.random_layer(100_000, seed="two-tags")])
+    im.push(reg.url, "library/a", "1", image)
+    im.push(reg.url, "library/a", "2", image)
+    node = make_node({"docker.io": reg.url})
+    with httpx.Client(base_url=node.admin_url, timeout=60) as admin:
+        for tag in ("1", "2"):
+            assert admin.post("/admin/preheat", json={"image": f"library/a:{tag}"}).status_code == 200
+        r = admin.delete("/admin/images/docker.io/library/a:1")
+        assert r.status_code == 200, r.text
+        assert r.json()["deleted"] == [] and image.digest in r.json()["shared"], r.text
+    reg.stop()
+    with httpx.Client(base_url=node.url, timeout=30) as c:
+        r = c.get("/v2/library/a/manifests/2", headers={"Accept": im.OCI_MANIFEST})
+        assert r.status_code == 200 and r.headers["docker-content-digest"] == image.digest, r.text
+        assert c.get(f"/v2/library/a/blobs/{image.layers[0].digest}").content == image.layers[0].data
