@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="containerd's config_path (default /etc/containerd/certs.d)")
     ctrd.add_argument("--registry", action="append", default=[], metavar="HOST",
                       help="registry to mirror (repeatable; default docker.io)")
+    ctrd.add_argument("--force", action="store_true",
+                      help="replace a hosts.toml that says something else (kept as hosts.toml.bak)")
     return p
 
 
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             hosts_dir = DEFAULT_HOSTS_DIR if args.hosts_dir is None else args.hosts_dir  # a str: '' is no '.'
 
             for path in write_containerd_hosts(hosts_dir, args.mirror,
-                                               args.registry or ["docker.io"]):
+                                               args.registry or ["docker.io"], force=args.force):
                 print(f"wrote {path}")
             return 0
         if args.command == "simulate":

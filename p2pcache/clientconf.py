@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -57,8 +58,14 @@ def check_mirror(url: str) -> str:
     return url.rstrip("/")
 
 
-def write_containerd_hosts(hosts_dir: Path | str, mirror: str, registries: list[str]) -> list[Path]:
-    """Write `<hosts_dir>/<ns>/hosts.toml` for each registry; returns the files written."""
+def write_containerd_hosts(hosts_dir: Path | str, mirror: str, registries: list[str],
+                           force: bool = False) -> list[Path]:
+    """Write `<hosts_dir>/<ns>/hosts.toml` for each registry; returns the files written.
+
+    A hosts.toml that already says something else (another mirror, a CA of its own, or what another version of
+    this command wrote) is refused unless `force`, and then kept beside it as `hosts.toml.bak`: it was replaced
+    without a word, a company mirror's entry and CA with it (found in review). Checked for every registry before
+    any file is written."""
     mirror = check_mirror(mirror)
     if not registries:
         raise ConfigError("registry: name at least one registry (e.g. docker.io)")
@@ -71,11 +78,27 @@ def write_containerd_hosts(hosts_dir: Path | str, mirror: str, registries: list[
     if not str(hosts_dir).strip():
         raise ConfigError("hosts-dir: must not be empty (an empty path is the current directory)")
     hosts_dir = Path(hosts_dir)
+    differing = []
+    for ns in registries:
+        path = hosts_dir / ns / "hosts.toml"
+        try:
+            if path.read_text(errors="replace") != hosts_toml(ns, mirror):
+                differing.append(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if not force:
+                raise ConfigError(f"hosts-dir: cannot read {path}: {e.strerror}") from None
+    if differing and not force:
+        raise ConfigError(f"hosts-dir: {differing[0]} exists and says something else; run again with --force to "
+                          "replace it (its content is kept as hosts.toml.bak beside it)")
     for ns in registries:
         d = hosts_dir / ns
         tmp: str | None = None
         try:
             d.mkdir(parents=True, exist_ok=True)
+            if d / "hosts.toml" in differing:
+                shutil.copyfile(d / "hosts.toml", d / "hosts.toml.bak")
             fd, tmp = tempfile.mkstemp(dir=d, prefix=".hosts.toml.")
             with os.fdopen(fd, "w") as f:
                 f.write(hosts_toml(ns, mirror))

@@ -61,3 +61,23 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path: Path)
     with pytest.raises(ConfigError, match="hosts-dir"):
         write_containerd_hosts(tmp_path, "http://127.0.0.1:5000", ["docker.io"])
     assert [p.name for p in (tmp_path / "docker.io").iterdir()] == ["hosts.toml"]
+
+
+def test_a_hosts_toml_that_says_something_else_is_kept_unless_forced(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """It was replaced without a word: a company mirror's [host] entry and its CA were gone (found in review)."""
+    theirs = ('server = "https://registry-1.docker.io"\n[host."https://corp-mirror.example:443"]\n'
+              '  capabilities = ["pull", "resolve"]\n  ca = "/etc/certs/corp.pem"\n')
+    path = tmp_path / "docker.io" / "hosts.toml"
+    path.parent.mkdir()
+    path.write_text(theirs)
+    assert main(["configure", "containerd", "--hosts-dir", str(tmp_path), "--registry", "docker.io",
+                 "--registry", "ghcr.io"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert path.read_text() == theirs and not (tmp_path / "ghcr.io").exists()  # nothing written at all
+    assert main(["configure", "containerd", "--hosts-dir", str(tmp_path), "--force"]) == 0
+    assert (tmp_path / "docker.io" / "hosts.toml.bak").read_text() == theirs
+    ours = path.read_text()
+    assert "corp-mirror" not in ours and tomllib.loads(ours)["server"] == "https://registry-1.docker.io"
+    assert main(["configure", "containerd", "--hosts-dir", str(tmp_path)]) == 0  # ours again: no --force needed
+    assert path.read_text() == ours
