@@ -52,9 +52,14 @@ def check_mirror(url: str) -> str:
             or parts.query or parts.fragment or any(c in url for c in '"\\ \t\n\r<>,'):
         raise ConfigError(f"mirror: expected http(s)://HOST[:PORT] (a node's registry address), got {url!r}")
     try:
-        parts.port  # noqa: B018 - raises ValueError on a bad port
+        port = parts.port
     except ValueError:
         raise ConfigError(f"mirror: bad port in {url!r}") from None
+    if port == 0 or "@" in parts.netloc:
+        # port 0 is no address containerd can dial; user:password@ would sit in a world-readable file, and
+        # containerd sends no credentials from a host URL anyway (found in review: both were written)
+        raise ConfigError(f"mirror: expected http(s)://HOST[:PORT] with no user:password@ and a port other than 0,"
+                          f" got {parts.scheme}://{parts.hostname}{'' if port is None else f':{port}'}")
     return url.rstrip("/")
 
 

@@ -306,9 +306,11 @@ class Admin:
         if not isinstance(doc, dict) or not isinstance(doc.get("image"), str):
             raise OciError("UNKNOWN", 'expected JSON {"image": "docker.io/library/x:1"}', status=400)
         platforms = doc.get("platforms")
-        if platforms is not None and not (isinstance(platforms, list)
+        if platforms is not None and not (isinstance(platforms, list) and platforms
                                           and all(isinstance(p, str) for p in platforms)):
-            raise OciError("UNKNOWN", '"platforms" must be a list like ["linux/amd64"]', status=400)
+            # [] matched no entry and answered 404 "no entry of 1 is for ;" (found in review)
+            raise OciError("UNKNOWN", '"platforms" must be a non-empty list like ["linux/amd64"] (or left out)',
+                           status=400)
         repo, reference = split_image(doc["image"], self.settings.default_ns)
         started = time.monotonic()
         summary: dict[str, Any] = {"image": doc["image"], "manifests": [], "blobs": 0, "bytes": 0,

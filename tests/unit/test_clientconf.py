@@ -32,6 +32,8 @@ def test_one_hosts_toml_per_registry(tmp_path: Path) -> None:
     ("http://[::1", ["docker.io"], "mirror"),  # a ValueError traceback (found in review)
     ('http://a"b', ["docker.io"], "mirror"),  # a hosts.toml containerd cannot parse, over a good one
     ("http://a b", ["docker.io"], "mirror"),
+    ("http://127.0.0.1:0", ["docker.io"], "mirror"),  # written as it was (found in review)
+    ("http://user:pw@127.0.0.1:5000", ["docker.io"], "mirror"),  # a password in a world-readable file
 ])
 def test_bad_input_names_the_problem_and_writes_nothing(tmp_path: Path, mirror: str, registries: list[str],
                                                         needle: str) -> None:

@@ -378,6 +378,7 @@ async def test_admin_preheat_then_rmi(real_node):
     ("DELETE", "/admin/images/docker.io/library/alpine:-bad", None, 400),
     ("POST", "/admin/preheat", b"not json", 400),
     ("POST", "/admin/preheat", b'{"image": 5}', 400),
+    ("POST", "/admin/preheat", b'{"image": "docker.io/library/alpine:1", "platforms": []}', 400),
     ("POST", "/admin/preheat", b'{"image": "docker.io/library/alpine:nothere"}', 404),
     ("GET", "/admin/preheat", None, 405),
     ("GET", "/admin/nothing", None, 404),
