@@ -754,7 +754,11 @@ class DownloadScheduler:
                 if self.claim != "held" and self.upstream is None and self._needs_claim():
                     self.claim = "asked"
                     out.append(AskClaim())
-        if self.upstream is None and now - self.last_progress >= cfg.stall_timeout and not self.done:
+        # The same sum next_deadline() returns, not `now - last_progress >= stall_timeout`: the two round
+        # differently (34.38802240020318 + 60 is 94.38802240020317, which minus the first is 59.99999999999999),
+        # and a tick at that deadline did nothing while the deadline stayed due: the simulator spun at one
+        # instant for ever, and a node's driver would have too (found in review).
+        if self.upstream is None and now >= self.last_progress + cfg.stall_timeout and not self.done:
             self.last_progress = now  # one fallback per stall period
             self._start_upstream("stall", out)
         return out

@@ -263,6 +263,21 @@ def test_stall_falls_back_to_upstream():
     assert FetchUpstream(0, "stall") in out
 
 
+def test_a_tick_at_the_stall_deadline_falls_back_whatever_the_rounding():
+    """next_deadline() said last_progress + stall_timeout; tick() tested now - last_progress >= stall_timeout.
+    With last_progress 34.38802240020318 the deadline is 94.38802240020317 and the difference 59.99999999999999:
+    the tick at the deadline did nothing and the deadline stayed due, and the simulator spun at that instant for
+    ever (found in review: 10 nodes, 2 MB/s up, 16 MiB pieces)."""
+    s = sched(2, stall_timeout=60, claim_retry=1000)  # the claim's retry must not come first
+    s.start(0)
+    s.claim_denied("x", 0)
+    s.last_progress = 34.38802240020318
+    due = s.next_deadline()
+    assert due == 34.38802240020318 + 60 and due - s.last_progress < 60  # the rounding that bit
+    assert FetchUpstream(0, "stall") in s.tick(due)
+    assert s.next_deadline() > due
+
+
 def test_pieces_only_requested_once_their_hash_is_known():
     s = DownloadScheduler(3 * MiB, MiB, rng=random.Random(0), known=0)
     s.start(0)

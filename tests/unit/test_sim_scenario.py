@@ -350,3 +350,18 @@ def test_rollout_keys_the_start_mode_does_not_use_are_named(tmp_path):
     p.write_text(SMALL.replace('start = "all"', 'start = "all"\nwaves = 3'))
     r = run(str(p))
     assert r.returncode == 0 and "ignored: rollout.waves (start = 'all'" in r.stderr, r.stderr
+
+
+def test_a_rollout_whose_stall_deadline_rounds_badly_ends(tmp_path):
+    """This scenario spun for ever at t = 94.388 s (seeds 0 and 3): the scheduler's stall deadline and its test
+    rounded apart (found in review; tests/unit/test_scheduler.py -k rounding has the arithmetic)."""
+    p = tmp_path / "hang.toml"
+    p.write_text('seed = 0\n[cluster]\nnodes = 10\nupload = "2 MB/s"\ndownload = "10 MB/s"\n[upstream]\n'
+                 'bandwidth = "5 MB/s"\n[[image]]\nname = "img0"\nlayers = ["71 MB"]\n[p2p]\npiece_size = "16 MiB"\n')
+    try:
+        r = subprocess.run([sys.executable, "-m", "p2pcache", "simulate", str(p), "--json", str(tmp_path / "o.json")],
+                           capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the simulation did not end within 60 s")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "o.json").read_text())["unfinished"] == 0
