@@ -82,6 +82,15 @@ def test_preheat_then_serve_with_the_upstream_down(make_registry, make_node):
         assert r.status_code in (404, 405)
 
 
+def preheat_then_rmi(admin: httpx.Client, images: list[str], rmi: str) -> httpx.Response:
+    """Preheat `images` through the admin API, then rmi `rmi`: the rmi's answer (checked to be a 200)."""
+    for image in images:
+        assert admin.post("/admin/preheat", json={"image": image}).status_code == 200
+    r = admin.delete(f"/admin/images/{rmi}")
+    assert r.status_code == 200, r.text
+    return r
+
+
 def test_admin_as_operators_rely_on_it(make_registry, make_node):
     """Found in the third review: rmi took a layer another cached image used; "linux/arm64" preheated nothing of
     an index whose arm64 entry says variant v8 (and answered 200); a preheat body nested 100,000 deep was a 500
@@ -97,10 +106,7 @@ def test_admin_as_operators_rely_on_it(make_registry, make_node):
     im.push(reg.url, "library/multi8", "1", im.make_index([im.small_image("v8"), arm]))
     node = make_node({"docker.io": reg.url})
     with httpx.Client(base_url=node.admin_url, timeout=60) as admin:
-        for ref in ("a", "b"):
-            assert admin.post("/admin/preheat", json={"image": f"library/{ref}:1"}).status_code == 200
-        r = admin.delete("/admin/images/docker.io/library/a:1")
-        assert r.status_code == 200, r.text
+        r = preheat_then_rmi(admin, ["library/a:1", "library/b:1"], "docker.io/library/a:1")
         assert shared.digest in r.json()["shared"] and a.layers[1].digest in r.json()["deleted"]
         assert node.store_files(shared.digest) and node.store_files(b.layers[1].digest)
 
@@ -174,10 +180,7 @@ def test_rmi_of_one_tag_keeps_what_another_cached_tag_names(make_registry, make_
     im.push(reg.url, "library/a", "2", image)
     node = make_node({"docker.io": reg.url})
     with httpx.Client(base_url=node.admin_url, timeout=60) as admin:
-        for tag in ("1", "2"):
-            assert admin.post("/admin/preheat", json={"image": f"library/a:{tag}"}).status_code == 200
-        r = admin.delete("/admin/images/docker.io/library/a:1")
-        assert r.status_code == 200, r.text
+        r = preheat_then_rmi(admin, ["library/a:1", "library/a:2"], "docker.io/library/a:1")
         assert r.json()["deleted"] == [] and image.digest in r.json()["shared"], r.text
     reg.stop()
     with httpx.Client(base_url=node.url, timeout=30) as c:
