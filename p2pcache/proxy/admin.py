@@ -229,9 +229,9 @@ class Admin:
         # took a layer it shared with another, which then no longer pulled with the upstream down). A scan of
         # every stored manifest, in a thread: thousands of small files must not stall the event loop.
         keep = await trio.to_thread.run_sync(self._referenced_elsewhere, seen, set(roots))
-        # And what another cached tag still names, with all it holds: an rmi of a:1 took the image a:2 (the same
-        # manifest) also was, and a:2 no longer pulled with the upstream down (found in review). The tag named
-        # is forgotten above; the manifest and its blobs stay, reported shared.
+        # And what another cached tag still names, with all it holds: an rmi of a:1 took the image that a:2 names
+        # too, and a:2 no longer pulled with the upstream down (found in review). The tag named is forgotten
+        # above; the manifest and its blobs stay, reported shared.
         for digest in self.tags.digests() & seen:
             self._walk(digest, [], keep, depth=0)
         for digest in order:
