@@ -38,6 +38,7 @@ class HostileMember:
         self.node_id = node_id
         self.addr = f"127.0.0.1:{free_port()}"
         self.seen: list[Message] = []  # the node's frames, in order
+        self.closed_by_node = False  # the node ended the connection (a frame of ours it refused, say)
         self._sock: trio.socket.SocketType | None = None
         self._lock = trio.Lock()
 
@@ -82,6 +83,7 @@ class HostileMember:
             if ev is NEED_DATA:
                 data = await self._sock.recv(1 << 20)
                 if not data:
+                    self.closed_by_node = True
                     return
                 dec.feed(data)
                 continue
