@@ -228,12 +228,7 @@ class Admin:
         # Like `docker rmi`: what another stored manifest refers to stays (found in review: an rmi of one image
         # took a layer it shared with another, which then no longer pulled with the upstream down). A scan of
         # every stored manifest, in a thread: thousands of small files must not stall the event loop.
-        keep = await trio.to_thread.run_sync(self._referenced_elsewhere, seen, set(roots))
-        # And what another cached tag still names, with all it holds: an rmi of a:1 took the image that a:2 names
-        # too, and a:2 no longer pulled with the upstream down (found in review). The tag named is forgotten
-        # above; the manifest and its blobs stay, reported shared.
-        for digest in self.tags.digests() & seen:
-            self._walk(digest, [], keep, depth=0)
+        keep = await trio.to_thread.run_sync(self._referenced_elsewhere, seen, set(roots), self.tags.digests())
         for digest in order:
             if digest in keep:
                 report["shared"].append(digest)
@@ -273,14 +268,19 @@ class Admin:
                     order.append(blob)
         order.append(digest)
 
-    def _referenced_elsewhere(self, tree: set[str], roots: set[str]) -> set[str]:
+    def _referenced_elsewhere(self, tree: set[str], roots: set[str], tagged: set[str]) -> set[str]:
         """What the stored manifests outside `tree` name (their blobs and child manifests), short of the `roots`
-        being deleted: an index still stored does not keep the one of its images an rmi names. In a thread."""
+        being deleted: an index still stored does not keep the one of its images an rmi names. And what another
+        cached tag (`tagged`: the tag cache's digests, the rmi's own tag forgotten) names, with all it holds: an
+        rmi of a:1 took the image a:2 names too, and a:2 no longer pulled with the upstream down (found in
+        review). In a thread."""
         order: list[str] = []
         seen: set[str] = set()
         for digest in self.manifests.digests():
             if digest not in tree:
                 self._walk(digest, order, seen, 0, roots)
+        for digest in tagged & tree:
+            self._walk(digest, order, seen, 0)
         return seen
 
     def _delete_one(self, digest: str, report: dict[str, list[str]]) -> None:

@@ -62,12 +62,11 @@ def run_simulate(args: argparse.Namespace) -> int:
         keys = [k for k, _ in sweep]
         points = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in sweep))]
         # With a sweep its points run (each a combination of the values), not the file as written.
-        transfers = max(load_scenario(args.scenario, p).piece_transfers() for p in points) if sweep \
-            else sc.piece_transfers()
+        runs = [load_scenario(args.scenario, p) for p in points] if sweep else [sc]
+        transfers = max(r.piece_transfers() for r in runs)
     except ScenarioError as e:
         return _fail(str(e))
-    unused = sorted({u for p in points for u in load_scenario(args.scenario, p).unused}) if sweep else sc.unused
-    for what in unused:
+    for what in sorted({u for r in runs for u in r.unused}):
         print(f"p2pcache: simulate: ignored: {what}", file=sys.stderr)
     if args.plot:
         try:
