@@ -269,14 +269,14 @@ async def test_an_ipv6_peer_listener_starts(tmp_path: Path) -> None:
 
     import trio
 
+    from p2pcache.node import build_node
     from p2pcache.swarm.service import SwarmService
 
     try:
-        socket.socket(socket.AF_INET6).bind(("::1", 0))
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
     except OSError:
         pytest.skip("no IPv6 loopback here")
-    from p2pcache.node import build_node
-
     s = load_settings({"peer_listen": "[::1]:0", "data": str(tmp_path / "d")}, env={})
     node = build_node(s)
     svc = SwarmService(s, node.store, node.fetcher, node.upstream, node.metrics)
